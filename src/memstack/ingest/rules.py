@@ -1,0 +1,136 @@
+"""Rule-based ingestion (no LLM): messages -> turns with speaker, session and time, plus keys.
+
+A key is a piece of text that search indexes for an item: a turn gets one key, or one per chunk
+when it is long. Relative dates in a turn are resolved against the turn's time and written into its
+key text and metadata, so "yesterday" on 8 May 2023 is found by a search for 7 May 2023.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .._errors import (ContentTooLargeError, EmptyContentError, InvalidEncodingError,
+                       InvalidInputError)
+from .._time import find_time_spans, parse_time
+
+MAX_CONTENT_BYTES = 1_000_000
+CHUNK_CHARS = 1200
+CHUNK_OVERLAP = 200
+ROLES = ("user", "assistant", "system", "tool")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    name: str | None
+    timestamp: datetime | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Draft:
+    """An item about to be written, with the texts of its search keys."""
+
+    fields: dict[str, Any]
+    key_texts: list[str]
+    key_roles: list[str] = field(default_factory=list)
+
+
+def clean_text(value: object, *, what: str = "content") -> str:
+    """Validate text at the boundary: UTF-8, not empty, within the size limit."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEncodingError(f"{what} is not valid UTF-8 (byte {exc.start}); "
+                                       "decode it with the right encoding first") from exc
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidEncodingError(f"{what} contains a lone surrogate at {exc.start}; "
+                                   "it is not valid Unicode text") from exc
+    if size > MAX_CONTENT_BYTES:
+        raise ContentTooLargeError(f"{what} is {size:,} bytes; the limit is {MAX_CONTENT_BYTES:,}. "
+                                   "Split it into several messages or store a summary.")
+    if not value.strip():
+        raise EmptyContentError(f"{what} is empty or only whitespace; there is nothing to remember")
+    return value.replace("\x00", "")
+
+
+def normalise_messages(messages: object) -> list[Message]:
+    """A string, a message dict {role, content, name?, timestamp?} or a list of them."""
+    if isinstance(messages, (str, bytes, bytearray)):
+        return [Message("user", clean_text(messages), None, None)]
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidInputError("messages must be a string, a dict {'role', 'content'} or a "
+                                "non-empty list of such dicts")
+    return [_message(m, n) for n, m in enumerate(messages)]
+
+
+def _message(raw: object, n: int) -> Message:
+    if isinstance(raw, str):
+        return Message("user", clean_text(raw, what=f"message {n}"), None, None)
+    if not isinstance(raw, dict) or "content" not in raw:
+        raise InvalidInputError(f"message {n} must be a dict with 'role' and 'content'")
+    role = raw.get("role", "user")
+    if role not in ROLES:
+        raise InvalidInputError(f"message {n}: role {role!r} is not one of {', '.join(ROLES)}")
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise InvalidInputError(f"message {n}: name must be a non-empty string")
+    stamp = raw.get("timestamp")
+    meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"message {n}: metadata must be a dict")
+    return Message(role, clean_text(raw["content"], what=f"message {n} content"),
+                   name.strip() if name else None,
+                   parse_time(stamp, field=f"message {n} timestamp") if stamp is not None else None,
+                   meta)
+
+
+def chunks(text: str) -> list[str]:
+    """Split long text on paragraph and sentence boundaries into overlapping windows."""
+    if len(text) <= CHUNK_CHARS:
+        return [text]
+    pieces = re.split(r"(?<=[.!?\n])\s+", text)
+    out, buf = [], ""
+    for piece in pieces:
+        while len(piece) > CHUNK_CHARS:  # a "sentence" longer than a chunk: cut it
+            head, piece = piece[:CHUNK_CHARS], piece[CHUNK_CHARS - CHUNK_OVERLAP:]
+            out.append((buf + " " + head).strip() if buf else head)
+            buf = ""
+        if len(buf) + len(piece) + 1 > CHUNK_CHARS and buf:
+            out.append(buf)
+            buf = buf[-CHUNK_OVERLAP:]
+        buf = (buf + " " + piece).strip()
+    if buf:
+        out.append(buf)
+    return out
+
+
+def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetime | None
+              ) -> tuple[list[str], list[str], list[dict[str, str]]]:
+    """Key texts for an item, their roles, and the relative dates resolved in it.
+
+    A pure function of the item, so keys can be rebuilt at any time (re-embedding, repair).
+    """
+    spans = find_time_spans(content, observed_at) if observed_at and kind != "session" else []
+    resolved = [{"text": s.text, "start": s.start.date().isoformat(),
+                 "end": s.end.date().isoformat(), "label": s.label()} for s in spans]
+    suffix = ""
+    if observed_at is not None:
+        suffix = f" [{observed_at:%-d %B %Y}" + "".join(
+            f"; {r['text']} = {r['label']}" for r in resolved) + "]"
+    parts = chunks(content)
+    prefix = f"{speaker}: " if speaker and kind == "turn" else ""
+    texts = [f"{prefix}{part}{suffix}" for part in parts]
+    roles = ["body"] if len(parts) == 1 else [f"chunk:{n}" for n in range(len(parts))]
+    return texts, roles, resolved

@@ -1,0 +1,1 @@
+"""Retrieval: query analysis, candidate generation (BM25 and vectors), fusion."""

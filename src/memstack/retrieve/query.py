@@ -1,0 +1,56 @@
+"""Query analysis: the words BM25 should match, and the time range the query mentions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from .._errors import InvalidQueryError
+from .._time import query_time_range
+
+MAX_QUERY_CHARS = 4096
+_WORD = re.compile(r"\w+", re.UNICODE)
+STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have
+having he her here hers herself him himself his how i if in into is it its itself just me more most
+my myself no nor not now of off on once only or other our ours ourselves out over own same she
+should so some such than that the their theirs them themselves then there these they this those
+through to too under until up very was we were what when where which while who whom why will with
+would you your yours yourself yourselves tell know think also get got
+""".split())
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    words: tuple[str, ...]
+    time_range: tuple[datetime, datetime] | None
+
+    @property
+    def fts(self) -> str | None:
+        """An FTS5 MATCH expression: every word quoted, so user text is never FTS5 syntax."""
+        if not self.words:
+            return None
+        return " OR ".join('"' + w.replace('"', '""') + '"' for w in self.words)
+
+
+def analyse(text: object, now: datetime) -> Query:
+    """Validate and analyse a query.
+
+    >>> analyse('"caroline" AND -pottery*', now=datetime(2024, 1, 1)).fts
+    '"caroline" OR "pottery"'
+    """
+    if not isinstance(text, str):
+        raise InvalidQueryError(f"a query is a string, got {type(text).__name__}")
+    if len(text) > MAX_QUERY_CHARS:
+        raise InvalidQueryError(f"the query has {len(text)} characters; the limit is "
+                                f"{MAX_QUERY_CHARS}. Shorten it to the question itself.")
+    words = [w.lower() for w in _WORD.findall(text)]
+    if not words:
+        raise InvalidQueryError(f"the query {text!r} has no words to search for; "
+                                "ask in words, e.g. 'where does Ann live'")
+    content = [w for w in words if w not in STOPWORDS] or words
+    unique = tuple(dict.fromkeys(content))
+    return Query(text, unique, query_time_range(text, now))

@@ -1,0 +1,87 @@
+"""The SQLite schema and its migrations. `PRAGMA user_version` holds the schema version."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+_V1 = """
+CREATE TABLE cubes (
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  owner TEXT,
+  created_at REAL NOT NULL,
+  embed_model TEXT NOT NULL,
+  embed_dim INTEGER NOT NULL,
+  generation INTEGER NOT NULL DEFAULT 0,
+  metadata TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE items (
+  rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  kind TEXT NOT NULL CHECK (kind IN ('turn','session','fact','insight','procedure','core')),
+  content TEXT,
+  content_hash TEXT,
+  role TEXT, speaker TEXT,
+  user_id TEXT, agent_id TEXT, session_id TEXT,
+  parent_id TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  tags TEXT NOT NULL DEFAULT '[]',
+  observed_at REAL, valid_from REAL, valid_to REAL,
+  recorded_at REAL NOT NULL, updated_at REAL NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('active','archived','superseded','deleted')),
+  version INTEGER NOT NULL DEFAULT 1,
+  superseded_by TEXT,
+  source_ids TEXT NOT NULL DEFAULT '[]',
+  producer TEXT NOT NULL,
+  access_count INTEGER NOT NULL DEFAULT 0,
+  last_accessed REAL,
+  importance REAL NOT NULL DEFAULT 0.5,
+  kv_blocks TEXT NOT NULL DEFAULT '[]',
+  shards TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX items_scope ON items (cube_id, status, user_id, agent_id, session_id);
+CREATE INDEX items_session ON items (cube_id, session_id, kind);
+CREATE INDEX items_time ON items (cube_id, observed_at);
+CREATE INDEX items_parent ON items (parent_id);
+-- search keys: each item has one or more (a long turn has one per chunk); FTS and vectors index keys
+CREATE TABLE keys (
+  rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+  item_rowid INTEGER NOT NULL REFERENCES items(rowid),
+  role TEXT NOT NULL,
+  vec BLOB NOT NULL
+);
+CREATE INDEX keys_item ON keys (item_rowid);
+CREATE VIRTUAL TABLE keys_fts USING fts5 (
+  text, content='', contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2'
+);
+INSERT INTO keys_fts (keys_fts, rank) VALUES ('secure-delete', 1);
+CREATE TABLE versions (
+  item_rowid INTEGER NOT NULL REFERENCES items(rowid),
+  version INTEGER NOT NULL,
+  content TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  status TEXT NOT NULL,
+  valid_from REAL, valid_to REAL,
+  changed_at REAL NOT NULL,
+  reason TEXT NOT NULL,
+  actor TEXT NOT NULL,
+  PRIMARY KEY (item_rowid, version)
+);
+CREATE TABLE audit (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  at REAL NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  cube TEXT,
+  item_ids TEXT NOT NULL DEFAULT '[]',
+  detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+# MIGRATIONS[n] takes a database at version n to version n + 1.
+MIGRATIONS: dict[int, str] = {0: _V1}

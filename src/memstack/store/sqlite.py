@@ -1,0 +1,352 @@
+"""The embedded store: one SQLite file in WAL mode, FTS5 (BM25) over search keys, vectors as blobs.
+
+Every public write happens inside `transaction()`; one add() is one transaction. Deletion purges
+content from the items row, its versions, the FTS index (secure-delete) and the vector blobs, with
+`secure_delete` on so freed pages are zeroed, and a WAL checkpoint afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError, StoreCorruptError,
+                       StoreError)
+from .._models import AuditEntry, Cube, Item, Version
+from .._time import from_epoch
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "user_id", "agent_id",
+                "session_id", "parent_id", "metadata", "tags", "observed_at", "valid_from",
+                "valid_to", "recorded_at", "updated_at", "status", "version", "superseded_by",
+                "source_ids", "producer", "access_count", "last_accessed", "importance",
+                "kv_blocks", "shards")
+_JSON_COLUMNS = {"metadata", "tags", "source_ids", "kv_blocks", "shards"}
+_TIME_COLUMNS = {"observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
+                 "last_accessed"}
+_SELECT = "SELECT i.rowid, c.name, " + ", ".join(f"i.{c}" for c in ITEM_COLUMNS) + \
+          " FROM items i JOIN cubes c ON c.id = i.cube_id"
+
+
+def _driver():
+    import sqlite3
+
+    if sqlite3.sqlite_version_info >= (3, 44, 0):
+        return sqlite3
+    try:
+        from pysqlite3 import dbapi2
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"memstack needs SQLite >= 3.44 (FTS5 secure-delete); this Python has "
+            f"{sqlite3.sqlite_version}. Install pysqlite3-binary or a newer Python.") from exc
+    return dbapi2
+
+
+def content_hash(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
+
+
+@dataclass(frozen=True)
+class CubeRow:
+    id: int
+    name: str
+    owner: str | None
+    created_at: float
+    embed_model: str
+    embed_dim: int
+    generation: int
+
+
+class SQLiteStore:
+    """The source of truth. Thread-safe: one connection guarded by a re-entrant lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.db = _driver()
+        self.lock = threading.RLock()
+        try:
+            self.conn = self.db.connect(str(self.path), isolation_level=None,
+                                        check_same_thread=False, timeout=30.0)
+            self._configure()
+            self._migrate()
+        except self.db.DatabaseError as exc:
+            raise StoreCorruptError(f"{self.path} is not a usable memstack database: {exc}. "
+                                    "Point --db at another file or restore a backup.") from exc
+
+    def _configure(self) -> None:
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                       "secure_delete=ON", "busy_timeout=30000"):
+            self.conn.execute(f"PRAGMA {pragma}")
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has schema version {version}, newer than this memstack understands "
+                f"({SCHEMA_VERSION}). Upgrade memstack: pip install -U memstack")
+        if version == 0 and self.conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
+            raise StoreCorruptError(f"{self.path} is an SQLite database but not a memstack one; "
+                                    "choose another --db path")
+        while version < SCHEMA_VERSION:
+            with self.transaction():
+                for statement in _split(MIGRATIONS[version]):
+                    self.conn.execute(statement)
+                version += 1
+                self.conn.execute(f"PRAGMA user_version = {version}")
+
+    def close(self) -> None:
+        with self.lock:
+            with contextlib.suppress(self.db.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except self.db.OperationalError as exc:
+                raise StoreError(f"cannot start a write on {self.path}: {exc}") from exc
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        with self.lock:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # cubes -----------------------------------------------------------------------------------
+    def cube(self, name: str) -> CubeRow:
+        row = self.conn.execute("SELECT id, name, owner, created_at, embed_model, embed_dim, "
+                                "generation FROM cubes WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise CubeNotFoundError(f"no cube named {name!r}; list cubes with `memstack stats`")
+        return CubeRow(*row)
+
+    def create_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> CubeRow:
+        self.conn.execute("INSERT INTO cubes (name, owner, created_at, embed_model, embed_dim) "
+                          "VALUES (?, ?, ?, ?, ?)", (name, owner, time.time(), embed_model, dim))
+        return self.cube(name)
+
+    def cubes(self) -> list[Cube]:
+        rows = self.conn.execute(
+            "SELECT c.name, c.owner, c.created_at, c.embed_model, c.embed_dim, "
+            "(SELECT count(*) FROM items i WHERE i.cube_id = c.id AND i.status != 'deleted') "
+            "FROM cubes c ORDER BY c.name").fetchall()
+        return [Cube(r[0], r[1], from_epoch(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def bump_generation(self, cube_id: int) -> int:
+        self.conn.execute("UPDATE cubes SET generation = generation + 1 WHERE id = ?", (cube_id,))
+        return self.conn.execute("SELECT generation FROM cubes WHERE id = ?",
+                                 (cube_id,)).fetchone()[0]
+
+    def set_cube_model(self, cube_id: int, model: str, dim: int) -> None:
+        self.conn.execute("UPDATE cubes SET embed_model = ?, embed_dim = ? WHERE id = ?",
+                          (model, dim, cube_id))
+
+    # items -----------------------------------------------------------------------------------
+    def insert_item(self, cube_id: int, fields: dict[str, Any]) -> int:
+        row = _encode(fields)
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cur = self.conn.execute(f"INSERT INTO items (cube_id, {names}) VALUES (?, {marks})",
+                                (cube_id, *row.values()))
+        return int(cur.lastrowid)
+
+    def update_item(self, rowid: int, fields: dict[str, Any]) -> None:
+        row = _encode(fields)
+        sets = ", ".join(f"{name} = ?" for name in row)
+        self.conn.execute(f"UPDATE items SET {sets} WHERE rowid = ?", (*row.values(), rowid))
+
+    def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
+                    vectors: np.ndarray) -> list[int]:
+        keys = []
+        for text, role, vec in zip(texts, roles, vectors):
+            cur = self.conn.execute("INSERT INTO keys (item_rowid, role, vec) VALUES (?, ?, ?)",
+                                    (item_rowid, role, np.asarray(vec, np.float32).tobytes()))
+            keys.append(int(cur.lastrowid))
+            self.conn.execute("INSERT INTO keys_fts (rowid, text) VALUES (?, ?)",
+                              (cur.lastrowid, text))
+        return keys
+
+    def delete_keys(self, item_rowid: int) -> list[int]:
+        keys = [r[0] for r in self.conn.execute("SELECT rowid FROM keys WHERE item_rowid = ?",
+                                                (item_rowid,))]
+        self.conn.executemany("DELETE FROM keys_fts WHERE rowid = ?", [(k,) for k in keys])
+        self.conn.execute("DELETE FROM keys WHERE item_rowid = ?", (item_rowid,))
+        return keys
+
+    def item_by_id(self, item_id: str) -> tuple[int, Item] | None:
+        row = self.conn.execute(_SELECT + " WHERE i.id = ?", (item_id,)).fetchone()
+        return (row[0], _decode(row)) if row else None
+
+    def items_by_rowid(self, rowids: Iterable[int]) -> dict[int, Item]:
+        rowids = list(rowids)
+        out: dict[int, Item] = {}
+        for start in range(0, len(rowids), 500):
+            part = rowids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for row in self.conn.execute(_SELECT + f" WHERE i.rowid IN ({marks})", part):
+                out[row[0]] = _decode(row)
+        return out
+
+    def select_items(self, where: str, params: Sequence[Any], *, order: str = "i.rowid",
+                     limit: int | None = None, offset: int = 0) -> list[tuple[int, Item]]:
+        sql = _SELECT + f" WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
+
+    def count_items(self, where: str, params: Sequence[Any]) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM items i JOIN cubes c ON c.id = i.cube_id "
+                                 f"WHERE {where}", params).fetchone()[0]
+
+    def touch(self, rowids: Sequence[int]) -> None:
+        """Record use (access statistics feed the tier scheduler)."""
+        if not rowids:
+            return
+        marks = ",".join("?" * len(rowids))
+        with self.transaction():
+            self.conn.execute(f"UPDATE items SET access_count = access_count + 1, "
+                              f"last_accessed = ? WHERE rowid IN ({marks})",
+                              (time.time(), *rowids))
+
+    # search keys ------------------------------------------------------------------------------
+    def fts(self, match: str, where: str, params: Sequence[Any], limit: int
+            ) -> list[tuple[int, float]]:
+        """Best BM25 score per item for a MATCH expression, restricted by `where` on items i."""
+        sql = ("SELECT k.item_rowid, min(f.rank) AS score FROM keys_fts f "
+               "JOIN keys k ON k.rowid = f.rowid JOIN items i ON i.rowid = k.item_rowid "
+               "JOIN cubes c ON c.id = i.cube_id "
+               f"WHERE keys_fts MATCH ? AND {where} GROUP BY k.item_rowid ORDER BY score LIMIT ?")
+        try:
+            rows = self.conn.execute(sql, (match, *params, limit)).fetchall()
+        except self.db.OperationalError as exc:
+            raise StoreError(f"full-text search failed: {exc}") from exc
+        return [(int(r[0]), -float(r[1])) for r in rows]
+
+    def key_items(self, keys: Sequence[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for start in range(0, len(keys), 500):
+            part = list(keys[start:start + 500])
+            marks = ",".join("?" * len(part))
+            out.update(self.conn.execute(
+                f"SELECT rowid, item_rowid FROM keys WHERE rowid IN ({marks})", part).fetchall())
+        return out
+
+    def scoped_keys(self, where: str, params: Sequence[Any]) -> set[int]:
+        rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid "
+                                 f"JOIN cubes c ON c.id = i.cube_id WHERE {where}", params)
+        return {r[0] for r in rows}
+
+    def live_keys(self, cube_id: int) -> set[int]:
+        rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid"
+                                 " WHERE i.cube_id = ?", (cube_id,))
+        return {r[0] for r in rows}
+
+    def vectors(self, cube_id: int, keys: list[int] | None, batch: int = 4096
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if keys is None:
+            keys = sorted(self.live_keys(cube_id))
+        for start in range(0, len(keys), batch):
+            part = keys[start:start + batch]
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(f"SELECT rowid, vec FROM keys WHERE rowid IN ({marks})",
+                                     part).fetchall()
+            ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+            vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]) if rows else \
+                np.zeros((0, 0), np.float32)
+            yield ids, vecs
+
+    # versions and audit -----------------------------------------------------------------------
+    def add_version(self, item_rowid: int, item: Item, reason: str, actor: str) -> None:
+        self.conn.execute(
+            "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
+            "valid_to, changed_at, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (item_rowid, item.version, item.content, json.dumps(item.metadata), item.status,
+             _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor))
+
+    def purge_versions(self, item_rowid: int) -> None:
+        self.conn.execute("UPDATE versions SET content = NULL, metadata = '{}' "
+                          "WHERE item_rowid = ?", (item_rowid,))
+
+    def versions(self, item_rowid: int, item_id: str) -> list[Version]:
+        rows = self.conn.execute(
+            "SELECT version, content, metadata, status, valid_from, valid_to, changed_at, reason, "
+            "actor FROM versions WHERE item_rowid = ? ORDER BY version, changed_at", (item_rowid,))
+        return [Version(item_id, r[0], r[1], json.loads(r[2]), r[3], from_epoch(r[4]),
+                        from_epoch(r[5]), from_epoch(r[6]), r[7], r[8]) for r in rows]
+
+    def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
+              detail: dict[str, Any] | None = None) -> None:
+        self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail) "
+                          "VALUES (?, ?, ?, ?, ?, ?)",
+                          (time.time(), actor, action, cube, json.dumps(list(item_ids)),
+                           json.dumps(detail or {})))
+
+    def audit_log(self, limit: int = 100, since_seq: int = 0) -> list[AuditEntry]:
+        rows = self.conn.execute("SELECT seq, at, actor, action, cube, item_ids, detail FROM audit "
+                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))
+        return [AuditEntry(r[0], from_epoch(r[1]), r[2], r[3], r[4], json.loads(r[5]),
+                           json.loads(r[6])) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        kinds = dict(self.conn.execute(
+            "SELECT kind || ':' || status, count(*) FROM items GROUP BY kind, status").fetchall())
+        return {"path": str(self.path), "schema_version": SCHEMA_VERSION,
+                "items": kinds, "keys": self.conn.execute("SELECT count(*) FROM keys").fetchone()[0],
+                "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
+                "size_bytes": sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")
+                                  if p.is_file())}
+
+
+def _split(script: str) -> list[str]:
+    """Statements of a migration script (triggers contain ';' inside BEGIN ... END)."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        if line.startswith("--"):
+            continue
+        buf.append(line)
+        joined = "\n".join(buf).strip()
+        if joined.endswith(";") and (not joined.upper().startswith("CREATE TRIGGER")
+                                     or joined.upper().endswith("END;")):
+            out.append(joined)
+            buf = []
+    return out
+
+
+def _epoch(value) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in fields.items():
+        if name in _JSON_COLUMNS:
+            value = json.dumps(value)
+        elif name in _TIME_COLUMNS:
+            value = _epoch(value)
+        out[name] = value
+    return out
+
+
+def _decode(row: Sequence[Any]) -> Item:
+    values = dict(zip(ITEM_COLUMNS, row[2:]))
+    for name in _JSON_COLUMNS:
+        values[name] = json.loads(values[name])
+    for name in _TIME_COLUMNS:
+        values[name] = from_epoch(values[name])
+    return Item(cube=row[1], **values)
