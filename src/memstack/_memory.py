@@ -344,6 +344,7 @@ class Memory:
                 tomb = self.store.items_by_rowid([rowid])[rowid]
                 self.store.add_version(rowid, tomb, reason, self.actor)
                 purged.append(item_id)
+            self.store.compact_text_index()
             generation = self.store.bump_generation(cube.id)
             self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})
         if cube.id not in self._indexes:
@@ -489,10 +490,11 @@ class Memory:
             parts.append("i.status = 'active'")
         else:
             t = as_of.timestamp()
-            parts.append("i.status != 'deleted' AND i.recorded_at <= ? AND "
-                         "(i.valid_from IS NULL OR i.valid_from <= ?) AND "
+            # valid time: what was true (or had been said) at `as_of`
+            parts.append("i.status != 'deleted' AND "
+                         "coalesce(i.valid_from, i.observed_at, i.recorded_at) <= ? AND "
                          "(i.valid_to IS NULL OR i.valid_to > ?)")
-            params += [t, t, t]
+            params += [t, t]
         for name, value in scope.items():
             if value is not None:
                 parts.append(f"i.{name} = ?")

@@ -189,6 +189,11 @@ class SQLiteStore:
         self.conn.execute("DELETE FROM keys WHERE item_rowid = ?", (item_rowid,))
         return keys
 
+    def compact_text_index(self) -> None:
+        """Merge FTS5 segments. secure-delete drops a deleted row's postings, but a term whose
+        postings all went stays in its segment's term list until a merge rewrites it."""
+        self.conn.execute("INSERT INTO keys_fts (keys_fts) VALUES ('optimize')")
+
     def item_by_id(self, item_id: str) -> tuple[int, Item] | None:
         row = self.conn.execute(_SELECT + " WHERE i.id = ?", (item_id,)).fetchone()
         return (row[0], _decode(row)) if row else None

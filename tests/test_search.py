@@ -1,0 +1,115 @@
+"""Hybrid search: fusion, scopes, kinds, filters, time, as_of and literal queries."""
+
+import pytest
+
+from memstack import InvalidFilterError
+
+
+@pytest.fixture
+def filled(mem):
+    mem.add([{"role": "user", "name": "Ann", "content": "I moved to Berlin for a new job."},
+             {"role": "user", "name": "Ann", "content": "My sister lives in Lisbon."}],
+            user_id="ann", session_id="a1", observed_at="2024-05-02", metadata={"topic": "home"})
+    mem.add([{"role": "user", "name": "Ann", "content": "I play the cello in an orchestra."}],
+            user_id="ann", session_id="a2", observed_at="2024-07-15", metadata={"topic": "music"})
+    mem.add([{"role": "user", "name": "Bob", "content": "I moved to Berlin too, last year."}],
+            user_id="bob", session_id="b1", observed_at="2024-06-01")
+    return mem
+
+
+def test_hits_carry_score_and_rank_per_retriever(filled):
+    hits = filled.search("Which city did Ann move to?", user_id="ann")
+    top = hits[0]
+    assert "Berlin" in top.item.content and top.item.user_id == "ann"
+    assert set(top.ranks) <= {"bm25", "vector"} and top.ranks
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+def test_results_never_cross_user_scope(filled):
+    for query in ("Berlin", "moved to Berlin too last year", "cello orchestra"):
+        assert {h.item.user_id for h in filled.search(query, user_id="ann")} <= {"ann"}
+        assert {h.item.user_id for h in filled.search(query, user_id="bob")} <= {"bob"}
+    assert filled.search("Berlin", user_id="nobody") == []
+
+
+def test_session_scope(filled):
+    hits = filled.search("Berlin job", user_id="ann", session_id="a2")
+    assert {h.item.session_id for h in hits} == {"a2"}
+
+
+def test_kinds_filter_and_session_headers_only_on_request(filled):
+    assert {h.item.kind for h in filled.search("Ann", user_id="ann")} == {"turn"}
+    sessions = filled.search("conversation session", user_id="ann", kinds=["session"])
+    assert sessions and {h.item.kind for h in sessions} == {"session"}
+
+
+@pytest.mark.parametrize("filters, expected", [
+    ({"metadata.topic": "music"}, {"I play the cello in an orchestra."}),
+    ({"metadata.topic": {"ne": "music"}}, {"I moved to Berlin for a new job.",
+                                           "My sister lives in Lisbon."}),
+    ({"metadata.topic": {"in": ["music", "nothing"]}}, {"I play the cello in an orchestra."}),
+    ({"observed_at": {"gte": "2024-07-01"}}, {"I play the cello in an orchestra."}),
+    ({"observed_at": {"lt": "2024-06-01"}}, {"I moved to Berlin for a new job.",
+                                             "My sister lives in Lisbon."}),
+    ({"content": {"contains": "LISBON"}}, {"My sister lives in Lisbon."}),
+    ({"speaker": "Ann", "observed_at": {"gt": "2024-01-01", "lte": "2024-05-02"}},
+     {"I moved to Berlin for a new job.", "My sister lives in Lisbon."}),
+])
+def test_filter_operators(filled, filters, expected):
+    hits = filled.search("where does Ann live and what does she play", user_id="ann",
+                         filters=filters, top_k=20)
+    assert {h.item.content for h in hits} == expected
+
+
+def test_metadata_contains_on_lists(mem):
+    mem.add("tagged note", user_id="ann", metadata={"labels": ["work", "urgent"]})
+    mem.add("other note", user_id="ann", metadata={"labels": ["home"]})
+    hits = mem.search("note", user_id="ann", filters={"metadata.labels": {"contains": "urgent"}})
+    assert [h.item.content for h in hits] == ["tagged note"]
+
+
+def test_since_until(filled):
+    hits = filled.search("Berlin Lisbon cello", user_id="ann", since="2024-07-01",
+                         until="2024-08-01")
+    assert [h.item.content for h in hits] == ["I play the cello in an orchestra."]
+
+
+def test_time_cue_in_query_boosts_items_of_that_time(mem):
+    mem.add("We had a picnic by the lake.", user_id="ann", observed_at="2024-05-10")
+    mem.add("We had a picnic in the park.", user_id="ann", observed_at="2024-08-10")
+    for query, expected in (("picnic in May 2024", "lake"), ("picnic in August 2024", "park"),
+                            ("picnic last May", "lake"), ("picnic two weeks ago", "park")):
+        hits = mem.search(query, user_id="ann", as_of="2024-08-24")  # relative to as_of
+        assert expected in hits[0].item.content, query
+        assert hits[0].score > hits[1].score
+
+
+@pytest.mark.parametrize("query", ['"Berlin', 'Berlin*', 'Berlin NEAR Lisbon', 'Berlin AND -job',
+                                   "it's \"quoted\" (paren) ^caret col:umn", 'OR', 'NOT AND'])
+def test_fts_syntax_is_searched_literally(filled, query):
+    hits = filled.search(query, user_id="ann")  # no FTS5 syntax error leaks out
+    assert isinstance(hits, list)
+
+
+def test_as_of_sees_superseded_state(mem):
+    item = mem.add("Ann lives in Paris", user_id="ann", kind="fact",
+                   observed_at="2020-01-01").items[0]
+    # supersede by hand the way the LLM manager will: close the window, add the new fact
+    mem.store.update_item(mem._rowid(item.id), {"status": "superseded",
+                                                 "valid_to": __import__("memstack")._time.parse_time("2024-01-01")})
+    mem.add("Ann lives in Berlin", user_id="ann", kind="fact", observed_at="2024-01-01")
+    now = [h.item.content for h in mem.search("where does Ann live", user_id="ann")]
+    assert "Ann lives in Paris" not in now and "Ann lives in Berlin" in now
+    past = [h.item.content for h in mem.search("where does Ann live", user_id="ann",
+                                                as_of="2022-06-01")]
+    assert "Ann lives in Paris" in past and "Ann lives in Berlin" not in past
+
+
+def test_several_cubes_and_unknown_filter(mem):
+    mem.add("work note about the quarterly budget", user_id="ann", cube="work")
+    mem.add("home note about the garden", user_id="ann", cube="home")
+    assert [h.item.cube for h in mem.search("budget note", cube="work")] == ["work"]
+    both = {h.item.cube for h in mem.search("note", cube=["work", "home"])}
+    assert both == {"work", "home"}
+    with pytest.raises(InvalidFilterError, match="metadata.<key>"):
+        mem.search("note", cube="work", filters={"topic": "x"})

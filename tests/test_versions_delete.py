@@ -1,0 +1,105 @@
+"""Versions, history, and deletion that leaves no trace in the database or index files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memstack import ItemNotFoundError, Memory
+
+SECRET = "Zorblax7 quokka passphrase"
+
+
+def test_update_writes_versions_and_history_has_reasons(mem):
+    item = mem.add("Ann lives in Paris", user_id="ann", kind="fact").items[0]
+    mem.update(item.id, "Ann lives in Berlin", reason="moved")
+    mem.update(item.id, "Ann lives in Berlin, Kreuzberg", reason="more precise")
+    history = mem.history(item.id)
+    assert [(v.version, v.reason) for v in history] == [(1, "add"), (2, "moved"),
+                                                        (3, "more precise")]
+    assert history[0].content == "Ann lives in Paris"
+    assert all(a.changed_at <= b.changed_at for a, b in zip(history, history[1:]))
+    assert mem.get(item.id).version == 3
+    top = mem.search("Kreuzberg", user_id="ann")[0]
+    assert top.item.id == item.id and top.item.content.endswith("Kreuzberg")
+    assert all(h.item.content != "Ann lives in Paris" for h in mem.search("Paris", user_id="ann"))
+
+
+def _files(db: Path) -> list[Path]:
+    return [p for p in db.parent.rglob("*") if p.is_file()]
+
+
+def _raw(db: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in _files(db))
+
+
+def test_delete_leaves_no_trace_in_any_file(db_path, embedder):
+    with Memory(db_path, embedder=embedder) as mem:
+        for n in range(30):
+            mem.add(f"filler memory number {n} about gardening", user_id="ann")
+        secret = mem.add(f"My bank {SECRET} is written here", user_id="ann").items[0]
+        mem.update(secret.id, f"My bank {SECRET} is written here, twice")
+        vector = mem.store.conn.execute(
+            "SELECT k.vec FROM keys k JOIN items i ON i.rowid = k.item_rowid WHERE i.id = ?",
+            (secret.id,)).fetchone()[0]
+        assert mem.search(SECRET, user_id="ann")[0].item.id == secret.id  # loads the index
+        mem.flush()
+        assert b"Zorblax7" in _raw(db_path)
+        assert any(vector in p.read_bytes() for p in _files(db_path) if p.suffix == ".hnsw")
+        mem.delete(secret.id, reason="user asked")
+        raw = _raw(db_path)
+        for token in (b"Zorblax7", b"zorblax7", b"quokka", b"passphrase"):
+            assert token not in raw, token
+        assert vector not in raw  # nor the float32 embedding, in the db or the index file
+        with pytest.raises(ItemNotFoundError, match="deleted"):
+            mem.get(secret.id)
+        assert all(h.item.id != secret.id for h in mem.search(SECRET, user_id="ann", top_k=100))
+        assert secret.id not in {i.id for i in mem.get_all(user_id="ann", limit=1000)}
+        history = mem.history(secret.id)
+        assert history[-1].status == "deleted" and history[-1].reason == "user asked"
+        assert all(v.content is None for v in history)  # tombstone: times and reasons, no text
+    with Memory(db_path, embedder=embedder) as mem:  # and not after reopening either
+        assert all(h.item.id != secret.id for h in mem.search("quokka", user_id="ann", top_k=100))
+    assert b"quokka" not in _raw(db_path)
+
+
+def test_delete_session_deletes_its_turns(mem):
+    result = mem.add(["first turn about kayaks", "second turn about canoes"], user_id="ann",
+                     session_id="s1")
+    mem.delete(result.session.id)
+    assert mem.get_all(user_id="ann") == []
+    assert mem.search("kayaks canoes", user_id="ann") == []
+
+
+def test_delete_all_by_scope_and_reset(mem):
+    mem.add("ann's note on tea", user_id="ann")
+    mem.add("bob's note on tea", user_id="bob")
+    assert mem.delete_all(user_id="ann") == 2
+    assert [h.item.user_id for h in mem.search("note on tea")] == ["bob"]
+    mem.reset()
+    assert mem.get_all() == [] and mem.search("tea") == []
+    actions = [e.action for e in mem.audit_log()]
+    assert actions[-1] == "reset" and "delete_all" in actions
+
+
+def test_audit_log_is_append_only(mem):
+    item = mem.add("remember the milk", user_id="ann").items[0]
+    mem.update(item.id, "remember the oat milk")
+    mem.delete(item.id)
+    log = mem.audit_log()
+    assert [e.action for e in log] == ["add", "update", "delete"]
+    assert all(e.actor.startswith("local:") and item.id in e.item_ids for e in log)
+    conn = mem.store.conn
+    for sql in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+        with pytest.raises(Exception, match="append-only"):
+            conn.execute(sql)
+    assert len(mem.audit_log()) == 3
+    assert b"oat milk" not in b"".join(str(e.to_dict()).encode() for e in log)
+
+
+def test_vectors_of_deleted_items_are_not_in_the_index(mem):
+    items = mem.add([f"note {n} on topic {n}" for n in range(5)], user_id="ann").items
+    mem.delete(items[2].id)
+    index = next(iter(mem._indexes.values()))
+    assert index.keys == mem.store.live_keys(1)
+    assert np.isfinite(len(index))
