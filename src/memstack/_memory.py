@@ -321,16 +321,15 @@ class Memory:
         cube_row = self._cube(cube, check_model=False)
         where, params = self._where([cube_row], scope, None, None, None, None, None)
         ids = [item.id for _, item in self.store.select_items(where, params)]
-        if ids:
-            self._purge(cube_row, ids, "delete_all", "delete_all")
-        return len(ids)
+        return self._purge(cube_row, ids, "delete_all", "delete_all") if ids else 0
 
-    def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> None:
+    def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> int:
+        ids = list(ids)
         with self.store.transaction():
             removed, purged = [], []
             for item_id in ids:
                 found = self.store.item_by_id(item_id)
-                if found is None or found[1].status == "deleted":
+                if found is None or found[1].status == "deleted" or item_id in purged:
                     continue
                 rowid, item = found
                 if item.kind == "session":
@@ -351,6 +350,7 @@ class Memory:
             self._index(self.store.cube(cube.name))
         self._after_write(cube, generation, removed=removed, save=True)
         self.store.checkpoint()
+        return len(purged)
 
     def reset(self) -> None:
         """Delete every item of every cube (the audit log keeps its record of what happened)."""
