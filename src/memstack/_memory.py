@@ -324,12 +324,12 @@ class Memory:
         return self._purge(cube_row, ids, "delete_all", "delete_all") if ids else 0
 
     def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> int:
-        ids = list(ids)
+        ids, done = list(ids), set()
         with self.store.transaction():
             removed, purged = [], []
             for item_id in ids:
                 found = self.store.item_by_id(item_id)
-                if found is None or found[1].status == "deleted" or item_id in purged:
+                if found is None or found[1].status == "deleted" or item_id in done:
                     continue
                 rowid, item = found
                 if item.kind == "session":
@@ -343,6 +343,7 @@ class Memory:
                 tomb = self.store.items_by_rowid([rowid])[rowid]
                 self.store.add_version(rowid, tomb, reason, self.actor)
                 purged.append(item_id)
+                done.add(item_id)
             self.store.compact_text_index()
             generation = self.store.bump_generation(cube.id)
             self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})

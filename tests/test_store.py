@@ -1,0 +1,134 @@
+"""The store as the source of truth: schema versions, damage, index repair, embedders, threads."""
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from memstack import (EmbeddingMismatchError, Memory, SchemaVersionError, StoreCorruptError)
+from memstack.store.schema import SCHEMA_VERSION
+
+
+class HashEmbedder:
+    """A second, tiny embedder (bag of hashed words) to show that models are never mixed."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.name, self._dim = f"test-hash-{dim}", dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed(self, texts):
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, hash(word) % self._dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_newer_schema_is_refused(db_path, embedder):
+    Memory(db_path, embedder=embedder).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="Upgrade memstack"):
+        Memory(db_path, embedder=embedder)
+
+
+def test_foreign_and_garbage_files_are_refused(tmp_path, embedder):
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(StoreCorruptError, match="not a memstack"):
+        Memory(other, embedder=embedder)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StoreCorruptError):
+        Memory(junk, embedder=embedder)
+
+
+def _index_state(mem):
+    cube = mem.store.cube("default")
+    return mem._index(cube).keys, mem.store.live_keys(cube.id)
+
+
+def test_damaged_index_is_rebuilt_from_the_store(db_path, embedder):
+    with Memory(db_path, embedder=embedder) as mem:
+        ids = mem.add([f"memory {n} about the sea" for n in range(20)], user_id="ann").ids
+        mem.search("sea", user_id="ann")
+    index_file = next(db_path.parent.glob("*.vec/*.hnsw"))
+    index_file.write_bytes(b"garbage" * 10)
+    with Memory(db_path, embedder=embedder) as mem:
+        index_keys, store_keys = _index_state(mem)
+        assert index_keys == store_keys and len(store_keys) == 21
+        assert mem.search("memory 7 about the sea", user_id="ann")[0].item.id == ids[7]
+
+
+def test_stale_index_catches_up_and_a_missing_one_is_built(db_path, embedder):
+    with Memory(db_path, embedder=embedder) as mem:
+        mem.add("first memory about apples", user_id="ann")
+        mem.search("apples", user_id="ann")
+    # a second writer that never loads the index (as a process killed before saving would)
+    writer = Memory(db_path, embedder=embedder)
+    late = writer.add("second memory about pears", user_id="ann").items[0]
+    writer.store.close()
+    with Memory(db_path, embedder=embedder) as mem:
+        index_keys, store_keys = _index_state(mem)
+        assert index_keys == store_keys
+        assert mem.search("pears", user_id="ann")[0].item.id == late.id
+    for path in db_path.parent.glob("*.vec/*"):
+        path.unlink()
+    with Memory(db_path, embedder=embedder) as mem:
+        assert _index_state(mem)[0] == _index_state(mem)[1]
+
+
+def test_two_open_memories_see_each_others_writes(db_path, embedder):
+    a, b = Memory(db_path, embedder=embedder), Memory(db_path, embedder=embedder)
+    a.add("alpha note about lanterns", user_id="ann")
+    assert b.search("lanterns", user_id="ann")[0].item.content == "alpha note about lanterns"
+    b.add("beta note about lanterns and kites", user_id="ann")
+    assert {h.item.content for h in a.search("kites lanterns", user_id="ann")} >= {
+        "beta note about lanterns and kites"}
+    a.close()
+    b.close()
+
+
+def test_mixing_embedders_is_refused_and_reembed_converts(db_path, embedder):
+    with Memory(db_path, embedder=embedder) as mem:
+        item = mem.add("the blue bicycle is in the garage", user_id="ann").items[0]
+    other = HashEmbedder()
+    with Memory(db_path, embedder=other) as mem:
+        with pytest.raises(EmbeddingMismatchError, match="memstack reembed"):
+            mem.search("bicycle", user_id="ann")
+        with pytest.raises(EmbeddingMismatchError):
+            mem.add("more", user_id="ann")
+        assert mem.reembed() == 2  # the turn and its session header
+        assert mem.search("blue bicycle garage", user_id="ann")[0].item.id == item.id
+        assert mem.cubes()[0].embed_model == "test-hash-64"
+    with Memory(db_path, embedder=embedder) as mem:
+        with pytest.raises(EmbeddingMismatchError):
+            mem.search("bicycle", user_id="ann")
+
+
+def test_concurrent_threads_share_one_memory(mem):
+    errors = []
+
+    def work(n):
+        try:
+            for k in range(5):
+                mem.add(f"thread {n} note {k}", user_id=f"u{n}")
+                mem.search(f"note {k}", user_id=f"u{n}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for n in range(4):
+        assert len(mem.get_all(user_id=f"u{n}", kinds=["turn"])) == 5
