@@ -103,3 +103,31 @@ def test_vectors_of_deleted_items_are_not_in_the_index(mem):
     index = next(iter(mem._indexes.values()))
     assert index.keys == mem.store.live_keys(1)
     assert np.isfinite(len(index))
+
+
+def test_neighbours_context_keys_forget_a_deleted_or_edited_turn(db_path, embedder):
+    """A turn is also indexed with its neighbours; deleting or editing it must rebuild theirs."""
+    with Memory(db_path, embedder=embedder) as mem:
+        turns = mem.add([{"role": "user", "name": "Ann", "content": "What should I cook tonight?"},
+                         {"role": "assistant", "content": f"Try the {SECRET} stew."},
+                         {"role": "user", "name": "Ann", "content": "Sounds good, thanks!"}],
+                        user_id="ann", session_id="s1").items
+        mem.search("cook", user_id="ann")
+        # the reply "Sounds good" is found through its neighbour's words (context key)
+        assert turns[2].id in [h.item.id for h in mem.search("quokka stew", user_id="ann")]
+        mem.update(turns[1].id, "Try the lentil soup.")
+        assert b"quokka" not in b"".join(
+            [bytes(r[0], "utf-8") for r in mem.store.conn.execute(
+                "SELECT content FROM items WHERE status = 'active'")])
+        hits = mem.search("quokka stew", user_id="ann", top_k=10)
+        assert all("quokka" not in (h.item.content or "").lower() for h in hits)
+        assert mem.search("lentil soup", user_id="ann")[0].item.id == turns[1].id
+        mem.delete(turns[1].id)
+        mem.add(f"unrelated {SECRET} note", user_id="bob")
+        mem.delete_all(user_id="bob")
+    raw = _raw(db_path)
+    assert b"lentil" not in raw and b"quokka" not in raw
+    with Memory(db_path, embedder=embedder) as mem:
+        keys = mem.store.conn.execute("SELECT count(*) FROM keys").fetchone()[0]
+        assert keys == 1 + 2 + 2  # session header; two turns with body and context keys
+        assert [h.item.id for h in mem.search("cook tonight", user_id="ann")][0] == turns[0].id

@@ -22,7 +22,8 @@ from ._models import KINDS, AddResult, AuditEntry, Cube, Hit, Item, Version, utc
 from ._time import parse_time
 from .embed import Embedder, LocalEmbedder
 from .index import HnswIndex
-from .ingest.rules import Draft, Message, clean_text, item_keys, normalise_messages
+from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
+                           normalise_messages)
 from .retrieve import search as _search
 from .retrieve.filters import compile_filters
 from .store.sqlite import CubeRow, SQLiteStore, content_hash
@@ -42,12 +43,14 @@ class Memory:
 
     def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
                  cube: str = "default", actor: str | None = None,
-                 track_access: bool = True) -> None:
+                 track_access: bool = True,
+                 context_window: tuple[int, int] | None = (1, 1)) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
         self.actor = actor or f"local:{_login()}"
         self.track_access = track_access
+        self.context_window = context_window
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
@@ -182,14 +185,19 @@ class Memory:
             if session is not None:
                 self._link(session[1], drafts)
             written = self._insert_all(cube, drafts, vectors)
+            removed: list[int] = []
             if session is not None:
                 session = self._count_turns(session, [i for i, _ in written])
+                new_rowids = [self._rowid(i.id) for i, _ in written]
+                stale = self._neighbours(session[1].id, new_rowids[0])
+                removed, context = self._refresh_context(session[1].id, stale + new_rowids)
+                session_added += context
             generation = self.store.bump_generation(cube.id)
             ids = [i.id for i, _ in written] + ([session[1].id] if session_added else [])
             self.store.audit(self.actor, "add", cube.name, ids,
                              {"kind": kind, "messages": len(msgs)})
         added = [a for _, a in written] + session_added
-        self._after_write(cube, generation, added=added)
+        self._after_write(cube, generation, added=added, removed=removed)
         return AddResult([i for i, _ in written], session[1] if session else None)
 
     def _draft(self, kind: str, msg: Message, scope: dict[str, str | None], when: datetime,
@@ -206,6 +214,44 @@ class Memory:
                   "valid_from": observed if kind != "turn" else None,
                   "producer": "rules:v1", "status": "active"}
         return Draft(fields, texts, roles)
+
+    def _refresh_context(self, session_item_id: str | None, rowids: Iterable[int]
+                         ) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        """Rebuild the context keys (a turn with its neighbours) of some turns of a session, from
+        the session as it is now. Called inside the write transaction of add, update and delete,
+        because a turn's neighbours' keys contain its text."""
+        wanted = set(rowids)
+        if not self.context_window or session_item_id is None or not wanted:
+            return [], []
+        turns = self.store.select_items("i.parent_id = ? AND i.kind = 'turn' AND "
+                                        "i.status = 'active'", (session_item_id,))
+        before_n, after_n = self.context_window
+        pairs = [(t.speaker or "", t.content or "") for _, t in turns]
+        jobs = []
+        for n, (rowid, turn) in enumerate(turns):
+            if rowid in wanted:
+                before, after = pairs[max(0, n - before_n):n], pairs[n + 1:n + 1 + after_n]
+                text = context_key(before, pairs[n], after, turn.observed_at) \
+                    if before or after else None
+                jobs.append((rowid, text))
+        removed = [k for rowid, _ in jobs for k in self.store.delete_keys(rowid, "context")]
+        jobs = [(rowid, text) for rowid, text in jobs if text]
+        vectors = self.embedder.embed([text for _, text in jobs])
+        added = [(np.asarray(self.store.insert_keys(rowid, [text], ["context"], vec[None]),
+                             dtype=np.int64), vec[None])
+                 for (rowid, text), vec in zip(jobs, vectors)]
+        return removed, added
+
+    def _neighbours(self, session_item_id: str | None, rowid: int) -> list[int]:
+        """Rowids of the turns whose context window includes this turn (itself included)."""
+        if not self.context_window or session_item_id is None:
+            return []
+        order = [r for r, _ in self.store.select_items(
+            "i.parent_id = ? AND i.kind = 'turn' AND i.status = 'active'", (session_item_id,))]
+        if rowid not in order:
+            return []
+        n, (before_n, after_n) = order.index(rowid), self.context_window
+        return order[max(0, n - after_n):n + before_n + 1]
 
     def _session_draft(self, scope: dict[str, str | None], turns: list[Draft]) -> Draft:
         first = turns[0].fields
@@ -297,9 +343,12 @@ class Memory:
                                            "updated_at": utcnow()})
             updated = self.store.items_by_rowid([rowid])[rowid]
             self.store.add_version(rowid, updated, reason, self.actor)
+            gone, context = self._refresh_context(item.parent_id if item.kind == "turn" else None,
+                                                  self._neighbours(item.parent_id, rowid))
             generation = self.store.bump_generation(cube.id)
             self.store.audit(self.actor, "update", cube.name, [memory_id], {"reason": reason})
-        self._after_write(cube, generation, added=[(np.asarray(keys), vectors)], removed=removed)
+        self._after_write(cube, generation, added=[(np.asarray(keys), vectors), *context],
+                          removed=removed + gone)
         return updated
 
     def delete(self, memory_id: str, *, reason: str = "delete") -> None:
@@ -325,8 +374,9 @@ class Memory:
 
     def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> int:
         ids, done = list(ids), set()
+        neighbours: dict[str, set[int]] = {}
         with self.store.transaction():
-            removed, purged = [], []
+            removed, purged, added = [], [], []
             for item_id in ids:
                 found = self.store.item_by_id(item_id)
                 if found is None or found[1].status == "deleted" or item_id in done:
@@ -335,6 +385,9 @@ class Memory:
                 if item.kind == "session":
                     ids.extend(i.id for _, i in self.store.select_items(
                         "i.parent_id = ? AND i.status != 'deleted'", (item.id,)))
+                elif item.kind == "turn" and item.parent_id:
+                    neighbours.setdefault(item.parent_id, set()).update(
+                        self._neighbours(item.parent_id, rowid))
                 removed += self.store.delete_keys(rowid)
                 self.store.purge_versions(rowid)
                 self.store.update_item(rowid, {"content": None, "content_hash": None,
@@ -344,12 +397,16 @@ class Memory:
                 self.store.add_version(rowid, tomb, reason, self.actor)
                 purged.append(item_id)
                 done.add(item_id)
+            for session_item_id, rowids in neighbours.items():  # their context keys held the text
+                gone, context = self._refresh_context(session_item_id, rowids)
+                removed += gone
+                added += context
             self.store.compact_text_index()
             generation = self.store.bump_generation(cube.id)
             self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})
         if cube.id not in self._indexes:
             self._index(self.store.cube(cube.name))
-        self._after_write(cube, generation, removed=removed, save=True)
+        self._after_write(cube, generation, removed=removed, added=added, save=True)
         self.store.checkpoint()
         return len(purged)
 
@@ -363,39 +420,36 @@ class Memory:
                 self._purge(row, ids, "reset", "reset")
 
     def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
-        """Recompute every vector of a cube with this Memory's embedder and record the model."""
+        """Recompute every search key of a cube with this Memory's embedder, record the model,
+        and rebuild the vector index. Returns the number of keys written."""
         row = self._cube(cube, check_model=False)
         items = self.store.select_items("i.cube_id = ? AND i.status != 'deleted'", (row.id,))
-        updates: list[tuple[int, bytes]] = []
+        bodies = []
         for start in range(0, len(items), batch_size):
             part = items[start:start + batch_size]
-            keyed = [(rowid, item_keys(i.kind, i.speaker, i.content or "", i.observed_at)[0])
+            keyed = [(rowid, *item_keys(i.kind, i.speaker, i.content or "", i.observed_at)[:2])
                      for rowid, i in part]
-            vectors = self.embedder.embed([t for _, texts in keyed for t in texts])
-            updates += self._match_keys(keyed, vectors)
+            vectors = iter(self.embedder.embed([t for _, texts, _ in keyed for t in texts]))
+            bodies += [(rowid, texts, roles, np.stack([next(vectors) for _ in texts]))
+                       for rowid, texts, roles in keyed]
         with self.store.transaction():
-            for key, blob in updates:
-                self.store.conn.execute("UPDATE keys SET vec = ? WHERE rowid = ?", (blob, key))
+            for rowid, texts, roles, vectors in bodies:
+                self.store.delete_keys(rowid)
+                self.store.insert_keys(rowid, texts, roles, vectors)
+            for rowid, item in items:
+                if item.kind == "session":
+                    turns = self.store.select_items("i.parent_id = ?", (item.id,))
+                    self._refresh_context(item.id, [r for r, _ in turns])
             self.store.set_cube_model(row.id, self.embedder.name, self.embedder.dim)
             self.store.bump_generation(row.id)
+            count = len(self.store.live_keys(row.id))
             self.store.audit(self.actor, "reembed", row.name, [], {"model": self.embedder.name,
-                                                                   "keys": len(updates)})
+                                                                   "keys": count})
         self._indexes.pop(row.id, None)
         for suffix in (".hnsw", ".json"):
             Path(f"{self.path}.vec", f"cube-{row.id}{suffix}").unlink(missing_ok=True)
         self._index(self._cube(row.name)).save()
-        return len(updates)
-
-    def _match_keys(self, keyed: list[tuple[int, list[str]]], vectors: np.ndarray
-                    ) -> list[tuple[int, bytes]]:
-        out, offset = [], 0
-        for rowid, texts in keyed:
-            keys = [r[0] for r in self.store.conn.execute(
-                "SELECT rowid FROM keys WHERE item_rowid = ? ORDER BY rowid", (rowid,))]
-            for key, vec in zip(keys, vectors[offset:offset + len(texts)]):
-                out.append((key, np.asarray(vec, np.float32).tobytes()))
-            offset += len(texts)
-        return out
+        return count
 
     # reads ------------------------------------------------------------------------------------
     def _live(self, memory_id: str) -> tuple[int, Item]:

@@ -134,3 +134,18 @@ def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetim
     texts = [f"{prefix}{part}{suffix}" for part in parts]
     roles = ["body"] if len(parts) == 1 else [f"chunk:{n}" for n in range(len(parts))]
     return texts, roles, resolved
+
+
+CONTEXT_CHARS = 600
+
+
+def context_key(before: list[tuple[str, str]], turn: tuple[str, str],
+                after: list[tuple[str, str]], observed_at: datetime | None) -> str:
+    """A key that indexes a turn together with its neighbours (speaker, text pairs), so a reply
+    like "Yes, last year!" is found by the words of the question it answers."""
+    def line(pair: tuple[str, str]) -> str:
+        speaker, text = pair
+        return f"{speaker}: {text[:CONTEXT_CHARS]}"
+
+    body = " \n".join([*map(line, before), line(turn), *map(line, after)])
+    return body + (f" [{observed_at:%-d %B %Y}]" if observed_at else "")

@@ -6,6 +6,7 @@ whose time matches a time cue in the query ("last May") get a boost.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,12 +35,14 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
     rankings = {"bm25": [r for r, _ in bm25], "vector": [r for r, _ in vector]}
     fused = rrf(rankings)
     raw = {"bm25": dict(bm25), "vector": dict(vector)}
-    with store.lock:
-        items = store.items_by_rowid(fused)
     if query.time_range is not None:
-        fused = {r: s * (TIME_BOOST if _in_range(items[r], query.time_range) else 1.0)
+        with store.lock:
+            times = store.item_times(list(fused))
+        fused = {r: s * (TIME_BOOST if _in_range(*times[r], query.time_range) else 1.0)
                  for r, s in fused.items()}
     order = sorted(fused, key=lambda r: (-fused[r], r))[:top_k]
+    with store.lock:
+        items = store.items_by_rowid(order)
     ranks = {name: {r: n for n, r in enumerate(ranked, 1)} for name, ranked in rankings.items()}
     return [Hit(items[r], fused[r], {k: v[r] for k, v in ranks.items() if r in v},
                 {k: v[r] for k, v in raw.items() if r in v}) for r in order]
@@ -82,11 +85,11 @@ def _allowed_items(store: SQLiteStore, hits: list[tuple[int, float]], where: str
     return out
 
 
-def _in_range(item, window) -> bool:
+def _in_range(observed_at: float | None, resolved: str | None, window) -> bool:
     start, end = window
-    if item.observed_at is not None and start <= item.observed_at < end:
+    if observed_at is not None and start.timestamp() <= observed_at < end.timestamp():
         return True
-    for span in item.metadata.get("resolved_dates", []):
+    for span in json.loads(resolved) if resolved else []:
         if span["start"] < end.date().isoformat() and span["end"] > start.date().isoformat():
             return True
     return False

@@ -182,11 +182,13 @@ class SQLiteStore:
                               (cur.lastrowid, text))
         return keys
 
-    def delete_keys(self, item_rowid: int) -> list[int]:
-        keys = [r[0] for r in self.conn.execute("SELECT rowid FROM keys WHERE item_rowid = ?",
-                                                (item_rowid,))]
+    def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
+        """Delete an item's keys (or only those of one role) from the keys table and FTS."""
+        where = "item_rowid = ?" + (" AND role = ?" if role else "")
+        params = (item_rowid, role) if role else (item_rowid,)
+        keys = [r[0] for r in self.conn.execute(f"SELECT rowid FROM keys WHERE {where}", params)]
         self.conn.executemany("DELETE FROM keys_fts WHERE rowid = ?", [(k,) for k in keys])
-        self.conn.execute("DELETE FROM keys WHERE item_rowid = ?", (item_rowid,))
+        self.conn.executemany("DELETE FROM keys WHERE rowid = ?", [(k,) for k in keys])
         return keys
 
     def compact_text_index(self) -> None:
@@ -233,15 +235,29 @@ class SQLiteStore:
     def fts(self, match: str, where: str, params: Sequence[Any], limit: int
             ) -> list[tuple[int, float]]:
         """Best BM25 score per item for a MATCH expression, restricted by `where` on items i."""
-        sql = ("SELECT k.item_rowid, min(f.rank) AS score FROM keys_fts f "
-               "JOIN keys k ON k.rowid = f.rowid JOIN items i ON i.rowid = k.item_rowid "
-               "JOIN cubes c ON c.id = i.cube_id "
-               f"WHERE keys_fts MATCH ? AND {where} GROUP BY k.item_rowid ORDER BY score LIMIT ?")
+        # materialise the matches first: joined directly, SQLite re-runs MATCH once per item
+        sql = ("WITH m AS MATERIALIZED (SELECT rowid, rank FROM keys_fts WHERE keys_fts MATCH ?) "
+               "SELECT k.item_rowid, min(m.rank) AS score FROM m JOIN keys k ON k.rowid = m.rowid "
+               f"JOIN items i ON i.rowid = k.item_rowid WHERE {where} "
+               "GROUP BY k.item_rowid ORDER BY score LIMIT ?")
         try:
             rows = self.conn.execute(sql, (match, *params, limit)).fetchall()
         except self.db.OperationalError as exc:
             raise StoreError(f"full-text search failed: {exc}") from exc
         return [(int(r[0]), -float(r[1])) for r in rows]
+
+    def item_times(self, rowids: Sequence[int]) -> dict[int, tuple[float | None, str | None]]:
+        """observed_at and resolved relative dates (JSON) of items, for time boosts."""
+        out: dict[int, tuple[float | None, str | None]] = {}
+        rowids = list(rowids)
+        for start in range(0, len(rowids), 500):
+            part = rowids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for r in self.conn.execute(
+                    f"SELECT rowid, observed_at, json_extract(metadata, '$.resolved_dates') "
+                    f"FROM items WHERE rowid IN ({marks})", part):
+                out[r[0]] = (r[1], r[2])
+        return out
 
     def key_items(self, keys: Sequence[int]) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -1,0 +1,1 @@
+"""Benchmark harnesses run by `memstack bench ...`: retrieval quality and speed."""

@@ -1,0 +1,45 @@
+"""An embedding cache for benchmark reruns: same model name, vectors kept on disk by text hash."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..embed import Embedder
+
+
+class CachedEmbedder:
+    def __init__(self, base: Embedder, folder: str | Path) -> None:
+        self.base, self.name = base, base.name
+        self.folder = Path(folder)
+        self._file = self.folder / f"{hashlib.sha1(base.name.encode()).hexdigest()[:12]}.npz"
+        self._cache: dict[str, np.ndarray] = {}
+        if self._file.exists():
+            data = np.load(self._file)
+            self._cache = dict(zip(data["keys"].tolist(), data["vectors"]))
+        self._new = 0
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self._cache}.items())
+        if todo:
+            vectors = self.base.embed([t for _, t in todo])
+            self._cache.update(zip([k for k, _ in todo], vectors))
+            self._new += len(todo)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self._cache[k] for k in keys])
+
+    def save(self) -> None:
+        if not self._new:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self._cache))
+        np.savez(self._file, keys=keys, vectors=np.stack(list(self._cache.values())))
+        self._new = 0

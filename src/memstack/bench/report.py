@@ -1,0 +1,77 @@
+"""Print and save benchmark results: a rich table, JSON, markdown and an optional PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .retrieval import KS, METRICS
+
+
+def retrieval_table(result: dict[str, Any]) -> Table:
+    metrics = result["metrics"]
+    table = Table(title=f"{result['dataset']}: retrieval ({result['questions']} questions, "
+                        f"{result['turns']} turns)")
+    table.add_column("metric")
+    for name in metrics:
+        table.add_column(f"{name} (n={metrics[name]['count']})", justify="right")
+    for metric in METRICS:
+        for k in KS:
+            key = f"{metric}@{k}"
+            table.add_row(key, *[f"{metrics[c][key]:.3f}" for c in metrics])
+    return table
+
+
+def retrieval_markdown(result: dict[str, Any]) -> str:
+    metrics = result["metrics"]
+    names = list(metrics)
+    header = " | ".join(f"{n} (n={metrics[n]['count']})" for n in names)
+    lines = [f"| metric | {header} |",
+             "|---|" + "---:|" * len(names)]
+    for metric in METRICS:
+        for k in KS:
+            key = f"{metric}@{k}"
+            lines.append(f"| {key} | " + " | ".join(f"{metrics[n][key]:.3f}" for n in names) + " |")
+    lat = result["search_latency"]
+    lines += ["", f"Ingest: {result['turns']} turns in {result['ingest_seconds']} s "
+                  f"({result['ingest_turns_per_second']} turns/s). Search latency: "
+                  f"p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms."]
+    return "\n".join(lines) + "\n"
+
+
+def save(result: dict[str, Any], out: Path, stem: str, markdown: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(markdown)
+    return paths
+
+
+def plot_recall(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in result["metrics"].items():
+        ax.plot(KS, [values[f"recall_any@{k}"] for k in KS], marker="o", label=name)
+    ax.set_xlabel("k")
+    ax.set_ylabel("turn recall_any@k")
+    ax.set_xticks(list(KS))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['dataset']}: recall against k")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_table(table: Table) -> None:
+    Console().print(table)
