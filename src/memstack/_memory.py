@@ -44,7 +44,7 @@ class Memory:
     def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
                  cube: str = "default", actor: str | None = None,
                  track_access: bool = True,
-                 context_window: tuple[int, int] | None = (1, 1)) -> None:
+                 context_window: tuple[int, int] | None = (2, 1)) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")

@@ -11,6 +11,7 @@ from .._time import query_time_range
 
 MAX_QUERY_CHARS = 4096
 _WORD = re.compile(r"\w+", re.UNICODE)
+_POSSESSIVE = re.compile(r"(?<=\w)['’]s\b", re.UNICODE)
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have
@@ -18,7 +19,8 @@ having he her here hers herself him himself his how i if in into is it its itsel
 my myself no nor not now of off on once only or other our ours ourselves out over own same she
 should so some such than that the their theirs them themselves then there these they this those
 through to too under until up very was we were what when where which while who whom why will with
-would you your yours yourself yourselves tell know think also get got
+would you your yours yourself yourselves tell know think also get got don doesn didn isn wasn
+ll re ve
 """.split())
 
 
@@ -47,10 +49,11 @@ def analyse(text: object, now: datetime) -> Query:
     if len(text) > MAX_QUERY_CHARS:
         raise InvalidQueryError(f"the query has {len(text)} characters; the limit is "
                                 f"{MAX_QUERY_CHARS}. Shorten it to the question itself.")
-    words = [w.lower() for w in _WORD.findall(text)]
+    words = [w.lower() for w in _WORD.findall(_POSSESSIVE.sub("", text))]
     if not words:
         raise InvalidQueryError(f"the query {text!r} has no words to search for; "
                                 "ask in words, e.g. 'where does Ann live'")
-    content = [w for w in words if w not in STOPWORDS] or words
+    # one-letter pieces of contractions ("that's" -> that, s) would match every contraction
+    content = [w for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())] or words
     unique = tuple(dict.fromkeys(content))
     return Query(text, unique, query_time_range(text, now))

@@ -233,18 +233,33 @@ class SQLiteStore:
 
     # search keys ------------------------------------------------------------------------------
     def fts(self, match: str, where: str, params: Sequence[Any], limit: int
-            ) -> list[tuple[int, float]]:
-        """Best BM25 score per item for a MATCH expression, restricted by `where` on items i."""
+            ) -> dict[bool, list[tuple[int, float]]]:
+        """Best BM25 score per item for a MATCH expression, restricted by `where` on items i,
+        separately for an item's own keys (False) and its context keys (True), best first."""
         # materialise the matches first: joined directly, SQLite re-runs MATCH once per item
         sql = ("WITH m AS MATERIALIZED (SELECT rowid, rank FROM keys_fts WHERE keys_fts MATCH ?) "
-               "SELECT k.item_rowid, min(m.rank) AS score FROM m JOIN keys k ON k.rowid = m.rowid "
-               f"JOIN items i ON i.rowid = k.item_rowid WHERE {where} "
-               "GROUP BY k.item_rowid ORDER BY score LIMIT ?")
+               "SELECT k.item_rowid, k.role = 'context' AS ctx, min(m.rank) AS score FROM m "
+               f"JOIN keys k ON k.rowid = m.rowid JOIN items i ON i.rowid = k.item_rowid "
+               f"WHERE {where} GROUP BY k.item_rowid, ctx ORDER BY score LIMIT ?")
         try:
-            rows = self.conn.execute(sql, (match, *params, limit)).fetchall()
+            rows = self.conn.execute(sql, (match, *params, 2 * limit)).fetchall()
         except self.db.OperationalError as exc:
             raise StoreError(f"full-text search failed: {exc}") from exc
-        return [(int(r[0]), -float(r[1])) for r in rows]
+        out: dict[bool, list[tuple[int, float]]] = {False: [], True: []}
+        for rowid, ctx, score in rows:
+            if len(out[bool(ctx)]) < limit:
+                out[bool(ctx)].append((int(rowid), -float(score)))
+        return out
+
+    def item_sessions(self, rowids: Sequence[int]) -> dict[int, str | None]:
+        out: dict[int, str | None] = {}
+        rowids = list(rowids)
+        for start in range(0, len(rowids), 500):
+            part = rowids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(self.conn.execute(f"SELECT rowid, cube_id || '/' || session_id FROM items "
+                                         f"WHERE rowid IN ({marks})", part).fetchall())
+        return out
 
     def item_times(self, rowids: Sequence[int]) -> dict[int, tuple[float | None, str | None]]:
         """observed_at and resolved relative dates (JSON) of items, for time boosts."""
@@ -259,13 +274,16 @@ class SQLiteStore:
                 out[r[0]] = (r[1], r[2])
         return out
 
-    def key_items(self, keys: Sequence[int]) -> dict[int, int]:
-        out: dict[int, int] = {}
+    def key_items(self, keys: Sequence[int]) -> dict[int, tuple[int, bool]]:
+        """key -> (item rowid, is a context key)."""
+        out: dict[int, tuple[int, bool]] = {}
         for start in range(0, len(keys), 500):
             part = list(keys[start:start + 500])
             marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(
-                f"SELECT rowid, item_rowid FROM keys WHERE rowid IN ({marks})", part).fetchall())
+            for key, item, ctx in self.conn.execute(
+                    f"SELECT rowid, item_rowid, role = 'context' FROM keys WHERE rowid IN ({marks})",
+                    part):
+                out[key] = (item, bool(ctx))
         return out
 
     def scoped_keys(self, where: str, params: Sequence[Any]) -> set[int]:
