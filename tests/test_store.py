@@ -63,7 +63,7 @@ def test_damaged_index_is_rebuilt_from_the_store(db_path, embedder):
     index_file.write_bytes(b"garbage" * 10)
     with Memory(db_path, embedder=embedder) as mem:
         index_keys, store_keys = _index_state(mem)
-        assert index_keys == store_keys and len(store_keys) == 41  # 20 turns x (body, context) + session
+        assert index_keys == store_keys and len(store_keys) == 21  # 20 turns + the session header
         assert mem.search("memory 7 about the sea", user_id="ann")[0].item.id == ids[7]
 
 

@@ -105,9 +105,11 @@ def test_vectors_of_deleted_items_are_not_in_the_index(mem):
     assert np.isfinite(len(index))
 
 
-def test_neighbours_context_keys_forget_a_deleted_or_edited_turn(db_path, embedder):
+@pytest.mark.parametrize("context_vectors", [False, True])
+def test_neighbours_context_keys_forget_a_deleted_or_edited_turn(db_path, embedder,
+                                                                 context_vectors):
     """A turn is also indexed with its neighbours; deleting or editing it must rebuild theirs."""
-    with Memory(db_path, embedder=embedder) as mem:
+    with Memory(db_path, embedder=embedder, context_vectors=context_vectors) as mem:
         turns = mem.add([{"role": "user", "name": "Ann", "content": "What should I cook tonight?"},
                          {"role": "assistant", "content": f"Try the {SECRET} stew."},
                          {"role": "user", "name": "Ann", "content": "Sounds good, thanks!"}],
@@ -127,7 +129,9 @@ def test_neighbours_context_keys_forget_a_deleted_or_edited_turn(db_path, embedd
         mem.delete_all(user_id="bob")
     raw = _raw(db_path)
     assert b"lentil" not in raw and b"quokka" not in raw
-    with Memory(db_path, embedder=embedder) as mem:
+    with Memory(db_path, embedder=embedder, context_vectors=context_vectors) as mem:
         keys = mem.store.conn.execute("SELECT count(*) FROM keys").fetchone()[0]
         assert keys == 1 + 2 + 2  # session header; two turns with body and context keys
+        cube = mem.store.cube("default")
+        assert len(mem._index(cube).keys) == (5 if context_vectors else 3)
         assert [h.item.id for h in mem.search("cook tonight", user_id="ann")][0] == turns[0].id

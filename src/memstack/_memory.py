@@ -39,18 +39,26 @@ class Memory:
     ...     m.add("I moved to Berlin last May", user_id="ann")
     ...     m.search("where does Ann live", user_id="ann")[0].item.content
     'I moved to Berlin last May'
+
+    Options: `embedder` (default: local all-MiniLM-L6-v2), `cube` (default cube name), `actor`
+    (recorded in the audit log), `track_access` (count gets and search hits),
+    `context_window=(before, after)` (a turn is also indexed with that many neighbours; None turns
+    it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
+    ingest; see docs/benchmarks.md).
     """
 
     def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
                  cube: str = "default", actor: str | None = None,
                  track_access: bool = True,
-                 context_window: tuple[int, int] | None = (2, 1)) -> None:
+                 context_window: tuple[int, int] | None = (2, 1),
+                 context_vectors: bool = False) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
         self.actor = actor or f"local:{_login()}"
         self.track_access = track_access
         self.context_window = context_window
+        self.context_vectors = context_vectors
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
@@ -78,6 +86,8 @@ class Memory:
     def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
         """Create an empty cube recording this Memory's embedding model."""
         name = _name(name, "cube")
+        if any(c.name == name for c in self.cubes()):
+            raise InvalidInputError(f"a cube named {name!r} exists already")
         with self.store.transaction():
             self.store.create_cube(name, owner, self.embedder.name, self.embedder.dim)
             self.store.audit(self.actor, "create_cube", name, [])
@@ -236,6 +246,10 @@ class Memory:
                 jobs.append((rowid, text))
         removed = [k for rowid, _ in jobs for k in self.store.delete_keys(rowid, "context")]
         jobs = [(rowid, text) for rowid, text in jobs if text]
+        if not self.context_vectors:  # text-only keys: BM25 sees the neighbours, no embedding
+            for rowid, text in jobs:
+                self.store.insert_keys(rowid, [text], ["context"], None)
+            return removed, []
         vectors = self.embedder.embed([text for _, text in jobs])
         added = [(np.asarray(self.store.insert_keys(rowid, [text], ["context"], vec[None]),
                              dtype=np.int64), vec[None])

@@ -49,7 +49,7 @@ CREATE TABLE keys (
   rowid INTEGER PRIMARY KEY AUTOINCREMENT,
   item_rowid INTEGER NOT NULL REFERENCES items(rowid),
   role TEXT NOT NULL,
-  vec BLOB NOT NULL
+  vec BLOB  -- NULL: a text-only key (FTS), not in the vector index
 );
 CREATE INDEX keys_item ON keys (item_rowid);
 CREATE VIRTUAL TABLE keys_fts USING fts5 (

@@ -137,8 +137,10 @@ class SQLiteStore:
         return CubeRow(*row)
 
     def create_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> CubeRow:
-        self.conn.execute("INSERT INTO cubes (name, owner, created_at, embed_model, embed_dim) "
-                          "VALUES (?, ?, ?, ?, ?)", (name, owner, time.time(), embed_model, dim))
+        # OR IGNORE: two writers creating the same cube at once both get the one row
+        self.conn.execute("INSERT OR IGNORE INTO cubes (name, owner, created_at, embed_model, "
+                          "embed_dim) VALUES (?, ?, ?, ?, ?)",
+                          (name, owner, time.time(), embed_model, dim))
         return self.cube(name)
 
     def cubes(self) -> list[Cube]:
@@ -172,11 +174,13 @@ class SQLiteStore:
         self.conn.execute(f"UPDATE items SET {sets} WHERE rowid = ?", (*row.values(), rowid))
 
     def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
-                    vectors: np.ndarray) -> list[int]:
+                    vectors: np.ndarray | None) -> list[int]:
+        """Insert keys; with `vectors` None they are text-only (FTS, no vector)."""
         keys = []
-        for text, role, vec in zip(texts, roles, vectors):
+        for n, (text, role) in enumerate(zip(texts, roles)):
+            blob = None if vectors is None else np.asarray(vectors[n], np.float32).tobytes()
             cur = self.conn.execute("INSERT INTO keys (item_rowid, role, vec) VALUES (?, ?, ?)",
-                                    (item_rowid, role, np.asarray(vec, np.float32).tobytes()))
+                                    (item_rowid, role, blob))
             keys.append(int(cur.lastrowid))
             self.conn.execute("INSERT INTO keys_fts (rowid, text) VALUES (?, ?)",
                               (cur.lastrowid, text))
@@ -288,12 +292,12 @@ class SQLiteStore:
 
     def scoped_keys(self, where: str, params: Sequence[Any]) -> set[int]:
         rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid "
-                                 f"JOIN cubes c ON c.id = i.cube_id WHERE {where}", params)
+                                 f"WHERE k.vec IS NOT NULL AND {where}", params)
         return {r[0] for r in rows}
 
     def live_keys(self, cube_id: int) -> set[int]:
         rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid"
-                                 " WHERE i.cube_id = ?", (cube_id,))
+                                 " WHERE i.cube_id = ? AND k.vec IS NOT NULL", (cube_id,))
         return {r[0] for r in rows}
 
     def vectors(self, cube_id: int, keys: list[int] | None, batch: int = 4096
