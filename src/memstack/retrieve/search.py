@@ -64,7 +64,7 @@ def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, 
     """Best vector similarity per item within the scope, best first, for own and context keys."""
     found: list[tuple[int, bool, float]] = []
     for index in indexes:
-        hits = index.search(qvec, min(len(index), 4 * n))
+        hits = index.search(qvec, min(len(index), 2 * n))
         items = _allowed_items(store, hits, where, params)
         if len({r for r, _, _ in items}) < n and len(hits) < len(index):
             # the scope is narrower than the cube: search within its keys only
