@@ -27,7 +27,7 @@ from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
                            normalise_messages)
 from .retrieve import search as _search
 from .retrieve.filters import compile_filters
-from .store.sqlite import CubeRow, SQLiteStore, content_hash
+from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
 
 MAX_TOP_K = 1000
 AUTOSAVE_SECONDS = 120.0
@@ -571,11 +571,13 @@ class Memory:
             return []
         if kinds is None:  # session headers are structure, not memories: only on request
             kinds = [k for k in KINDS if k != "session"]
-        where, params = self._where(cube_rows, _scope(user_id, agent_id, session_id or run_id),
-                                    kinds, filters, since, until, as_of_t)
+        scope = _scope(user_id, agent_id, session_id or run_id)
+        where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t)
         qvec = self.embedder.embed([query_obj.text])[0]
         indexes = [self._index(c) for c in cube_rows]
-        hits = _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k)
+        narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
+        hits = _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
+                              scope=scope_match([c.id for c in cube_rows], scope), narrow=narrow)
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:

@@ -52,8 +52,12 @@ def save(result: dict[str, Any], out: Path, stem: str, markdown: str) -> list[Pa
 
 
 def plot_recall(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from .._errors import MissingExtraError
 
+        raise MissingExtraError("--plot needs matplotlib: pip install 'memstack[bench]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

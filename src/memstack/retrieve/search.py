@@ -33,11 +33,15 @@ def candidates_needed(top_k: int) -> int:
 
 
 def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec: np.ndarray,
-           where: str, params: Sequence[Any], top_k: int) -> list[Hit]:
+           where: str, params: Sequence[Any], top_k: int, *, scope: str, narrow: bool
+           ) -> list[Hit]:
+    """`scope` is the FTS5 scope expression; `narrow` says the filters select a small part of
+    the cubes (a user, a session...), so the vector search filters from the start."""
     n = candidates_needed(top_k)
     with store.lock:
-        bm25 = store.fts(query.fts, where, params, n) if query.fts else {False: [], True: []}
-        vector = _vector(store, indexes, qvec, where, params, n)
+        bm25 = store.fts(query.fts, scope, where, params, n) if query.fts else \
+            {False: [], True: []}
+        vector = _vector(store, indexes, qvec, where, params, n, narrow)
     lists = {"bm25": bm25[False], "bm25_context": bm25[True], "vector": vector[False],
              "vector_context": vector[True]}
     rankings = {name: [r for r, _ in ranked] for name, ranked in lists.items() if ranked}
@@ -60,12 +64,14 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
 
 
 def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, where: str,
-            params: Sequence[Any], n: int) -> dict[bool, list[tuple[int, float]]]:
+            params: Sequence[Any], n: int, narrow: bool) -> dict[bool, list[tuple[int, float]]]:
     """Best vector similarity per item within the scope, best first, for own and context keys."""
     found: list[tuple[int, bool, float]] = []
     for index in indexes:
-        hits = index.search(qvec, min(len(index), 2 * n))
-        items = _allowed_items(store, hits, where, params)
+        hits, items = [], []
+        if not narrow:
+            hits = index.search(qvec, min(len(index), 2 * n))
+            items = _allowed_items(store, hits, where, params)
         if len({r for r, _, _ in items}) < n and len(hits) < len(index):
             # the scope is narrower than the cube: search within its keys only
             hits = index.search(qvec, 2 * n, allowed=store.scoped_keys(where, params))

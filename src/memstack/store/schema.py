@@ -52,8 +52,11 @@ CREATE TABLE keys (
   vec BLOB  -- NULL: a text-only key (FTS), not in the vector index
 );
 CREATE INDEX keys_item ON keys (item_rowid);
+-- scope holds tokens for the key's cube, user, agent and session, so a scoped search intersects
+-- posting lists inside FTS5 instead of filtering every match of the whole store afterwards
 CREATE VIRTUAL TABLE keys_fts USING fts5 (
-  text, content='', contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2'
+  text, scope, content='', contentless_delete=1,
+  tokenize='porter unicode61 remove_diacritics 2'
 );
 INSERT INTO keys_fts (keys_fts, rank) VALUES ('secure-delete', 1);
 CREATE TABLE versions (

@@ -177,13 +177,16 @@ class SQLiteStore:
                     vectors: np.ndarray | None) -> list[int]:
         """Insert keys; with `vectors` None they are text-only (FTS, no vector)."""
         keys = []
+        row = self.conn.execute("SELECT cube_id, user_id, agent_id, session_id FROM items "
+                                "WHERE rowid = ?", (item_rowid,)).fetchone()
+        scope = " ".join(scope_tokens(*row))
         for n, (text, role) in enumerate(zip(texts, roles)):
             blob = None if vectors is None else np.asarray(vectors[n], np.float32).tobytes()
             cur = self.conn.execute("INSERT INTO keys (item_rowid, role, vec) VALUES (?, ?, ?)",
                                     (item_rowid, role, blob))
             keys.append(int(cur.lastrowid))
-            self.conn.execute("INSERT INTO keys_fts (rowid, text) VALUES (?, ?)",
-                              (cur.lastrowid, text))
+            self.conn.execute("INSERT INTO keys_fts (rowid, text, scope) VALUES (?, ?, ?)",
+                              (cur.lastrowid, text, scope))
         return keys
 
     def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
@@ -236,12 +239,15 @@ class SQLiteStore:
                               (time.time(), *rowids))
 
     # search keys ------------------------------------------------------------------------------
-    def fts(self, match: str, where: str, params: Sequence[Any], limit: int
+    def fts(self, terms: str, scope: str, where: str, params: Sequence[Any], limit: int
             ) -> dict[bool, list[tuple[int, float]]]:
-        """Best BM25 score per item for a MATCH expression, restricted by `where` on items i,
-        separately for an item's own keys (False) and its context keys (True), best first."""
+        """Best BM25 score per item for FTS5 `terms` within a `scope` expression (scope_match),
+        restricted by `where` on items i, separately for an item's own keys (False) and its
+        context keys (True), best first. The scope column weighs nothing in BM25."""
+        match = f"text : ({terms}) AND {scope}"
         # materialise the matches first: joined directly, SQLite re-runs MATCH once per item
-        sql = ("WITH m AS MATERIALIZED (SELECT rowid, rank FROM keys_fts WHERE keys_fts MATCH ?) "
+        sql = ("WITH m AS MATERIALIZED (SELECT rowid, bm25(keys_fts, 1.0, 0.0) AS rank "
+               "FROM keys_fts WHERE keys_fts MATCH ?) "
                "SELECT k.item_rowid, k.role = 'context' AS ctx, min(m.rank) AS score FROM m "
                f"JOIN keys k ON k.rowid = m.rowid JOIN items i ON i.rowid = k.item_rowid "
                f"WHERE {where} GROUP BY k.item_rowid, ctx ORDER BY score LIMIT ?")
@@ -354,6 +360,29 @@ class SQLiteStore:
                 "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
                 "size_bytes": sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")
                                   if p.is_file())}
+
+
+def _token(prefix: str, value: str) -> str:
+    return prefix + hashlib.sha1(value.encode("utf-8")).hexdigest()[:16]
+
+
+def scope_tokens(cube_id: int, user_id: str | None, agent_id: str | None,
+                 session_id: str | None) -> list[str]:
+    """FTS tokens naming a key's scope (hashed, so any id is a plain token)."""
+    tokens = [f"cube{cube_id}"]
+    for prefix, value in (("u", user_id), ("a", agent_id), ("s", session_id)):
+        if value is not None:
+            tokens.append(_token(prefix, value))
+    return tokens
+
+
+def scope_match(cube_ids: Sequence[int], scope: dict[str, str | None]) -> str:
+    """The FTS5 expression that keeps keys of these cubes and this scope."""
+    parts = ["scope : (" + " OR ".join(f'"cube{c}"' for c in cube_ids) + ")"]
+    for prefix, name in (("u", "user_id"), ("a", "agent_id"), ("s", "session_id")):
+        if scope.get(name) is not None:
+            parts.append(f'scope : "{_token(prefix, scope[name])}"')
+    return " AND ".join(parts)
 
 
 def _split(script: str) -> list[str]:
