@@ -73,8 +73,11 @@ def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, 
             hits = index.search(qvec, min(len(index), 2 * n))
             items = _allowed_items(store, hits, where, params)
         if len({r for r, _, _ in items}) < n and len(hits) < len(index):
-            # the scope is narrower than the cube: search within its keys only
-            hits = index.search(qvec, 2 * n, allowed=store.scoped_keys(where, params))
+            # the scope is narrower than the cube: search within its keys only, exactly when
+            # they are few (a matrix product beats a filtered graph walk), else filtered ANN
+            hits = _exact(store, qvec, where, params, 2 * n)
+            if hits is None:
+                hits = index.search(qvec, 2 * n, allowed=store.scoped_keys(where, params))
             items = _allowed_items(store, hits, where, params)
         found += items
     out: dict[bool, list[tuple[int, float]]] = {}
@@ -85,6 +88,35 @@ def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, 
                 best[rowid] = max(sim, best.get(rowid, -1.0))
         out[ctx] = sorted(best.items(), key=lambda kv: -kv[1])[:n]
     return out
+
+
+EXACT_LIMIT = 20_000
+
+
+def _exact(store: SQLiteStore, qvec: np.ndarray, where: str, params: Sequence[Any], k: int
+           ) -> list[tuple[int, float]] | None:
+    scoped = store.scoped_vectors(where, params, EXACT_LIMIT)
+    if scoped is None:
+        return None
+    keys, vectors = scoped
+    if not len(keys):
+        return []
+    sims = _similarities(vectors, qvec.astype(np.float32))
+    top = np.argsort(-sims)[:k] if len(sims) <= k else np.argpartition(-sims, k)[:k]
+    top = top[np.argsort(-sims[top])]
+    return [(int(keys[i]), float(sims[i])) for i in top]
+
+
+def _similarities(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """vectors @ query. Through torch when it is loaded (the local embedder loads it): numpy's
+    BLAS threads would spin after the product and slow the next query embedding (measured)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return vectors @ query
+    with torch.inference_mode():
+        return (torch.from_numpy(vectors) @ torch.from_numpy(query)).numpy()
 
 
 def _allowed_items(store: SQLiteStore, hits: list[tuple[int, float]], where: str,

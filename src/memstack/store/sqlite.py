@@ -301,6 +301,20 @@ class SQLiteStore:
                                  f"WHERE k.vec IS NOT NULL AND {where}", params)
         return {r[0] for r in rows}
 
+    def scoped_vectors(self, where: str, params: Sequence[Any], limit: int
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(keys, vectors) of the keys in scope, or None when there are more than `limit`."""
+        rows = self.conn.execute("SELECT k.rowid, k.vec FROM keys k JOIN items i ON "
+                                 f"i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND {where} "
+                                 f"LIMIT {int(limit) + 1}", params).fetchall()
+        if len(rows) > limit:
+            return None
+        keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return keys, np.zeros((0, 0), np.float32)
+        buffer = bytearray(b"".join(r[1] for r in rows))  # writable, so torch can wrap it
+        return keys, np.frombuffer(buffer, dtype=np.float32).reshape(len(rows), -1)
+
     def live_keys(self, cube_id: int) -> set[int]:
         rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid"
                                  " WHERE i.cube_id = ? AND k.vec IS NOT NULL", (cube_id,))
