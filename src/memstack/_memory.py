@@ -111,7 +111,7 @@ class Memory:
             raise EmbeddingMismatchError(
                 f"cube {name!r} was embedded with {row.embed_model} ({row.embed_dim} dims) but "
                 f"this Memory uses {self.embedder.name} ({self.embedder.dim} dims). Open it with "
-                f"the same embedder, or convert it: memstack reembed --cube {name}")
+                f"the same embedder, or convert it: memstack --cube {name} reembed")
         return row
 
     def _index(self, cube: CubeRow) -> HnswIndex:

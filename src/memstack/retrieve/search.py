@@ -24,8 +24,9 @@ __all__ = ["analyse", "hybrid"]
 TIME_BOOST = 1.3
 SESSION_WEIGHT = 0.3  # share of a session's evidence added to each of its turns
 SESSION_TOP = 3
+SPEAKER_BOOST = 2.0  # items said by a speaker the query names ("what did Ann say...")
 RRF_K = 10.0
-WEIGHTS = {"bm25": 2.0, "vector": 1.0, "bm25_context": 1.5, "vector_context": 1.0}
+WEIGHTS = {"bm25": 2.0, "vector": 1.0, "bm25_context": 2.0, "vector_context": 1.5}
 
 
 def candidates_needed(top_k: int) -> int:
@@ -47,6 +48,12 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
     rankings = {name: [r for r, _ in ranked] for name, ranked in lists.items() if ranked}
     raw = {name: dict(ranked) for name, ranked in lists.items()}
     fused = rrf(rankings, k=RRF_K, weights=WEIGHTS)
+    if SPEAKER_BOOST != 1.0 and fused:
+        with store.lock:
+            speakers = store.item_speakers(list(fused))
+        named = {sp for sp in set(speakers.values()) if sp and sp.lower() in query.words}
+        fused = {r: s * (SPEAKER_BOOST if speakers.get(r) in named else 1.0)
+                 for r, s in fused.items()}
     if SESSION_WEIGHT:
         with store.lock:
             fused = _session_boost(fused, store.item_sessions(list(fused)))

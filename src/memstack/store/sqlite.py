@@ -271,6 +271,16 @@ class SQLiteStore:
                                          f"WHERE rowid IN ({marks})", part).fetchall())
         return out
 
+    def item_speakers(self, rowids: Sequence[int]) -> dict[int, str | None]:
+        out: dict[int, str | None] = {}
+        rowids = list(rowids)
+        for start in range(0, len(rowids), 500):
+            part = rowids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(self.conn.execute(f"SELECT rowid, speaker FROM items "
+                                         f"WHERE rowid IN ({marks})", part).fetchall())
+        return out
+
     def item_times(self, rowids: Sequence[int]) -> dict[int, tuple[float | None, str | None]]:
         """observed_at and resolved relative dates (JSON) of items, for time boosts."""
         out: dict[int, tuple[float | None, str | None]] = {}
