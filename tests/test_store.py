@@ -101,7 +101,7 @@ def test_mixing_embedders_is_refused_and_reembed_converts(db_path, embedder):
         item = mem.add("the blue bicycle is in the garage", user_id="ann").items[0]
     other = HashEmbedder()
     with Memory(db_path, embedder=other) as mem:
-        with pytest.raises(EmbeddingMismatchError, match="memstack reembed"):
+        with pytest.raises(EmbeddingMismatchError, match="memstack --cube default reembed"):
             mem.search("bicycle", user_id="ann")
         with pytest.raises(EmbeddingMismatchError):
             mem.add("more", user_id="ann")
