@@ -577,7 +577,9 @@ class Memory:
         indexes = [self._index(c) for c in cube_rows]
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
         hits = _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
-                              scope=scope_match([c.id for c in cube_rows], scope), narrow=narrow)
+                              scope=scope_match([c.id for c in cube_rows], scope,
+                                                other_cubes=self.store.cube_count() > len(cube_rows)),
+                              narrow=narrow)
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:

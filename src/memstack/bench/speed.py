@@ -101,10 +101,17 @@ def queries(count: int, items: int, *, seed: int = 1) -> list[tuple[str, str]]:
 def run(items: int, *, embedder: Embedder | None = None, workdir: str | Path | None = None,
         queries_count: int = 300, top_k: int = 10,
         progress: Callable[[int, int], None] | None = None,
-        memory_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        memory_options: dict[str, Any] | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Ingest `items` synthetic memories, then time searches. With `reuse`, a database of the
+    same size left in `workdir` by an earlier run is searched again without ingesting it."""
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-speed-"))
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / f"speed-{items}.db"
+    if reuse and _has_corpus(db, items, embedder, memory_options):
+        with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+            memory.embedder.embed(["warm up the model before timing"])
+            latencies = _search_latencies(memory, queries(queries_count, items), top_k)
+        return _result(items, None, latencies, queries_count, top_k, folder, db)
     for stale in folder.glob(f"speed-{items}.db*"):
         _remove(stale)
     with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
@@ -119,8 +126,24 @@ def run(items: int, *, embedder: Embedder | None = None, workdir: str | Path | N
         memory.flush()
         ingest = time.perf_counter() - start
         latencies = _search_latencies(memory, queries(queries_count, items), top_k)
+    return _result(items, ingest, latencies, queries_count, top_k, folder, db)
+
+
+def _has_corpus(db: Path, items: int, embedder: Embedder | None,
+                memory_options: dict[str, Any] | None) -> bool:
+    if not db.exists():
+        return False
+    with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+        count = memory.store.conn.execute("SELECT count(*) FROM items WHERE kind = 'turn' AND "
+                                          "status = 'active'").fetchone()[0]
+    return count == items
+
+
+def _result(items: int, ingest: float | None, latencies: dict[str, float], queries_count: int,
+            top_k: int, folder: Path, db: Path) -> dict[str, Any]:
     return {"items": items, "date": datetime.now(timezone.utc).isoformat(), "machine": machine(),
-            "ingest_seconds": round(ingest, 1), "ingest_items_per_second": round(items / ingest, 1),
+            "ingest_seconds": round(ingest, 1) if ingest else None,
+            "ingest_items_per_second": round(items / ingest, 1) if ingest else None,
             "search_latency_ms": latencies, "queries": queries_count, "top_k": top_k,
             "disk_bytes": sum(p.stat().st_size for p in folder.rglob("*")
                               if p.is_file() and p.name.startswith(db.name)),

@@ -34,7 +34,7 @@ def candidates_needed(top_k: int) -> int:
 
 
 def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec: np.ndarray,
-           where: str, params: Sequence[Any], top_k: int, *, scope: str, narrow: bool
+           where: str, params: Sequence[Any], top_k: int, *, scope: str | None, narrow: bool
            ) -> list[Hit]:
     """`scope` is the FTS5 scope expression; `narrow` says the filters select a small part of
     the cubes (a user, a session...), so the vector search filters from the start."""
