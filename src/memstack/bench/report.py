@@ -16,9 +16,9 @@ def retrieval_table(result: dict[str, Any]) -> Table:
     metrics = result["metrics"]
     table = Table(title=f"{result['dataset']}: retrieval ({result['questions']} questions, "
                         f"{result['turns']} turns)")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for name in metrics:
-        table.add_column(f"{name} (n={metrics[name]['count']})", justify="right")
+        table.add_column(f"{name}\nn={metrics[name]['count']}", justify="right")
     for metric in METRICS:
         for k in KS:
             key = f"{metric}@{k}"
