@@ -73,8 +73,7 @@ def run(conversations: list[dict[str, Any]], *, dataset: str, embedder: Embedder
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / "bench.db"
-    for stale in folder.glob("bench.db*"):
-        _remove(stale)
+    remove_db(folder, "bench.db")
     runs, ingest, turns = [], 0.0, 0
     total = sum(len(c["questions"]) for c in conversations)
     with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
@@ -136,13 +135,15 @@ def _pct(values: list[float], pct: float) -> float:
     return round(values[index], 2)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
-    else:
-        path.unlink()
+def remove_db(folder: Path, name: str) -> None:
+    """Delete a benchmark database with its WAL files and vector index folder."""
+    for path in folder.glob(f"{name}*"):
+        if path.is_dir():
+            for child in path.iterdir():
+                child.unlink()
+            path.rmdir()
+        else:
+            path.unlink()
 
 
 def machine() -> dict[str, Any]:

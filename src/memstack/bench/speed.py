@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from .._memory import Memory
 from ..embed import Embedder
-from .retrieval import machine
+from .retrieval import machine, remove_db
 
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi",
          "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
@@ -112,8 +112,7 @@ def run(items: int, *, embedder: Embedder | None = None, workdir: str | Path | N
             memory.embedder.embed(["warm up the model before timing"])
             latencies = _search_latencies(memory, queries(queries_count, items), top_k)
         return _result(items, None, latencies, queries_count, top_k, folder, db)
-    for stale in folder.glob(f"speed-{items}.db*"):
-        _remove(stale)
+    remove_db(folder, db.name)
     with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
         memory.embedder.embed(["warm up the model before timing"])
         start, done = time.perf_counter(), 0
@@ -175,15 +174,6 @@ def _search_latencies(memory: Memory, asks: list[tuple[str, str]], top_k: int
         return round(times[min(len(times) - 1, max(0, math.ceil(p / 100 * len(times)) - 1))], 2)
 
     return {"p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": round(sum(times) / len(times), 2)}
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
-    else:
-        path.unlink()
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -50,17 +50,18 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
     fused = rrf(rankings, k=RRF_K, weights=WEIGHTS)
     if SPEAKER_BOOST != 1.0 and fused:
         with store.lock:
-            speakers = store.item_speakers(list(fused))
+            speakers = store.item_values(list(fused), "speaker")
         named = {sp for sp in set(speakers.values()) if sp and sp.lower() in query.words}
         fused = {r: s * (SPEAKER_BOOST if speakers.get(r) in named else 1.0)
                  for r, s in fused.items()}
     if SESSION_WEIGHT:
         with store.lock:
-            fused = _session_boost(fused, store.item_sessions(list(fused)))
+            fused = _session_boost(fused, store.item_values(list(fused), "cube_id || '/' || session_id"))
     if query.time_range is not None:
         with store.lock:
-            times = store.item_times(list(fused))
-        fused = {r: s * (TIME_BOOST if _in_range(*times[r], query.time_range) else 1.0)
+            times = store.item_values(list(fused), "observed_at")
+            resolved = store.item_values(list(fused), "json_extract(metadata, '$.resolved_dates')")
+        fused = {r: s * (TIME_BOOST if _in_range(times[r], resolved[r], query.time_range) else 1.0)
                  for r, s in fused.items()}
     order = sorted(fused, key=lambda r: (-fused[r], r))[:top_k]
     with store.lock:

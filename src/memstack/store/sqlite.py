@@ -264,37 +264,15 @@ class SQLiteStore:
                 out[bool(ctx)].append((int(rowid), -float(score)))
         return out
 
-    def item_sessions(self, rowids: Sequence[int]) -> dict[int, str | None]:
-        out: dict[int, str | None] = {}
+    def item_values(self, rowids: Sequence[int], expression: str) -> dict[int, Any]:
+        """rowid -> one SQL expression over `items` (a column, json_extract...), for ranking."""
+        out: dict[int, Any] = {}
         rowids = list(rowids)
         for start in range(0, len(rowids), 500):
             part = rowids[start:start + 500]
             marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(f"SELECT rowid, cube_id || '/' || session_id FROM items "
+            out.update(self.conn.execute(f"SELECT rowid, {expression} FROM items "
                                          f"WHERE rowid IN ({marks})", part).fetchall())
-        return out
-
-    def item_speakers(self, rowids: Sequence[int]) -> dict[int, str | None]:
-        out: dict[int, str | None] = {}
-        rowids = list(rowids)
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(f"SELECT rowid, speaker FROM items "
-                                         f"WHERE rowid IN ({marks})", part).fetchall())
-        return out
-
-    def item_times(self, rowids: Sequence[int]) -> dict[int, tuple[float | None, str | None]]:
-        """observed_at and resolved relative dates (JSON) of items, for time boosts."""
-        out: dict[int, tuple[float | None, str | None]] = {}
-        rowids = list(rowids)
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for r in self.conn.execute(
-                    f"SELECT rowid, observed_at, json_extract(metadata, '$.resolved_dates') "
-                    f"FROM items WHERE rowid IN ({marks})", part):
-                out[r[0]] = (r[1], r[2])
         return out
 
     def key_items(self, keys: Sequence[int]) -> dict[int, tuple[int, bool]]:
