@@ -227,10 +227,6 @@ class SQLiteStore:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
 
-    def count_items(self, where: str, params: Sequence[Any]) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM items i JOIN cubes c ON c.id = i.cube_id "
-                                 f"WHERE {where}", params).fetchone()[0]
-
     def touch(self, rowids: Sequence[int]) -> None:
         """Record use (access statistics feed the tier scheduler)."""
         if not rowids:
