@@ -230,26 +230,27 @@ class Memory:
             if prepared.session_draft is not None:
                 n = len(prepared.session_draft.key_texts)
                 if session is None:  # (another add may have created it since _prepare)
-                    [(item, keys)] = self._insert_all(cube, [prepared.session_draft], vectors[:n])
-                    session, session_added, new_session = (self._rowid(item.id), item), [keys], True
+                    [(rowid, item, keys)] = self._insert_all(cube, [prepared.session_draft],
+                                                             vectors[:n])
+                    session, session_added, new_session = (rowid, item), [keys], True
                 vectors = vectors[n:]
             if session is not None:
                 self._link(session[1], drafts)
             written = self._insert_all(cube, drafts, vectors)
             removed: list[int] = []
             if session is not None:
-                session = self._count_turns(session, [i for i, _ in written])
-                new_rowids = [self._rowid(i.id) for i, _ in written]
+                session = self._count_turns(session, [i for _, i, _ in written])
+                new_rowids = [rowid for rowid, _, _ in written]
                 stale = self._neighbours(session[1].id, new_rowids[0])
                 removed, context = self._refresh_context(session[1].id, stale + new_rowids)
                 session_added += context
             generation = self.store.bump_generation(cube.id)
-            ids = [i.id for i, _ in written] + ([session[1].id] if new_session else [])
+            ids = [i.id for _, i, _ in written] + ([session[1].id] if new_session else [])
             self.store.audit(self.actor, "add", cube.name, ids,
                              {"kind": kind, "messages": len(drafts)})
-        added = [a for _, a in written] + session_added
+        added = [a for _, _, a in written] + session_added
         self._after_write(cube, generation, added=added, removed=removed)
-        return AddResult([i for i, _ in written], session[1] if session else None)
+        return AddResult([i for _, i, _ in written], session[1] if session else None)
 
     def _draft(self, kind: str, msg: Message, scope: dict[str, str | None], when: datetime,
                metadata: dict[str, Any]) -> Draft:
@@ -327,7 +328,8 @@ class Memory:
         return vectors
 
     def _insert_all(self, cube: CubeRow, drafts: list[Draft], vectors: np.ndarray
-                    ) -> list[tuple[Item, tuple[np.ndarray, np.ndarray]]]:
+                    ) -> list[tuple[int, Item, tuple[np.ndarray, np.ndarray]]]:
+        """Insert drafts with their keys and first versions: (rowid, item, (keys, vectors))."""
         now, offset, out = utcnow(), 0, []
         for draft in drafts:
             fields = {**draft.fields, "recorded_at": now, "updated_at": now}
@@ -337,7 +339,7 @@ class Memory:
             offset += len(draft.key_texts)
             item = self.store.items_by_rowid([rowid])[rowid]
             self.store.add_version(rowid, item, "add", self.actor)
-            out.append((item, (np.asarray(keys, dtype=np.int64), vecs)))
+            out.append((rowid, item, (np.asarray(keys, dtype=np.int64), vecs)))
         return out
 
     @staticmethod
@@ -491,7 +493,7 @@ class Memory:
             for rowid, texts, roles, vectors in bodies:
                 self.store.delete_keys(rowid)
                 self.store.insert_keys(rowid, texts, roles, vectors)
-            for rowid, item in items:
+            for _, item in items:
                 if item.kind == "session":
                     turns = self.store.select_items("i.parent_id = ?", (item.id,))
                     self._refresh_context(item.id, [r for r, _ in turns])
@@ -518,9 +520,9 @@ class Memory:
 
     def get(self, memory_id: str) -> Item:
         """One item by id; deleted items raise ItemNotFoundError."""
-        rowid, item = self._live(memory_id)
+        _, item = self._live(memory_id)
         if self.track_access:
-            self.store.touch([rowid])
+            self.store.touch([memory_id])
         return item
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None,
@@ -583,7 +585,7 @@ class Memory:
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:
-            self.store.touch([self._rowid(h.item.id) for h in hits])
+            self.store.touch([h.item.id for h in hits])
         return hits
 
     def _cubes_for(self, cube: str | Sequence[str] | None) -> list[CubeRow]:

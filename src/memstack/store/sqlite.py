@@ -227,15 +227,15 @@ class SQLiteStore:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
 
-    def touch(self, rowids: Sequence[int]) -> None:
+    def touch(self, item_ids: Sequence[str]) -> None:
         """Record use (access statistics feed the tier scheduler)."""
-        if not rowids:
+        if not item_ids:
             return
-        marks = ",".join("?" * len(rowids))
+        marks = ",".join("?" * len(item_ids))
         with self.transaction():
             self.conn.execute(f"UPDATE items SET access_count = access_count + 1, "
-                              f"last_accessed = ? WHERE rowid IN ({marks})",
-                              (time.time(), *rowids))
+                              f"last_accessed = ? WHERE id IN ({marks})",
+                              (time.time(), *item_ids))
 
     # search keys ------------------------------------------------------------------------------
     def fts(self, terms: str, scope: str | None, where: str, params: Sequence[Any], limit: int
