@@ -64,6 +64,8 @@ def _check(db_path, embedder, acknowledged):
         assert mem._index(cube).keys == mem.store.live_keys(cube.id)
         last = acknowledged[-1] if acknowledged else None
         if last:
-            content = mem.get(last).content
-            assert mem.search(content, user_id=mem.get(last).user_id, top_k=5)[0].item.content \
-                == content
+            # the last acknowledged add is searchable: its own text finds it (a neighbour whose
+            # context key holds the same words may rank beside it, so membership, not first place)
+            item = mem.get(last)
+            hits = mem.search(item.content, user_id=item.user_id, top_k=5)
+            assert last in [h.item.id for h in hits]
