@@ -9,22 +9,28 @@
 from ._errors import (ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       EmbeddingMismatchError, EmptyContentError, InvalidDateError,
                       InvalidEncodingError, InvalidFilterError, InvalidInputError,
-                      InvalidLimitError, InvalidQueryError, ItemNotFoundError, MemstackError,
+                      InvalidLimitError, InvalidQueryError, ItemNotFoundError, LLMError,
+                      LLMOutputError, LLMResponseError, LLMUnavailableError, MemstackError,
                       MissingExtraError, NotFoundError, SchemaVersionError, StoreCorruptError,
                       StoreError, UnknownKindError)
 from ._memory import AsyncMemory, Memory
-from ._models import AddResult, AuditEntry, Cube, Hit, Item, Scope, Version
+from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Hit, Item, Scope,
+                      Version)
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
+from .llm import ChatModel, Completion, OpenAIChat, Usage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Memory", "AsyncMemory",
     "Item", "Hit", "Cube", "Version", "AuditEntry", "AddResult", "Scope",
+    "Extraction", "FactOp", "Answer",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
+    "ChatModel", "OpenAIChat", "Completion", "Usage",
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
-    "EmbeddingError", "EmbeddingMismatchError", "MissingExtraError",
+    "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
+    "LLMResponseError", "LLMOutputError", "MissingExtraError",
 ]

@@ -18,6 +18,11 @@
     │   └── StoreCorruptError                        not a memstack database, or damaged
     ├── EmbeddingError                               the embedding model or endpoint failed
     │   └── EmbeddingMismatchError                   a cube embedded with another model
+    ├── LLMError                                     the LLM endpoint failed (after bounded retries)
+    │   ├── LLMUnavailableError                      refused connections, time-outs
+    │   ├── LLMResponseError                         HTTP errors, a body that is no chat completion,
+    │   │                                            a reply past the size limit
+    │   └── LLMOutputError                           output that fails its JSON schema after one repair
     └── MissingExtraError (also ImportError)         an optional dependency is not installed
 
 Every message says what to do next.
@@ -30,7 +35,8 @@ __all__ = [
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
-    "EmbeddingError", "EmbeddingMismatchError", "MissingExtraError",
+    "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
+    "LLMResponseError", "LLMOutputError", "MissingExtraError",
 ]
 
 
@@ -103,6 +109,24 @@ class EmbeddingError(MemstackError):
 
 
 class EmbeddingMismatchError(EmbeddingError):
+    pass
+
+
+class LLMError(MemstackError):
+    def __init__(self, message: str, *, completions: list | None = None) -> None:
+        super().__init__(message)
+        self.completions = completions or []  # what the endpoint did return before failing
+
+
+class LLMUnavailableError(LLMError):
+    pass
+
+
+class LLMResponseError(LLMError):
+    pass
+
+
+class LLMOutputError(LLMError):
     pass
 
 

@@ -19,10 +19,13 @@ import numpy as np
 
 from ._errors import (CubeNotFoundError, EmbeddingMismatchError, InvalidInputError,
                       InvalidLimitError, ItemNotFoundError, UnknownKindError)
-from ._models import KINDS, AddResult, AuditEntry, Cube, Hit, Item, Version, utcnow
+from ._models import (KINDS, AddResult, Answer, AuditEntry, Cube, Extraction, Hit, Item,
+                      Version, utcnow)
 from ._time import parse_time
 from .embed import Embedder, LocalEmbedder
 from .index import HnswIndex
+from .llm import ChatModel
+from .ingest.manager import FactManager
 from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
                            normalise_messages)
 from .retrieve import search as _search
@@ -46,13 +49,19 @@ class Memory:
     `context_window=(before, after)` (a turn is also indexed with that many neighbours; None turns
     it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
     ingest; see docs/benchmarks.md).
+
+    With `llm` (an OpenAIChat or any ChatModel), add() also extracts facts, preferences and
+    procedures and keeps them current (ADD / UPDATE / DELETE / NOOP, superseding instead of
+    overwriting), and answer() answers from memory. `llm_prompt_chars` bounds the messages one
+    extraction prompt reads.
     """
 
     def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
                  cube: str = "default", actor: str | None = None,
                  track_access: bool = True,
                  context_window: tuple[int, int] | None = (2, 1),
-                 context_vectors: bool = False) -> None:
+                 context_vectors: bool = False, llm: ChatModel | None = None,
+                 llm_prompt_chars: int = 12_000) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
@@ -60,6 +69,8 @@ class Memory:
         self.track_access = track_access
         self.context_window = context_window
         self.context_vectors = context_vectors
+        self.llm = llm
+        self.facts = FactManager(self, llm, prompt_chars=llm_prompt_chars) if llm else None
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
@@ -157,8 +168,10 @@ class Memory:
         """Store messages as turns of a session (or, with kind="fact" etc., as items of that kind).
 
         `messages` is a string, a message dict {role, content, name?, timestamp?, metadata?} or a
-        list. One call is one transaction. `infer` is accepted for mem0 compatibility; without an
-        LLM configured nothing is inferred.
+        list. The turns are one transaction. With an LLM configured and `infer` true, facts are
+        then extracted from them (at most 2 LLM calls) and applied in a second transaction; the
+        result's `extraction` reports the operations, the calls, and any failure (the turns are
+        kept whatever the LLM does).
 
         >>> m.add([{"role": "user", "name": "Ann", "content": "I adopted a cat yesterday"}],
         ...       user_id="ann", session_id="s1", observed_at="2024-05-08").ids
@@ -167,7 +180,28 @@ class Memory:
         prepared = self._prepare(messages, user_id=user_id, agent_id=agent_id,
                                  session_id=session_id or run_id, observed_at=observed_at,
                                  metadata=metadata, cube=cube, kind=kind)
-        return self._commit(prepared, self._embed_drafts(prepared.all_drafts))
+        result = self._commit(prepared, self._embed_drafts(prepared.all_drafts))
+        return self._infer(result, prepared.cube) if infer and kind == "turn" else result
+
+    def _infer(self, result: AddResult, cube: CubeRow) -> AddResult:
+        if self.facts is None:
+            return result
+        extraction = self.facts.process(self._cube(cube.name), result.items)
+        return AddResult(result.items, result.session, extraction)
+
+    def extract(self, memory_ids: Sequence[str]) -> Extraction:
+        """Run fact extraction again on stored turns of one session (after a failure, or on
+        turns added with infer=False). Needs an LLM.
+
+        >>> m.extract(result.ids).operations
+        """
+        if self.facts is None:
+            raise InvalidInputError("extract() needs an LLM: Memory(..., llm=OpenAIChat(...))")
+        turns = [self._live(i)[1] for i in memory_ids]
+        if not turns or any(t.kind != "turn" for t in turns) or \
+                len({(t.cube, t.session_id) for t in turns}) != 1:
+            raise InvalidInputError("extract() takes the ids of turns of one session")
+        return self.facts.process(self._cube(turns[0].cube), turns)
 
     def add_many(self, requests: Iterable[dict[str, Any]], *, batch_texts: int = 512
                  ) -> list[AddResult]:
@@ -183,19 +217,21 @@ class Memory:
             request = dict(request)
             if "run_id" in request:
                 request["session_id"] = request.pop("run_id")
-            request.pop("infer", None)
-            batch.append(self._prepare(request.pop("messages"), **request))
-            if sum(len(d.key_texts) for p in batch for d in p.all_drafts) >= batch_texts:
+            infer = request.pop("infer", True)
+            batch.append((self._prepare(request.pop("messages"), **request), infer))
+            if sum(len(d.key_texts) for p, _ in batch for d in p.all_drafts) >= batch_texts:
                 results += self._commit_batch(batch)
                 batch = []
         return results + self._commit_batch(batch)
 
-    def _commit_batch(self, batch: list["_Prepared"]) -> list[AddResult]:
-        vectors = self._embed_drafts([d for p in batch for d in p.all_drafts])
+    def _commit_batch(self, batch: list[tuple["_Prepared", bool]]) -> list[AddResult]:
+        vectors = self._embed_drafts([d for p, _ in batch for d in p.all_drafts])
         out, offset = [], 0
-        for prepared in batch:
+        for prepared, infer in batch:
             count = sum(len(d.key_texts) for d in prepared.all_drafts)
-            out.append(self._commit(prepared, vectors[offset:offset + count]))
+            result = self._commit(prepared, vectors[offset:offset + count])
+            infer = infer and prepared.kind == "turn"
+            out.append(self._infer(result, prepared.cube) if infer else result)
             offset += count
         return out
 
@@ -565,7 +601,23 @@ class Memory:
         >>> [h.item.content for h in m.search("cat", user_id="ann", top_k=3)]
         ['I adopted a cat yesterday']
         """
-        top_k = _limit(limit if limit is not None else top_k, "top_k", maximum=MAX_TOP_K)
+        hits = self._find(query, user_id=user_id, agent_id=agent_id,
+                          session_id=session_id or run_id, cube=cube, kinds=kinds,
+                          filters=filters, since=since, until=until, as_of=as_of,
+                          top_k=limit if limit is not None else top_k)
+        if threshold is not None:
+            hits = [h for h in hits if h.score >= threshold]
+        if self.track_access and hits:
+            self.store.touch([h.item.id for h in hits])
+        return hits
+
+    def _find(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
+              session_id: str | None = None, cube: str | Sequence[str] | None = None,
+              kinds: Sequence[str] | None = None, filters: dict[str, Any] | None = None,
+              since: Any = None, until: Any = None, as_of: Any = None, top_k: int = 10
+              ) -> list[Hit]:
+        """search() without access tracking: for memstack's own look-ups."""
+        top_k = _limit(top_k, "top_k", maximum=MAX_TOP_K)
         as_of_t = parse_time(as_of, field="as_of") if as_of is not None else None
         query_obj = _search.analyse(query, now=as_of_t or utcnow())
         cube_rows = self._cubes_for(cube)
@@ -573,20 +625,42 @@ class Memory:
             return []
         if kinds is None:  # session headers are structure, not memories: only on request
             kinds = [k for k in KINDS if k != "session"]
-        scope = _scope(user_id, agent_id, session_id or run_id)
+        scope = _scope(user_id, agent_id, session_id)
         where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t)
         qvec = self.embedder.embed([query_obj.text])[0]
         indexes = [self._index(c) for c in cube_rows]
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
-        hits = _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
+        return _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
                               scope=scope_match([c.id for c in cube_rows], scope,
                                                 other_cubes=self.store.cube_count() > len(cube_rows)),
                               narrow=narrow)
-        if threshold is not None:
-            hits = [h for h in hits if h.score >= threshold]
-        if self.track_access and hits:
-            self.store.touch([h.item.id for h in hits])
-        return hits
+
+    def answer(self, question: str, *, user_id: str | None = None,
+               agent_id: str | None = None, session_id: str | None = None,
+               run_id: str | None = None, cube: str | Sequence[str] | None = None,
+               kinds: Sequence[str] | None = None, as_of: Any = None, top_k: int = 30,
+               max_context_tokens: int = 2000, max_tokens: int = 200) -> Answer:
+        """Answer a question from memory with the LLM: search the scope, put the best hits that
+        fit `max_context_tokens` into the prompt, and return the answer with their ids.
+
+        >>> m.answer("Where does Ann live?", user_id="ann").text
+        'Berlin'
+        """
+        from .retrieve import answer as _answer
+
+        if self.llm is None:
+            raise InvalidInputError("answer() needs an LLM: Memory(..., llm=OpenAIChat(...))")
+        question = clean_text(question, what="question")
+        if not isinstance(max_context_tokens, int) or max_context_tokens < 50:
+            raise InvalidLimitError("max_context_tokens must be an integer of at least 50")
+        hits = self.search(question, user_id=user_id, agent_id=agent_id,
+                           session_id=session_id or run_id, cube=cube, kinds=kinds,
+                           as_of=as_of, top_k=top_k)
+        used, context, tokens = _answer.pack(hits, max_context_tokens)
+        now = parse_time(as_of, field="as_of") if as_of is not None else utcnow()
+        reply = self.llm.complete(_answer.messages(question, context, now), max_tokens=max_tokens)
+        return Answer(reply.text.strip(), [h.item.id for h in used], tokens, reply.prompt_tokens,
+                      reply.completion_tokens, round(reply.seconds, 3), used)
 
     def _cubes_for(self, cube: str | Sequence[str] | None) -> list[CubeRow]:
         if cube is None:

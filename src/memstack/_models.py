@@ -96,6 +96,8 @@ class Version:
     changed_at: datetime
     reason: str
     actor: str
+    superseded_by: str | None = None
+    source_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -136,20 +138,98 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class FactOp:
+    """One operation the LLM memory manager applied: ADD, UPDATE, DELETE or NOOP.
+
+    ADD and UPDATE name the fact written (`id`); UPDATE and DELETE name the fact superseded
+    (`previous_id`), which keeps its text with valid_to and superseded_by set; NOOP names the
+    existing fact that already said it. `source_ids` are the turns that caused the operation."""
+
+    event: str
+    id: str | None
+    text: str | None
+    previous_id: str | None = None
+    previous_text: str | None = None
+    source_ids: list[str] = field(default_factory=list)
+    kind: str = "fact"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"id": self.id or self.previous_id, "memory": self.text, "event": self.event,
+               "kind": self.kind, "source_ids": self.source_ids}
+        if self.previous_id:
+            out.update(previous_id=self.previous_id, previous_memory=self.previous_text)
+        return out
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What the LLM memory manager did for one add(): operations, calls and their cost.
+
+    `error` is set when extraction failed (the turns are stored all the same); `unread_messages`
+    counts messages that did not fit the prompt budget (the oldest of a very long add)."""
+
+    operations: list[FactOp]
+    llm_calls: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    repaired: bool = False
+    error: str | None = None
+    unread_messages: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["operations"] = [op.to_dict() for op in self.operations]
+        return out
+
+
+@dataclass(frozen=True)
 class AddResult:
-    """What add() wrote. `results` follows mem0's shape: one entry per stored turn."""
+    """What add() wrote. `results` follows mem0's shape: one entry per stored turn, then one
+    per fact operation when an LLM is configured. `extraction` is None when none ran."""
 
     items: list[Item]
     session: Item | None
+    extraction: Extraction | None = None
 
     @property
     def ids(self) -> list[str]:
         return [item.id for item in self.items]
 
+    @property
+    def facts(self) -> list[FactOp]:
+        return self.extraction.operations if self.extraction else []
+
     def to_dict(self) -> dict[str, Any]:
-        return {"results": [{"id": i.id, "memory": i.content, "event": "ADD", "kind": i.kind}
-                            for i in self.items],
-                "session_id": self.session.session_id if self.session else None}
+        out = {"results": [{"id": i.id, "memory": i.content, "event": "ADD", "kind": i.kind}
+                           for i in self.items] + [op.to_dict() for op in self.facts],
+               "session_id": self.session.session_id if self.session else None}
+        if self.extraction is not None:
+            out["extraction"] = {k: v for k, v in self.extraction.to_dict().items()
+                                 if k != "operations"}
+        return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer from memory: the text, the memories put in the prompt, and the cost."""
+
+    text: str
+    memory_ids: list[str]
+    context_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    hits: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["hits"] = [h.to_dict() for h in self.hits]
+        return out
 
 
 def utcnow() -> datetime:

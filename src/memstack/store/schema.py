@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE cubes (
@@ -86,5 +86,11 @@ CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
+# v2: a version records what superseded the item and which source items (turns) caused the change
+_V2 = """
+ALTER TABLE versions ADD COLUMN superseded_by TEXT;
+ALTER TABLE versions ADD COLUMN source_ids TEXT NOT NULL DEFAULT '[]';
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}

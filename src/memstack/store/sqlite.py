@@ -322,12 +322,16 @@ class SQLiteStore:
             yield ids, vecs
 
     # versions and audit -----------------------------------------------------------------------
-    def add_version(self, item_rowid: int, item: Item, reason: str, actor: str) -> None:
+    def add_version(self, item_rowid: int, item: Item, reason: str, actor: str,
+                    source_ids: Sequence[str] = ()) -> None:
+        """Record an item as it is now; `source_ids` are the items (turns) that caused it."""
         self.conn.execute(
             "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
-            "valid_to, changed_at, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "valid_to, changed_at, reason, actor, superseded_by, source_ids) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (item_rowid, item.version, item.content, json.dumps(item.metadata), item.status,
-             _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor))
+             _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor,
+             item.superseded_by, json.dumps(list(source_ids or item.source_ids))))
 
     def purge_versions(self, item_rowid: int) -> None:
         self.conn.execute("UPDATE versions SET content = NULL, metadata = '{}' "
@@ -336,9 +340,11 @@ class SQLiteStore:
     def versions(self, item_rowid: int, item_id: str) -> list[Version]:
         rows = self.conn.execute(
             "SELECT version, content, metadata, status, valid_from, valid_to, changed_at, reason, "
-            "actor FROM versions WHERE item_rowid = ? ORDER BY version, changed_at", (item_rowid,))
+            "actor, superseded_by, source_ids FROM versions WHERE item_rowid = ? "
+            "ORDER BY version, changed_at", (item_rowid,))
         return [Version(item_id, r[0], r[1], json.loads(r[2]), r[3], from_epoch(r[4]),
-                        from_epoch(r[5]), from_epoch(r[6]), r[7], r[8]) for r in rows]
+                        from_epoch(r[5]), from_epoch(r[6]), r[7], r[8], r[9], json.loads(r[10]))
+                for r in rows]
 
     def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
               detail: dict[str, Any] | None = None) -> None:

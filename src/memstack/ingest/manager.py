@@ -1,0 +1,290 @@
+"""The LLM memory manager: turns already stored -> candidate facts -> ADD/UPDATE/DELETE/NOOP.
+
+At most two LLM calls per add(), whatever the number of messages (plus one repair call when a
+reply fails its schema): one proposes candidates, one decides against the nearest existing facts
+of the same scope. The second is skipped when no existing fact is near, or when every candidate
+repeats an existing fact word for word.
+
+Turns are committed before any LLM call, so a failing or slow endpoint never loses them; the
+operations are then applied in one transaction. UPDATE and DELETE supersede: the old fact keeps
+its text and gets valid_to and superseded_by (the new fact, or for DELETE the turn that retracted
+it), so as_of search still sees it and history() says what replaced it and which turns caused it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._errors import LLMError
+from .._models import Extraction, FactOp, Item, utcnow
+from ..llm import ChatModel, Completion
+from ..llm.structured import ask, schema_of
+from ..store.sqlite import CubeRow, content_hash
+from .extract import (MAX_FACTS, PROMPT_VERSION, Candidate, Decision, Line, decide_messages,
+                      decisions_model, normalise_fact, proposal_model, propose_messages,
+                      read_decisions, useful)
+from .rules import Draft, item_keys
+
+if TYPE_CHECKING:
+    from .._memory import Memory
+
+FACT_KINDS = ("fact", "procedure", "insight")
+KIND_OF = {"fact": "fact", "preference": "fact", "procedure": "procedure"}
+
+
+@dataclass
+class _Run:
+    """Book-keeping of one extraction: the completions it took and when it started."""
+
+    started: float = field(default_factory=time.monotonic)
+    completions: list[Completion] = field(default_factory=list)
+    repaired: bool = False
+    unread: int = 0
+
+    def result(self, operations: list[FactOp], error: str | None = None) -> Extraction:
+        return Extraction(operations, len(self.completions),
+                          sum(c.prompt_tokens for c in self.completions),
+                          sum(c.completion_tokens for c in self.completions),
+                          round(time.monotonic() - self.started, 3), self.repaired, error,
+                          self.unread)
+
+
+@dataclass
+class _Plan:
+    """One operation decided, before it is written."""
+
+    event: str
+    candidate: Candidate
+    sources: list[str]
+    text: str
+    target: tuple[int, Item] | None = None
+
+
+class FactManager:
+    """Extracts and maintains facts for a Memory through an LLM (see the module docstring)."""
+
+    def __init__(self, memory: "Memory", llm: ChatModel, *, prompt_chars: int = 12_000,
+                 neighbours: int = 5, max_existing: int = 20, context_turns: int = 4) -> None:
+        self.memory, self.llm = memory, llm
+        self.prompt_chars, self.neighbours = prompt_chars, neighbours
+        self.max_existing, self.context_turns = max_existing, context_turns
+
+    @property
+    def producer(self) -> str:
+        return f"llm:{self.llm.name}:{PROMPT_VERSION}"
+
+    def process(self, cube: CubeRow, turns: list[Item]) -> Extraction:
+        """Extract from stored turns and apply the operations. Never raises an LLMError: a
+        failure comes back in Extraction.error and is written to the audit log."""
+        run = _Run()
+        try:
+            candidates = self._propose(turns, run)
+            if not candidates:
+                return run.result([])
+            scope = fact_scope(turns[0])
+            existing = self._nearest(cube, scope, candidates)
+            plans = self._decide(candidates, existing, turns, run)
+            return run.result(self._apply(cube, scope, plans, turns))
+        except LLMError as exc:
+            run.completions += exc.completions
+            error = f"{type(exc).__name__}: {exc}"
+            with self.memory.store.transaction():
+                self.memory.store.audit(self.memory.actor, "extract_failed", cube.name,
+                                        [t.id for t in turns], {"error": error[:2000],
+                                                                "llm": self.llm.name})
+            return run.result([], error)
+
+    # call 1 -----------------------------------------------------------------------------------
+    def _propose(self, turns: list[Item], run: _Run) -> list[Candidate]:
+        new = [Line(n, t.observed_at, _speaker(t), t.content or "") for n, t in
+               enumerate(turns, 1)]
+        earlier = [Line(0, t.observed_at, _speaker(t), t.content or "")
+                   for t in self._earlier(turns[0])]
+        model = proposal_model(len(new))
+        messages, run.unread = propose_messages(new, earlier, json.dumps(schema_of(model)),
+                                                self.prompt_chars)
+        reply = ask(self.llm, messages, model, max_tokens=80 * MAX_FACTS)
+        run.completions += reply.completions
+        run.repaired |= reply.repaired
+        seen, out = set(), []
+        for fact in reply.value.facts:  # the same fact twice in one reply is one fact
+            key = normalise_fact(fact.text)
+            if key not in seen and useful(fact):
+                seen.add(key)
+                out.append(fact)
+        return out
+
+    def _earlier(self, first: Item) -> list[Item]:
+        """The turns just before this add in its session: context for pronouns and replies."""
+        if not first.parent_id or not self.context_turns:
+            return []
+        rows = self.memory.store.select_items(
+            "i.parent_id = ? AND i.kind = 'turn' AND i.status = 'active' AND "
+            "i.rowid < (SELECT rowid FROM items WHERE id = ?)", (first.parent_id, first.id),
+            order="i.rowid DESC", limit=self.context_turns)
+        return [item for _, item in reversed(rows)]
+
+    # existing facts and call 2 ----------------------------------------------------------------
+    def _nearest(self, cube: CubeRow, scope: dict[str, str | None],
+                 candidates: list[Candidate]) -> list[tuple[int, Item]]:
+        """The existing active facts nearest to any candidate, best first, at most max_existing."""
+        best: dict[str, tuple[float, Item]] = {}
+        for candidate in candidates:
+            for rank, hit in enumerate(self.memory._find(
+                    candidate.text, cube=cube.name, kinds=FACT_KINDS, top_k=self.neighbours,
+                    **scope)):
+                score = best.get(hit.item.id, (1e9, hit.item))[0]
+                best[hit.item.id] = (min(score, rank), hit.item)
+        ordered = sorted(best.values(), key=lambda pair: pair[0])[:self.max_existing]
+        found = [self.memory.store.item_by_id(item.id) for _, item in ordered]
+        return [row for row in found if row is not None]
+
+    def _decide(self, candidates: list[Candidate], existing: list[tuple[int, Item]],
+                turns: list[Item], run: _Run) -> list[_Plan]:
+        ids = [t.id for t in turns]
+        by_text = {normalise_fact(item.content or ""): (rowid, item) for rowid, item in existing}
+        plans: dict[int, _Plan] = {}
+        for n, c in enumerate(candidates, 1):  # a word-for-word repeat needs no LLM to decide
+            if normalise_fact(c.text) in by_text:
+                plans[n] = _Plan("NOOP", c, _sources(c, ids), c.text, by_text[normalise_fact(c.text)])
+        open_ = [n for n in range(1, len(candidates) + 1) if n not in plans]
+        if open_ and existing:
+            shown = [candidates[n - 1] for n in open_]
+            model = decisions_model(len(shown), len(existing))
+            messages = decide_messages([(i.content or "", i.valid_from) for _, i in existing],
+                                       shown, json.dumps(schema_of(model)))
+            reply = ask(self.llm, messages, model, max_tokens=60 * 2 * MAX_FACTS)
+            run.completions += reply.completions
+            run.repaired |= reply.repaired
+            for d in read_decisions(reply.value):
+                n = open_[d.fact - 1]
+                plans.setdefault(n, _plan(d, candidates[n - 1], existing, ids))
+        for n in open_:  # no decision (no existing facts, or the LLM skipped it): a new fact
+            plans.setdefault(n, _Plan("ADD", candidates[n - 1], _sources(candidates[n - 1], ids),
+                                      candidates[n - 1].text))
+        return [plans[n] for n in sorted(plans)]
+
+    # writes -----------------------------------------------------------------------------------
+    def _apply(self, cube: CubeRow, scope: dict[str, str | None], plans: list[_Plan],
+               turns: list[Item]) -> list[FactOp]:
+        memory, store = self.memory, self.memory.store
+        when = max((t.observed_at for t in turns if t.observed_at), default=utcnow())
+        writes = [p for p in plans if p.event in ("ADD", "UPDATE")]
+        drafts = [self._draft(p, scope, when, turns[0]) for p in writes]
+        vectors = memory._embed_drafts(drafts) if drafts else np.zeros((0, memory.embedder.dim))
+        with store.transaction():
+            live = self._recheck(plans)  # writes stay writes, so drafts and vectors still line up
+            written = iter(memory._insert_all(cube, drafts, vectors))
+            ops, added = [], []
+            for p in live:
+                new = next(written) if p.event in ("ADD", "UPDATE") else None
+                if new is not None:
+                    added.append(new[2])
+                ops.append(self._write(p, new[1] if new else None, when))
+            generation = store.bump_generation(cube.id)
+            store.audit(memory.actor, "extract", cube.name,
+                        [op.id or op.previous_id for op in ops if op.event != "NOOP"],
+                        {"llm": self.llm.name, "operations": [op.event for op in ops],
+                         "source_ids": [t.id for t in turns]})
+        memory._after_write(cube, generation, added=added)
+        return ops
+
+    def _recheck(self, plans: list[_Plan]) -> list[_Plan]:
+        """Inside the write transaction: a target superseded since the LLM saw it (or by an
+        earlier plan of this batch) is left alone. An UPDATE of it becomes an ADD; a DELETE or
+        NOOP of it is dropped."""
+        retired: set[str] = set()
+        live = []
+        for p in plans:
+            if p.target is not None:
+                found = self.memory.store.item_by_id(p.target[1].id)
+                if not found or found[1].status != "active" or found[1].id in retired:
+                    if p.event != "UPDATE":
+                        continue
+                    p.event, p.target = "ADD", None
+                else:
+                    p.target = found
+                    if p.event in ("UPDATE", "DELETE"):
+                        retired.add(found[1].id)
+            live.append(p)
+        return live
+
+    def _draft(self, plan: _Plan, scope: dict[str, str | None], when: datetime,
+               first: Item) -> Draft:
+        kind = KIND_OF[plan.candidate.kind]
+        texts, roles, resolved = item_keys(kind, None, plan.text, when)
+        meta: dict[str, Any] = {"category": plan.candidate.kind}
+        if first.session_id:
+            meta["from_session"] = first.session_id
+        if resolved:
+            meta["resolved_dates"] = resolved
+        fields = {"id": uuid.uuid4().hex, "kind": kind, "content": plan.text,
+                  "content_hash": content_hash(plan.text), "role": None, "speaker": None,
+                  **scope, "metadata": meta, "observed_at": when, "valid_from": when,
+                  "producer": self.producer, "status": "active", "source_ids": plan.sources}
+        return Draft(fields, texts, roles)
+
+    def _write(self, plan: _Plan, new: Item | None, when: datetime) -> FactOp:
+        kind = KIND_OF[plan.candidate.kind]
+        if plan.event == "ADD":
+            return FactOp("ADD", new.id, new.content, source_ids=plan.sources, kind=kind)
+        rowid, old = plan.target
+        if plan.event == "NOOP":
+            return FactOp("NOOP", old.id, old.content, source_ids=plan.sources, kind=old.kind)
+        by = new.id if new is not None else plan.sources[-1]
+        reason = (f"superseded by {by}" if plan.event == "UPDATE" else
+                  f"retracted by turn {by}") + f" ({self.producer})"
+        self._supersede(rowid, old, by, when, reason, plan.sources)
+        return FactOp(plan.event, new.id if new else None, new.content if new else None,
+                      old.id, old.content, plan.sources, old.kind)
+
+    def _supersede(self, rowid: int, old: Item, by: str, when: datetime, reason: str,
+                   sources: list[str]) -> None:
+        store = self.memory.store
+        valid_to = max(when, old.valid_from) if old.valid_from else when
+        store.update_item(rowid, {"status": "superseded", "valid_to": valid_to,
+                                  "superseded_by": by, "version": old.version + 1,
+                                  "updated_at": utcnow()})
+        store.add_version(rowid, store.items_by_rowid([rowid])[rowid], reason,
+                          self.memory.actor, sources)
+
+
+def fact_scope(turn: Item) -> dict[str, str | None]:
+    """Facts belong to the user and agent of their turns, across sessions; a conversation with
+    neither keeps its facts in its session."""
+    if turn.user_id or turn.agent_id:
+        return {"user_id": turn.user_id, "agent_id": turn.agent_id, "session_id": None}
+    return {"user_id": None, "agent_id": None, "session_id": turn.session_id}
+
+
+def _speaker(turn: Item) -> str:
+    if turn.speaker and turn.speaker != turn.role:
+        return turn.speaker
+    if turn.role == "user" and turn.user_id:
+        return turn.user_id
+    return turn.role or "unknown"
+
+
+def _sources(candidate: Candidate, ids: list[str]) -> list[str]:
+    cited = [ids[s - 1] for s in candidate.sources if 1 <= s <= len(ids)]
+    return list(dict.fromkeys(cited)) or list(ids)
+
+
+def _plan(decision: Decision, candidate: Candidate, existing: list[tuple[int, Item]],
+          ids: list[str]) -> _Plan:
+    sources = _sources(candidate, ids)
+    if decision.event == "ADD":
+        return _Plan("ADD", candidate, sources, candidate.text)
+    target = existing[decision.target - 1]
+    text = (decision.text or candidate.text).strip() or candidate.text
+    if decision.event == "UPDATE" and normalise_fact(text) == normalise_fact(target[1].content
+                                                                                 or ""):
+        return _Plan("NOOP", candidate, sources, text, target)  # an "update" that changes nothing
+    return _Plan(decision.event, candidate, sources, text, target)
