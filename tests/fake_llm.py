@@ -102,6 +102,10 @@ class ScriptedLLM:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # /v1/models, as llama.cpp lists its one model
+                self._send(200, json.dumps({"object": "list", "data": [
+                    {"id": "fake-model", "object": "model"}]}).encode())
+
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 self._act(fake._next(body), body)

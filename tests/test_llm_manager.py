@@ -9,7 +9,7 @@ import pytest
 
 from fake_llm import Fault, Hang, Raw, Reply, ScriptedLLM, add, decisions, delete, facts, noop, \
     update
-from memstack import InvalidInputError, Memory, OpenAIChat
+from memstack import ExtractionSettings, InvalidInputError, Memory, OpenAIChat
 
 ANN = {"user_id": "ann"}
 
@@ -110,11 +110,29 @@ def test_at_most_two_calls_whatever_the_number_of_messages(mem, fake):
                       sources=[1, 2]),
                 decisions(*[add(n) for n in range(1, 11)]))
     before = len(fake.requests)
-    messages = [{"role": "user" if n % 2 == 0 else "assistant", "content": f"message {n}"}
-                for n in range(40)]
+    messages = [{"role": "user", "content": f"I visited museum number {n // 2}."} if n % 2 == 0
+                else {"role": "assistant", "content": "How was it?"} for n in range(40)]
     result = mem.add(messages, user_id="ann", session_id="s9", observed_at="2024-06-01")
     assert len(fake.requests) - before == 2 == result.extraction.llm_calls
     assert len(result.facts) == 10 and len(result.items) == 40
+
+
+def test_facts_nobody_said_are_dropped(mem, fake):
+    fake.script(facts("Ann lives in Paris.", "Ann is a German citizen who loves opera."))
+    result = say(mem, "I live in Paris.", "2024-05-01")
+    assert [op.text for op in result.facts] == ["Ann lives in Paris."]
+    assert result.extraction.dropped_unsupported == 1
+
+
+def test_the_assistant_is_context_not_a_source(mem, fake):
+    fake.script(facts("Ann lives in Paris."))
+    result = mem.add([{"role": "user", "content": "I live in Paris."},
+                      {"role": "assistant", "content": "I love Paris, I lived there in 1990!"}],
+                     user_id="ann", session_id="s1", observed_at="2024-05-01")
+    prompt = fake.requests[0]["messages"][1]["content"]
+    context, new = prompt.split("NEW MESSAGES:")
+    assert "I lived there in 1990" in context and "[1] 2024-05-01 ann: I live in Paris." in new
+    assert mem.get(result.facts[0].id).source_ids == [result.ids[0]]
 
 
 def test_procedures_are_stored_as_procedures(mem, fake):
@@ -200,7 +218,8 @@ def test_facts_stay_in_their_scope(mem, fake):
 
 def test_the_prompt_budget_is_kept_and_reported(db_path, embedder, fake):
     llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01)
-    with Memory(db_path, embedder=embedder, llm=llm, llm_prompt_chars=600) as memory:
+    with Memory(db_path, embedder=embedder, llm=llm,
+                extraction=ExtractionSettings(prompt_chars=600)) as memory:
         fake.script(facts("Ann likes long walks."))
         messages = [f"message {n}: " + "blah " * 40 for n in range(12)]
         result = memory.add(messages, user_id="ann")
@@ -226,12 +245,12 @@ def test_a_target_superseded_meanwhile_is_not_touched(db_path, embedder, fake, m
 
 
 def test_concurrent_adds_with_extraction(mem, fake):
-    fake.responder = lambda request: facts("Someone said something memorable.")
+    fake.responder = lambda request: facts("The user wrote a memorable note.")
     errors = []
 
     def worker(n):
         try:
-            mem.add(f"note {n}", user_id=f"user{n}")
+            mem.add(f"I wrote a memorable note, number {n}.", user_id=f"user{n}")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -251,8 +270,8 @@ def test_answer_uses_memory_within_the_budget(mem, fake):
     answer = mem.answer("Where does Ann live?", max_context_tokens=200, **ANN)
     assert answer.text == "Berlin" and answer.memory_ids
     assert answer.context_tokens <= 200
-    prompt = fake.requests[-1]["messages"][1]["content"]
-    assert "Ann lives in Berlin." in prompt and "QUESTION: Where does Ann live?" in prompt
+    prompt = fake.requests[-1]["messages"][-1]["content"]
+    assert "Ann lives in Berlin." in prompt and "Question: Where does Ann live?" in prompt
     assert set(answer.memory_ids) <= {i.id for i in mem.get_all(**ANN)}
 
 

@@ -37,6 +37,28 @@ def test_newer_schema_is_refused(db_path, embedder):
         Memory(db_path, embedder=embedder)
 
 
+def test_a_version_1_database_is_migrated(db_path, embedder):
+    """A database of schema 1 (versions without superseded_by and source_ids) opens, migrates
+    in place, and keeps its items and history."""
+    from memstack.store.sqlite import _driver
+
+    with Memory(db_path, embedder=embedder) as mem:
+        item = mem.add("I keep bees", user_id="ann").items[0]
+        mem.update(item.id, "I keep two hives of bees")
+    conn = _driver().connect(str(db_path), isolation_level=None)
+    conn.execute("ALTER TABLE versions DROP COLUMN superseded_by")  # back to schema 1
+    conn.execute("ALTER TABLE versions DROP COLUMN source_ids")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Memory(db_path, embedder=embedder) as mem:
+        versions = mem.history(item.id)
+        assert [v.content for v in versions] == ["I keep bees", "I keep two hives of bees"]
+        assert versions[0].source_ids == [] and versions[0].superseded_by is None
+        assert mem.search("bees", user_id="ann")[0].item.id == item.id
+        version = mem.store.conn.execute("PRAGMA user_version").fetchone()[0]
+        assert version == SCHEMA_VERSION
+
+
 def test_foreign_and_garbage_files_are_refused(tmp_path, embedder):
     other = tmp_path / "other.db"
     conn = sqlite3.connect(other)

@@ -13,10 +13,12 @@ from ._errors import (ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       LLMOutputError, LLMResponseError, LLMUnavailableError, MemstackError,
                       MissingExtraError, NotFoundError, SchemaVersionError, StoreCorruptError,
                       StoreError, UnknownKindError)
-from ._memory import AsyncMemory, Memory
+from ._async import AsyncMemory
+from ._memory import Memory
 from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Hit, Item, Scope,
                       Version)
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
+from .ingest.manager import ExtractionSettings
 from .llm import ChatModel, Completion, OpenAIChat, Usage
 
 __version__ = "0.1.0"
@@ -26,7 +28,7 @@ __all__ = [
     "Item", "Hit", "Cube", "Version", "AuditEntry", "AddResult", "Scope",
     "Extraction", "FactOp", "Answer",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
-    "ChatModel", "OpenAIChat", "Completion", "Usage",
+    "ChatModel", "OpenAIChat", "Completion", "Usage", "ExtractionSettings",
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",

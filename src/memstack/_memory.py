@@ -5,9 +5,6 @@ limit = top_k, data = new text), so mem0 users can switch.
 
 from __future__ import annotations
 
-import asyncio
-import getpass
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,10 +19,15 @@ from ._errors import (CubeNotFoundError, EmbeddingMismatchError, InvalidInputErr
 from ._models import (KINDS, AddResult, Answer, AuditEntry, Cube, Extraction, Hit, Item,
                       Version, utcnow)
 from ._time import parse_time
+from ._validate import limit as _limit
+from ._validate import login as _login
+from ._validate import metadata as _metadata
+from ._validate import name as _name
+from ._validate import scope as _scope
 from .embed import Embedder, LocalEmbedder
 from .index import HnswIndex
 from .llm import ChatModel
-from .ingest.manager import FactManager
+from .ingest.manager import ExtractionSettings, FactManager
 from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
                            normalise_messages)
 from .retrieve import search as _search
@@ -52,8 +54,7 @@ class Memory:
 
     With `llm` (an OpenAIChat or any ChatModel), add() also extracts facts, preferences and
     procedures and keeps them current (ADD / UPDATE / DELETE / NOOP, superseding instead of
-    overwriting), and answer() answers from memory. `llm_prompt_chars` bounds the messages one
-    extraction prompt reads.
+    overwriting), and answer() answers from memory. `extraction` (ExtractionSettings) tunes how.
     """
 
     def __init__(self, path: str | Path = "memstack.db", *, embedder: Embedder | None = None,
@@ -61,7 +62,7 @@ class Memory:
                  track_access: bool = True,
                  context_window: tuple[int, int] | None = (2, 1),
                  context_vectors: bool = False, llm: ChatModel | None = None,
-                 llm_prompt_chars: int = 12_000) -> None:
+                 extraction: ExtractionSettings | None = None) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
@@ -70,7 +71,7 @@ class Memory:
         self.context_window = context_window
         self.context_vectors = context_vectors
         self.llm = llm
-        self.facts = FactManager(self, llm, prompt_chars=llm_prompt_chars) if llm else None
+        self.facts = FactManager(self, llm, extraction) if llm else None
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
@@ -658,7 +659,8 @@ class Memory:
                            as_of=as_of, top_k=top_k)
         used, context, tokens = _answer.pack(hits, max_context_tokens)
         now = parse_time(as_of, field="as_of") if as_of is not None else utcnow()
-        reply = self.llm.complete(_answer.messages(question, context, now), max_tokens=max_tokens)
+        reply = self.llm.complete(_answer.messages(question, context, now), max_tokens=max_tokens,
+                                  stop=_answer.STOP)
         return Answer(reply.text.strip(), [h.item.id for h in used], tokens, reply.prompt_tokens,
                       reply.completion_tokens, round(reply.seconds, 3), used)
 
@@ -713,17 +715,18 @@ class Memory:
             yield item.to_dict()
 
     def import_conversation(self, data: dict[str, Any], *, user_id: str | None = None,
-                            agent_id: str | None = None, cube: str | None = None
-                            ) -> dict[str, str]:
+                            agent_id: str | None = None, cube: str | None = None,
+                            infer: bool = False) -> dict[str, str]:
         """Import a conversation file ({"sessions": [{"id", "date", "turns": [...]}]}, see
-        docs/conversations.md). Each session is one add(); returns {turn id: memory id}."""
+        docs/conversations.md). Each session is one add() (with fact extraction when `infer`
+        and an LLM is configured); returns {turn id: memory id}."""
         from .ingest.conversation import sessions
 
         mapping: dict[str, str] = {}
         parsed = sessions(data)
         results = self.add_many({"messages": s.messages, "user_id": user_id, "agent_id": agent_id,
                                  "session_id": s.id, "observed_at": s.date, "cube": cube,
-                                 "metadata": s.metadata} for s in parsed)
+                                 "metadata": s.metadata, "infer": infer} for s in parsed)
         for session, result in zip(parsed, results):
             for turn_id, item in zip(session.turn_ids, result.items):
                 if turn_id is not None:
@@ -753,70 +756,3 @@ class _Prepared:
     @property
     def all_drafts(self) -> list[Draft]:
         return ([self.session_draft] if self.session_draft else []) + self.drafts
-
-
-class AsyncMemory:
-    """The same methods as Memory, awaitable. Calls run Memory's code in a worker thread.
-
-    >>> async with AsyncMemory("memory.db") as m:
-    ...     await m.add("I like green tea", user_id="ann")
-    """
-
-    def __init__(self, path: str | Path = "memstack.db", **kwargs: Any) -> None:
-        self.sync = Memory(path, **kwargs)
-
-    async def __aenter__(self) -> "AsyncMemory":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.sync, name)
-        if name.startswith("_") or not callable(method):
-            return method
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            result = await asyncio.to_thread(method, *args, **kwargs)
-            return list(result) if isinstance(result, Iterator) else result
-
-        call.__name__ = name
-        call.__doc__ = method.__doc__
-        return call
-
-
-def _login() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise InvalidInputError(f"{what} must be a non-empty string of at most 200 characters, "
-                                f"got {value!r}")
-    return value.strip()
-
-
-def _scope(user_id: Any, agent_id: Any, session_id: Any) -> dict[str, str | None]:
-    scope = {"user_id": user_id, "agent_id": agent_id, "session_id": session_id}
-    return {k: (_name(v, k) if v is not None else None) for k, v in scope.items()}
-
-
-def _metadata(metadata: Any) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
-        raise InvalidInputError("metadata must be a dict with string keys")
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from exc
-    return dict(metadata)
-
-
-def _limit(value: Any, what: str, *, maximum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
-        raise InvalidLimitError(f"{what} must be an integer from 1 to {maximum:,}, got {value!r}")
-    return value

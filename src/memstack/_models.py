@@ -166,7 +166,8 @@ class Extraction:
     """What the LLM memory manager did for one add(): operations, calls and their cost.
 
     `error` is set when extraction failed (the turns are stored all the same); `unread_messages`
-    counts messages that did not fit the prompt budget (the oldest of a very long add)."""
+    counts messages that did not fit the prompt budget (the oldest of a very long add);
+    `dropped_unsupported` counts candidate facts whose words the messages do not support."""
 
     operations: list[FactOp]
     llm_calls: int
@@ -176,6 +177,7 @@ class Extraction:
     repaired: bool = False
     error: str | None = None
     unread_messages: int = 0
+    dropped_unsupported: int = 0
 
     @property
     def ok(self) -> bool:

@@ -1,7 +1,11 @@
 """The `memstack` command: each command opens the store, calls one library method, prints.
 
 Tables for people by default, --json for machines. Errors map to exit codes in one place:
-2 invalid input, 3 not found, 4 store problem, 5 embedding problem, 1 any other memstack error.
+2 invalid input, 3 not found, 4 store problem, 5 embedding problem, 6 LLM problem (also: an
+add whose turns were stored but whose fact extraction failed), 1 any other memstack error.
+
+The LLM is configured by --llm-url / --llm-model / --llm-key or MEMSTACK_LLM_URL,
+MEMSTACK_LLM_MODEL, MEMSTACK_LLM_API_KEY (any OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from rich.table import Table
 
 from . import _errors as errors
 from ._memory import Memory
+from ._models import AddResult
+from .llm import OpenAIChat
+from .llm.client import first_model
 
 EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
     (errors.InvalidInputError, 2), (errors.NotFoundError, 3), (errors.StoreError, 4),
-    (errors.EmbeddingError, 5), (errors.MemstackError, 1),
+    (errors.EmbeddingError, 5), (errors.LLMError, 6), (errors.MemstackError, 1),
 ]
 console = Console()
 
@@ -44,16 +51,35 @@ class _Group(click.Group):
               type=click.Path(dir_okay=False), help="SQLite file (env MEMSTACK_DB).")
 @click.option("--cube", envvar="MEMSTACK_CUBE", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--llm-url", envvar="MEMSTACK_LLM_URL",
+              help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 (env "
+                   "MEMSTACK_LLM_URL). With it, add extracts facts and answer/chat work.")
+@click.option("--llm-model", envvar="MEMSTACK_LLM_MODEL",
+              help="Model id (env MEMSTACK_LLM_MODEL; default: the server's first model).")
+@click.option("--llm-key", envvar="MEMSTACK_LLM_API_KEY", help="API key (env MEMSTACK_LLM_API_KEY).")
+@click.option("--llm-timeout", envvar="MEMSTACK_LLM_TIMEOUT", default=120.0, show_default=True,
+              type=float, help="Seconds per LLM call.")
 @click.pass_context
-def cli(ctx: click.Context, db: str, cube: str, as_json: bool) -> None:
+def cli(ctx: click.Context, db: str, cube: str, as_json: bool, llm_url: str | None,
+        llm_model: str | None, llm_key: str | None, llm_timeout: float) -> None:
     """memstack: memory for LLM applications and agents."""
-    ctx.obj = {"db": db, "cube": cube, "json": as_json}
+    ctx.obj = {"db": db, "cube": cube, "json": as_json,
+               "llm": {"url": llm_url, "model": llm_model, "key": llm_key,
+                       "timeout": llm_timeout}}
 
 
 def _open(ctx: click.Context, db: str | None = None) -> Memory:
-    memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"])
+    memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=_llm(ctx.obj["llm"]))
     ctx.call_on_close(memory.close)
     return memory
+
+
+def _llm(options: dict[str, Any]) -> OpenAIChat | None:
+    if not options["url"]:
+        return None
+    model = options["model"] or first_model(options["url"], options["key"])
+    return OpenAIChat(base_url=options["url"], model=model, api_key=options["key"],
+                      timeout=options["timeout"])
 
 
 def _emit(ctx: click.Context, data: Any, table: Table | str | None = None) -> None:
@@ -100,13 +126,40 @@ def scoped(fn):
 @click.option("--at", "observed_at", help="When it was said (ISO 8601; default now).")
 @click.option("--kind", default="turn", show_default=True)
 @click.option("--metadata", help="JSON object.")
+@click.option("--infer/--no-infer", default=True, show_default=True,
+              help="Extract facts with the LLM (when one is configured).")
 @click.pass_context
-def add(ctx, text, user_id, agent_id, session_id, role, speaker, observed_at, kind, metadata):
+def add(ctx, text, user_id, agent_id, session_id, role, speaker, observed_at, kind, metadata,
+        infer):
     """Remember TEXT."""
     message = {"role": role, "content": text, **({"name": speaker} if speaker else {})}
     result = _open(ctx).add(message, user_id=user_id, agent_id=agent_id, session_id=session_id,
-                            observed_at=observed_at, kind=kind, metadata=_json_arg(metadata))
-    _emit(ctx, result.to_dict(), f"added {', '.join(result.ids)}")
+                            observed_at=observed_at, kind=kind, metadata=_json_arg(metadata),
+                            infer=infer)
+    _emit(ctx, result.to_dict(), f"added {', '.join(result.ids)}" + "".join(
+        f"\n{line}" for line in _fact_lines(result)))
+    _exit_if_extraction_failed(ctx, result)
+
+
+def _fact_lines(result: AddResult) -> list[str]:
+    """One line per fact operation, for people."""
+    marks = {"ADD": "[green]+ fact[/]", "UPDATE": "[yellow]~ updated[/]",
+             "DELETE": "[red]- retracted[/]", "NOOP": "[dim]= already known[/]"}
+    lines = []
+    for op in result.facts:
+        line = f"  {marks[op.event]} {op.text or op.previous_text}"
+        if op.event in ("UPDATE", "DELETE"):
+            line += f"  [dim](was: {op.previous_text}; {op.previous_id[:8]} superseded)[/]"
+        lines.append(line)
+    return lines
+
+
+def _exit_if_extraction_failed(ctx: click.Context, result: AddResult) -> None:
+    if result.extraction is not None and not result.extraction.ok:
+        Console(stderr=True).print(f"[bold red]fact extraction failed[/] (turns stored; retry "
+                                   f"with `memstack extract {' '.join(result.ids)}`): "
+                                   f"{result.extraction.error}")
+        ctx.exit(6)
 
 
 @cli.command()
@@ -189,8 +242,10 @@ def delete(ctx, memory_id, reason):
 @cli.command("import")
 @click.argument("file", type=click.File("rb"))
 @scoped
+@click.option("--infer/--no-infer", default=False, show_default=True,
+              help="Extract facts with the LLM from each session (slow for big files).")
 @click.pass_context
-def import_(ctx, file, user_id, agent_id, session_id):
+def import_(ctx, file, user_id, agent_id, session_id, infer):
     """Import FILE: a JSON list of messages, or a conversation file (docs/conversations.md)."""
     try:
         data = json.loads(file.read().decode("utf-8"))
@@ -198,10 +253,12 @@ def import_(ctx, file, user_id, agent_id, session_id):
         raise errors.InvalidInputError(f"{file.name} is not a UTF-8 JSON file: {exc}") from exc
     memory = _open(ctx)
     if isinstance(data, list):
-        result = memory.add(data, user_id=user_id, agent_id=agent_id, session_id=session_id)
+        result = memory.add(data, user_id=user_id, agent_id=agent_id, session_id=session_id,
+                            infer=infer)
         summary = {"turns": len(result.ids), "sessions": 1}
     else:
-        mapping = memory.import_conversation(data, user_id=user_id, agent_id=agent_id)
+        mapping = memory.import_conversation(data, user_id=user_id, agent_id=agent_id,
+                                             infer=infer)
         summary = {"turns": len(mapping), "sessions": len(data.get("sessions", []))}
     _emit(ctx, summary, f"imported {summary['turns']} turns in {summary['sessions']} sessions")
 
@@ -275,154 +332,91 @@ def demo(ctx, demo_db):
         click.echo(json.dumps({"db": path, "results": results}, default=str))
 
 
-@cli.group()
-def bench():
-    """Benchmarks: retrieval quality and speed. Each prints a table and writes JSON + markdown."""
-
-
-_bench_options = [
-    click.option("--out", type=click.Path(file_okay=False), default="bench-results",
-                 show_default=True, help="Folder for JSON, markdown and plots."),
-    click.option("--workdir", type=click.Path(file_okay=False),
-                 help="Where the benchmark databases go (default: a temporary folder)."),
-    click.option("--embed-cache", type=click.Path(file_okay=False),
-                 help="Reuse embeddings between runs (kept by text hash in this folder)."),
-    click.option("--context-vectors", is_flag=True, help="Embed context keys too."),
-]
-
-
-def bench_options(fn):
-    for option in reversed(_bench_options):
-        fn = option(fn)
-    return fn
-
-
-def _bench_embedder(embed_cache: str | None):
-    from .bench.cache import CachedEmbedder
-    from .embed import LocalEmbedder
-
-    return CachedEmbedder(LocalEmbedder(), embed_cache) if embed_cache else LocalEmbedder()
-
-
-def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, context_vectors,
-                   plot, top_k, notes):
-    from rich.progress import Progress
-
-    from .bench import report, retrieval
-
-    embedder = _bench_embedder(embed_cache)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"{dataset}: ingest and ask", total=None)
-        result = retrieval.run(conversations, dataset=dataset, embedder=embedder, top_k=top_k,
-                               workdir=workdir, memory_options={"context_vectors": context_vectors},
-                               progress=lambda d, t: bar.update(task, completed=d, total=t))
-    if embed_cache:
-        embedder.save()
-    data = {**result.to_dict(), **notes, "context_vectors": context_vectors, "top_k": top_k}
-    paths = report.save(data, Path(out), dataset, report.retrieval_markdown(data))
-    if plot:
-        paths.append(report.plot_recall(data, Path(out) / f"{dataset}-recall.png"))
-    if ctx.obj["json"]:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        console.print(report.retrieval_table(data))
-        lat = data["search_latency"]
-        console.print(f"ingest {data['turns']} turns in {data['ingest_seconds']} s; search p50 "
-                      f"{lat['p50_ms']} ms, p95 {lat['p95_ms']} ms; wrote "
-                      f"{', '.join(map(str, paths))}")
-
-
-@bench.command("locomo")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False),
-              default="../shared/data/locomo/locomo10.json", show_default=True)
-@click.option("--conversations", "limit", type=int, help="Only the first N conversations.")
-@click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
-@click.option("--top-k", default=50, show_default=True, type=int)
-@bench_options
+@cli.command()
+@click.argument("memory_ids", nargs=-1, required=True)
 @click.pass_context
-def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors):
-    """Retrieval on LoCoMo: turns only, each session's date as its turns' time."""
-    from .bench import datasets
-
-    converted = datasets.convert_locomo(data)
-    conversations = converted.conversations[:limit] if limit else converted.conversations
-    notes = {"evidence_ids_dropped": converted.dropped_evidence,
-             "evidence_ids_normalised": converted.malformed_evidence}
-    _run_retrieval(ctx, conversations, "locomo", out, workdir, embed_cache, context_vectors,
-                   plot, top_k, notes)
+def extract(ctx, memory_ids):
+    """Extract facts again from stored turns of one session (needs --llm-url)."""
+    extraction = _open(ctx).extract(list(memory_ids))
+    result = AddResult([], None, extraction)
+    _emit(ctx, extraction.to_dict(), "\n".join(_fact_lines(result)) or "no facts")
+    _exit_if_extraction_failed(ctx, result)
 
 
-@bench.command("conversations")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="A conversation file (docs/conversations.md).")
-@click.option("--plot", is_flag=True)
-@click.option("--top-k", default=50, show_default=True, type=int)
-@bench_options
+@cli.command()
+@click.argument("question")
+@scoped
+@click.option("--max-context-tokens", default=2000, show_default=True, type=int)
+@click.option("--as-of", help="Answer from the memory as it was at this time.")
 @click.pass_context
-def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, context_vectors):
-    """The same retrieval metrics on any dataset in the conversation format."""
-    from .bench import datasets
-
-    conversations = datasets.load_conversations(data)
-    _run_retrieval(ctx, conversations, Path(data).stem, out, workdir, embed_cache,
-                   context_vectors, plot, top_k, {})
-
-
-@bench.command("convert-locomo")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True)
-@click.option("--output", type=click.File("w"), required=True)
-def bench_convert_locomo(data, output):
-    """Write LoCoMo in the conversation format (turns and questions only)."""
-    from .bench import datasets
-
-    converted = datasets.convert_locomo(data)
-    json.dump(converted.conversations, output, ensure_ascii=False)
-    console.print(f"{len(converted.conversations)} conversations; "
-                  f"{converted.dropped_evidence} evidence ids dropped")
+def answer(ctx, question, user_id, agent_id, session_id, max_context_tokens, as_of):
+    """Answer QUESTION from memory with the LLM (needs --llm-url)."""
+    reply = _open(ctx).answer(question, user_id=user_id, agent_id=agent_id,
+                              session_id=session_id, max_context_tokens=max_context_tokens,
+                              as_of=as_of)
+    data = {k: v for k, v in reply.to_dict().items() if k != "hits"}
+    _emit(ctx, data, f"{reply.text}\n[dim]from {len(reply.memory_ids)} memories, "
+                     f"{reply.context_tokens} context tokens, {reply.seconds} s[/]")
 
 
-@bench.command("speed")
-@click.option("--items", type=int, multiple=True, default=[10_000], show_default=True,
-              help="Repeat for several sizes, e.g. --items 10000 --items 100000.")
-@click.option("--queries", "queries_count", default=300, show_default=True, type=int)
-@click.option("--reuse", is_flag=True,
-              help="Search a database of the same size left in --workdir by an earlier run "
-                   "instead of ingesting again (the ingest figures are the earlier run's).")
-@bench_options
+@cli.command()
+@click.option("--user", "user_id", required=True, help="Whose memory this is.")
+@click.option("--agent", "agent_id")
+@click.option("--session", "session_id", help="Session id (default: a new one).")
 @click.pass_context
-def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, context_vectors):
-    """Ingest rate, search latency (query embedding included), disk and memory at scale."""
-    from rich.progress import Progress
+def chat(ctx, user_id, agent_id, session_id):
+    """Talk with a model that remembers: each question is answered from memory, and each
+    exchange is stored (facts extracted, superseded, recalled). /facts lists current facts,
+    /history ID shows a memory's versions, /quit ends."""
+    import uuid
 
-    from .bench import speed
+    memory = _open(ctx)
+    if memory.llm is None:
+        raise errors.InvalidInputError("chat needs an LLM: pass --llm-url (or MEMSTACK_LLM_URL)")
+    session_id = session_id or f"chat-{uuid.uuid4().hex[:8]}"
+    console.print(f"[dim]memstack chat: user {user_id}, session {session_id}, model "
+                  f"{memory.llm.name}. /facts, /history ID, /quit[/]")
+    while True:
+        try:
+            line = console.input("[bold]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line:
+            _chat_turn(memory, line, user_id, agent_id, session_id)
 
-    embedder = _bench_embedder(embed_cache)
-    table = Table(title="memstack speed")
-    for name in ("items", "ingest items/s", "p50 ms", "p95 ms", "p99 ms", "disk MB", "peak RSS MB"):
-        table.add_column(name, justify="right")
-    results = []
-    for n in items:
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"ingest {n:,} items", total=n)
-            result = speed.run(n, embedder=embedder, workdir=workdir, queries_count=queries_count,
-                               memory_options={"context_vectors": context_vectors},
-                               progress=lambda d, t: bar.update(task, completed=d), reuse=reuse)
-        previous = Path(out) / f"speed-{n}.json"
-        if result["ingest_seconds"] is None and previous.exists():
-            earlier = json.loads(previous.read_text())
-            for key in ("ingest_seconds", "ingest_items_per_second"):
-                result[key] = earlier.get(key)
-            result["ingest_measured"] = earlier.get("ingest_measured", earlier["date"])
-        if embed_cache:
-            embedder.save()
-        result["embed_cache"] = bool(embed_cache)
-        speed.save(result, Path(out))
-        results.append(result)
-        lat = result["search_latency_ms"]
-        table.add_row(f"{n:,}", str(result["ingest_items_per_second"]), str(lat["p50"]),
-                      str(lat["p95"]), str(lat["p99"]), f"{result['disk_bytes'] / 1e6:.1f}",
-                      str(result["peak_rss_mb"]))
-    _emit(ctx, results, table)
+
+def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
+               session_id: str) -> None:
+    if line == "/facts":
+        for item in memory.get_all(user_id=user_id, agent_id=agent_id,
+                                   kinds=["fact", "procedure"]):
+            console.print(f"  {item.id[:8]} [dim]{item.valid_from:%Y-%m-%d}[/] {item.content}")
+        return
+    if line.startswith("/history "):
+        item_id = line.split(maxsplit=1)[1]
+        matches = [i.id for i in memory.get_all(user_id=user_id, include_inactive=True,
+                                                limit=100_000) if i.id.startswith(item_id)]
+        for v in memory.history(matches[0] if len(matches) == 1 else item_id):
+            console.print(f"  v{v.version} {v.status} {v.content} [dim]{v.reason}[/]")
+        return
+    try:
+        reply = memory.answer(line, user_id=user_id, agent_id=agent_id)
+        text = reply.text or "(no answer)"
+        console.print(f"[bold cyan]assistant>[/] {text} [dim]({len(reply.memory_ids)} "
+                      f"memories)[/]")
+    except errors.LLMError as exc:
+        text = None
+        console.print(f"[red]the LLM did not answer: {exc}[/]")
+    messages = [{"role": "user", "name": user_id, "content": line}]
+    if text:
+        messages.append({"role": "assistant", "content": text})
+    result = memory.add(messages, user_id=user_id, agent_id=agent_id, session_id=session_id)
+    for fact_line in _fact_lines(result):
+        console.print(fact_line)
+    if result.extraction is not None and not result.extraction.ok:
+        console.print(f"  [red]fact extraction failed (turns kept): {result.extraction.error}[/]")
 
 
 def _json_arg(text: str | None) -> Any:
@@ -436,6 +430,11 @@ def _json_arg(text: str | None) -> Any:
 
 def main() -> None:
     cli(prog_name="memstack")
+
+
+from .bench.cli import bench  # noqa: E402  (the bench commands use the helpers above)
+
+cli.add_command(bench)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,13 +9,16 @@ id, so a model cannot invent an id; numbers are mapped back here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, create_model
 
-PROMPT_VERSION = "extract-v1"
+from ..retrieve.query import WORD, STOPWORDS
+
+PROMPT_VERSION = "extract-v2"
 MAX_FACTS = 12
 FACT_CHARS = 300
 
@@ -106,6 +109,9 @@ Rules:
 - kind is "preference" for likes and dislikes, "procedure" for how to do something, else "fact".
 - sources lists the numbers of the new messages the fact comes from.
 - If nothing is worth remembering, return {"facts": []}.
+Example. NEW MESSAGES:
+[1] 2024-03-02 Sam: I got back from Lisbon yesterday, my sister lives there. I hate flying.
+Reply: {"facts": [{"text": "Sam returned from a trip to Lisbon on 1 March 2024.", "kind": "fact", "sources": [1]}, {"text": "Sam's sister lives in Lisbon.", "kind": "fact", "sources": [1]}, {"text": "Sam dislikes flying.", "kind": "preference", "sources": [1]}]}
 Reply with only a JSON object matching this schema:
 """
 
@@ -118,13 +124,22 @@ or preference). target is that memory's number; text is the memory as it should 
 car"). target is that memory's number.
 - NOOP: an existing memory already says the same. target is that memory's number.
 Give exactly one decision per new fact, with fact set to the new fact's number.
+Example. EXISTING MEMORIES:
+[1] Sam lives in Porto.
+[2] Sam likes jazz.
+NEW FACTS:
+[1] Sam moved to Madrid.
+[2] Sam likes jazz music.
+[3] Sam has a dog named Rex.
+Reply: {"decisions": [{"event": "UPDATE", "fact": 1, "target": 1, "text": "Sam lives in Madrid."}, {"event": "NOOP", "fact": 2, "target": 2}, {"event": "ADD", "fact": 3}]}
 Reply with only a JSON object matching this schema:
 """
 
 
 def propose_messages(new: list[Line], earlier: list[Line], schema: str, budget_chars: int
                      ) -> tuple[list[dict[str, str]], int]:
-    """The prompt of call 1 and how many of the oldest new messages did not fit the budget."""
+    """The prompt of call 1 and how many of the oldest new messages did not fit the budget.
+    `earlier` is context: the turns before these in the session, and the assistant's replies."""
     per_message = max(200, budget_chars // 2)
     rendered = [line.render(per_message) for line in new]
     kept, used = [], 0
@@ -138,8 +153,7 @@ def propose_messages(new: list[Line], earlier: list[Line], schema: str, budget_c
         context.pop(0)
     parts = []
     if context:
-        parts.append("EARLIER IN THIS CONVERSATION (context only; do not extract from it):\n"
-                     + "\n".join(context))
+        parts.append("CONTEXT (do not extract from it):\n" + "\n".join(context))
     parts.append("NEW MESSAGES:\n" + "\n".join(kept))
     return ([{"role": "system", "content": PROPOSE_SYSTEM + schema},
              {"role": "user", "content": "\n\n".join(parts)}], len(new) - len(kept))
@@ -148,16 +162,43 @@ def propose_messages(new: list[Line], earlier: list[Line], schema: str, budget_c
 def decide_messages(existing: list[tuple[str, datetime | None]], candidates: list[Candidate],
                     schema: str) -> list[dict[str, str]]:
     """The prompt of call 2: existing memories and new facts, numbered from 1."""
-    memories = "\n".join(f"[{n}] {text}" + (f" (since {when:%Y-%m-%d})" if when else "")
-                         for n, (text, when) in enumerate(existing, 1))
+    memories = "\n".join(f"[{n}] {text}" for n, (text, _) in enumerate(existing, 1))
     facts = "\n".join(f"[{n}] {c.text}" for n, c in enumerate(candidates, 1))
     return [{"role": "system", "content": DECIDE_SYSTEM + schema},
             {"role": "user", "content": f"EXISTING MEMORIES:\n{memories}\n\nNEW FACTS:\n{facts}"}]
 
 
+# the start of a prompt line ("[2] 2024-05-01 Ann: "), which small models copy into facts
+_LINE_ECHO = re.compile(r"^\s*(\[\d+\]\s*)?(\d{4}-\d{2}-\d{2}\s+)?((?:[^\s:]+\s){0,3}?[^\s:]+:\s+)?")
+
+
+def strip_echo(text: str) -> str:
+    """A fact without an echo of the prompt's line format in front of it: the number, and the
+    date with the speaker after it."""
+    match = _LINE_ECHO.match(text)
+    if not match or not (match.group(1) or match.group(2)):
+        return text
+    end = match.end() if match.group(2) else match.end(1)
+    return text[end:].strip() or text
+
+
 def useful(candidate: Candidate) -> bool:
     """A fact worth storing says something in words: at least two of them with letters."""
     return sum(any(ch.isalpha() for ch in word) for word in candidate.text.split()) >= 2
+
+
+def support(claim: str, evidence: str) -> float:
+    """The share of a claim's content words that the evidence contains (4-letter prefixes, so
+    "lives" matches "live"). A grounding check against hallucinated facts: small models in
+    particular append plausible details that nobody said."""
+    def words(text: str) -> list[str]:
+        return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2]
+
+    claimed = set(words(claim))
+    if not claimed:
+        return 1.0
+    seen = {w[:4] for w in words(evidence)}
+    return sum(w[:4] in seen for w in claimed) / len(claimed)
 
 
 def normalise_fact(text: str) -> str:

@@ -29,14 +29,32 @@ from ..llm.structured import ask, schema_of
 from ..store.sqlite import CubeRow, content_hash
 from .extract import (MAX_FACTS, PROMPT_VERSION, Candidate, Decision, Line, decide_messages,
                       decisions_model, normalise_fact, proposal_model, propose_messages,
-                      read_decisions, useful)
+                      read_decisions, strip_echo, support, useful)
 from .rules import Draft, item_keys
 
 if TYPE_CHECKING:
     from .._memory import Memory
 
 FACT_KINDS = ("fact", "procedure", "insight")
+CONTEXT_ROLES = ("assistant", "system", "tool")
 KIND_OF = {"fact": "fact", "preference": "fact", "procedure": "procedure"}
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the LLM memory manager reads and decides.
+
+    prompt_chars: characters of new messages one extraction prompt reads (the newest first);
+    neighbours: existing facts fetched per candidate; max_existing: existing facts shown to the
+    decision call; context_turns: earlier turns of the session shown as context; min_support:
+    the share of a fact's content words that must appear in what was said (0 turns the
+    grounding check off)."""
+
+    prompt_chars: int = 12_000
+    neighbours: int = 5
+    max_existing: int = 20
+    context_turns: int = 4
+    min_support: float = 0.3
 
 
 @dataclass
@@ -47,13 +65,14 @@ class _Run:
     completions: list[Completion] = field(default_factory=list)
     repaired: bool = False
     unread: int = 0
+    dropped: int = 0
 
     def result(self, operations: list[FactOp], error: str | None = None) -> Extraction:
         return Extraction(operations, len(self.completions),
                           sum(c.prompt_tokens for c in self.completions),
                           sum(c.completion_tokens for c in self.completions),
                           round(time.monotonic() - self.started, 3), self.repaired, error,
-                          self.unread)
+                          self.unread, self.dropped)
 
 
 @dataclass
@@ -70,11 +89,10 @@ class _Plan:
 class FactManager:
     """Extracts and maintains facts for a Memory through an LLM (see the module docstring)."""
 
-    def __init__(self, memory: "Memory", llm: ChatModel, *, prompt_chars: int = 12_000,
-                 neighbours: int = 5, max_existing: int = 20, context_turns: int = 4) -> None:
+    def __init__(self, memory: "Memory", llm: ChatModel,
+                 settings: ExtractionSettings | None = None) -> None:
         self.memory, self.llm = memory, llm
-        self.prompt_chars, self.neighbours = prompt_chars, neighbours
-        self.max_existing, self.context_turns = max_existing, context_turns
+        self.settings = settings or ExtractionSettings()
 
     @property
     def producer(self) -> str:
@@ -85,12 +103,12 @@ class FactManager:
         failure comes back in Extraction.error and is written to the audit log."""
         run = _Run()
         try:
-            candidates = self._propose(turns, run)
+            candidates, read = self._propose(turns, run)
             if not candidates:
                 return run.result([])
             scope = fact_scope(turns[0])
             existing = self._nearest(cube, scope, candidates)
-            plans = self._decide(candidates, existing, turns, run)
+            plans = self._decide(candidates, existing, read, run)
             return run.result(self._apply(cube, scope, plans, turns))
         except LLMError as exc:
             run.completions += exc.completions
@@ -102,33 +120,43 @@ class FactManager:
             return run.result([], error)
 
     # call 1 -----------------------------------------------------------------------------------
-    def _propose(self, turns: list[Item], run: _Run) -> list[Candidate]:
+    def _propose(self, turns: list[Item], run: _Run) -> tuple[list[Candidate], list[Item]]:
+        """Candidates from the people's messages (the assistant's replies are context, as in
+        mem0; an add of only assistant messages, agent memory, is read as it is)."""
+        readable = [t for t in turns if t.role not in CONTEXT_ROLES] or turns
+        context = sorted(self._earlier(turns[0]) + [t for t in turns if t not in readable],
+                         key=lambda t: t.metadata.get("turn_index", 0))
         new = [Line(n, t.observed_at, _speaker(t), t.content or "") for n, t in
-               enumerate(turns, 1)]
-        earlier = [Line(0, t.observed_at, _speaker(t), t.content or "")
-                   for t in self._earlier(turns[0])]
+               enumerate(readable, 1)]
+        earlier = [Line(0, t.observed_at, _speaker(t), t.content or "") for t in context]
         model = proposal_model(len(new))
         messages, run.unread = propose_messages(new, earlier, json.dumps(schema_of(model)),
-                                                self.prompt_chars)
+                                                self.settings.prompt_chars)
         reply = ask(self.llm, messages, model, max_tokens=80 * MAX_FACTS)
         run.completions += reply.completions
         run.repaired |= reply.repaired
+        evidence = _evidence(readable + context)
         seen, out = set(), []
         for fact in reply.value.facts:  # the same fact twice in one reply is one fact
+            fact = fact.model_copy(update={"text": strip_echo(fact.text)})
             key = normalise_fact(fact.text)
-            if key not in seen and useful(fact):
-                seen.add(key)
-                out.append(fact)
-        return out
+            if key in seen or not useful(fact):
+                continue
+            seen.add(key)
+            if support(fact.text, evidence) < self.settings.min_support:
+                run.dropped += 1
+                continue
+            out.append(fact)
+        return out, readable
 
     def _earlier(self, first: Item) -> list[Item]:
         """The turns just before this add in its session: context for pronouns and replies."""
-        if not first.parent_id or not self.context_turns:
+        if not first.parent_id or not self.settings.context_turns:
             return []
         rows = self.memory.store.select_items(
             "i.parent_id = ? AND i.kind = 'turn' AND i.status = 'active' AND "
             "i.rowid < (SELECT rowid FROM items WHERE id = ?)", (first.parent_id, first.id),
-            order="i.rowid DESC", limit=self.context_turns)
+            order="i.rowid DESC", limit=self.settings.context_turns)
         return [item for _, item in reversed(rows)]
 
     # existing facts and call 2 ----------------------------------------------------------------
@@ -138,11 +166,11 @@ class FactManager:
         best: dict[str, tuple[float, Item]] = {}
         for candidate in candidates:
             for rank, hit in enumerate(self.memory._find(
-                    candidate.text, cube=cube.name, kinds=FACT_KINDS, top_k=self.neighbours,
+                    candidate.text, cube=cube.name, kinds=FACT_KINDS, top_k=self.settings.neighbours,
                     **scope)):
                 score = best.get(hit.item.id, (1e9, hit.item))[0]
                 best[hit.item.id] = (min(score, rank), hit.item)
-        ordered = sorted(best.values(), key=lambda pair: pair[0])[:self.max_existing]
+        ordered = sorted(best.values(), key=lambda pair: pair[0])[:self.settings.max_existing]
         found = [self.memory.store.item_by_id(item.id) for _, item in ordered]
         return [row for row in found if row is not None]
 
@@ -165,7 +193,8 @@ class FactManager:
             run.repaired |= reply.repaired
             for d in read_decisions(reply.value):
                 n = open_[d.fact - 1]
-                plans.setdefault(n, _plan(d, candidates[n - 1], existing, ids))
+                plans.setdefault(n, _plan(d, candidates[n - 1], existing, ids,
+                                          self.settings.min_support))
         for n in open_:  # no decision (no existing facts, or the LLM skipped it): a new fact
             plans.setdefault(n, _Plan("ADD", candidates[n - 1], _sources(candidates[n - 1], ids),
                                       candidates[n - 1].text))
@@ -277,13 +306,22 @@ def _sources(candidate: Candidate, ids: list[str]) -> list[str]:
     return list(dict.fromkeys(cited)) or list(ids)
 
 
+def _evidence(turns: list[Item]) -> str:
+    """What was said, as a grounding check sees it: speakers, texts and resolved dates."""
+    return " ".join(f"{t.speaker or ''} {t.user_id or ''} {t.content or ''} " + " ".join(
+        d.get("label", "") for d in t.metadata.get("resolved_dates", [])) + (
+        f" {t.observed_at:%-d %B %Y}" if t.observed_at else "") for t in turns)
+
+
 def _plan(decision: Decision, candidate: Candidate, existing: list[tuple[int, Item]],
-          ids: list[str]) -> _Plan:
+          ids: list[str], min_support: float) -> _Plan:
     sources = _sources(candidate, ids)
     if decision.event == "ADD":
         return _Plan("ADD", candidate, sources, candidate.text)
     target = existing[decision.target - 1]
     text = (decision.text or candidate.text).strip() or candidate.text
+    if support(text, f"{candidate.text} {target[1].content}") < min_support:
+        text = candidate.text  # the rewrite says what neither fact said: keep the new fact's words
     if decision.event == "UPDATE" and normalise_fact(text) == normalise_fact(target[1].content
                                                                                  or ""):
         return _Plan("NOOP", candidate, sources, text, target)  # an "update" that changes nothing

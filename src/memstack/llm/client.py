@@ -55,7 +55,8 @@ class ChatModel(Protocol):
     name: str
 
     def complete(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None,
-                 max_tokens: int = 512, temperature: float = 0.0) -> Completion: ...
+                 max_tokens: int = 512, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> Completion: ...
 
 
 @dataclass
@@ -103,10 +104,13 @@ class OpenAIChat:
         self._http.close()
 
     def complete(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None,
-                 max_tokens: int = 512, temperature: float = 0.0) -> Completion:
+                 max_tokens: int = 512, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> Completion:
         """One completion, retried on transient failures; raises LLMError subclasses."""
         body: dict[str, Any] = {"model": self.model, "messages": messages,
                                 "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = stop
         while True:
             request = {**body, **self._response_format(schema)}
             try:
@@ -243,3 +247,15 @@ def _retry_after(value: str | None) -> float | None:
 def estimate_tokens(text: str) -> int:
     """Tokens of `text` without a tokenizer: about 4 characters per token for English (BPE)."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def first_model(base_url: str, api_key: str | None = None, timeout: float = 10.0) -> str:
+    """The first model a server lists at /models (llama.cpp and Ollama serve one or a few)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=timeout)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LLMUnavailableError(f"cannot list the models of {base_url} ({exc}); name one "
+                                  "with --llm-model") from exc

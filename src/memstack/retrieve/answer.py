@@ -12,10 +12,17 @@ from datetime import datetime
 from .._models import Hit
 from ..llm import estimate_tokens
 
-ANSWER_SYSTEM = """You answer questions about the user and their conversations using only the \
-MEMORIES below (dated conversation turns and facts). Answer in a few words or one short \
-sentence. Resolve relative dates using the memory dates. If the memories do not contain the \
-answer, reply "Not mentioned in memory." """
+# a reply that starts to echo the prompt's structure has finished answering
+STOP = ["\nQuestion:", "\n- ["]
+
+# One user message, instructions first and the question last: measured with SmolLM2-135M, a
+# system message with the memories made it echo the prompt; this form answered.
+ANSWER_PROMPT = """Today is {today}. Use these memories to answer the question. Answer in a few \
+words; if they do not say, answer "Not mentioned in memory."
+{memories}
+
+Question: {question}
+Short answer:"""
 
 
 def pack(hits: list[Hit], budget_tokens: int) -> tuple[list[Hit], str, int]:
@@ -47,6 +54,5 @@ def _when(hit: Hit) -> datetime | None:
 
 
 def messages(question: str, context: str, now: datetime) -> list[dict[str, str]]:
-    return [{"role": "system", "content": ANSWER_SYSTEM},
-            {"role": "user", "content": f"MEMORIES:\n{context or '(none)'}\n\n"
-                                        f"Today is {now:%-d %B %Y}.\nQUESTION: {question}"}]
+    return [{"role": "user", "content": ANSWER_PROMPT.format(
+        today=f"{now:%-d %B %Y}", memories=context or "(no memories)", question=question)}]

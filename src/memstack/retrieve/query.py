@@ -10,7 +10,7 @@ from .._errors import InvalidQueryError
 from .._time import query_time_range
 
 MAX_QUERY_CHARS = 4096
-_WORD = re.compile(r"\w+", re.UNICODE)
+WORD = re.compile(r"\w+", re.UNICODE)
 _POSSESSIVE = re.compile(r"(?<=\w)['’]s\b", re.UNICODE)
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below
@@ -49,7 +49,7 @@ def analyse(text: object, now: datetime) -> Query:
     if len(text) > MAX_QUERY_CHARS:
         raise InvalidQueryError(f"the query has {len(text)} characters; the limit is "
                                 f"{MAX_QUERY_CHARS}. Shorten it to the question itself.")
-    words = [w.lower() for w in _WORD.findall(_POSSESSIVE.sub("", text))]
+    words = [w.lower() for w in WORD.findall(_POSSESSIVE.sub("", text))]
     if not words:
         raise InvalidQueryError(f"the query {text!r} has no words to search for; "
                                 "ask in words, e.g. 'where does Ann live'")
