@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .._errors import InvalidInputError
 from ..cli import _emit, console
 
 
@@ -70,24 +71,97 @@ def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, conte
                       f"{', '.join(map(str, paths))}")
 
 
+_qa_options = [
+    click.option("--qa", is_flag=True,
+                 help="Question answering with an LLM (token F1 and an LLM judge) instead of "
+                      "retrieval metrics."),
+    click.option("--answer-url", help="Endpoint that extracts and answers (default --llm-url)."),
+    click.option("--answer-model", help="Its model (default --llm-model, or its first model)."),
+    click.option("--judge-url", help="Endpoint of the judge (default: the answering one)."),
+    click.option("--judge-model", help="The judge's model."),
+    click.option("--judge/--no-judge", "use_judge", default=True, show_default=True),
+    click.option("--extract/--no-extract", default=True, show_default=True,
+                 help="Extract facts at ingest (LLM calls per add are reported)."),
+    click.option("--per-category", type=int,
+                 help="Only the first N questions of each category per conversation."),
+    click.option("--max-context-tokens", default=2000, show_default=True, type=int),
+]
+
+
+def qa_options(fn):
+    for option in reversed(_qa_options):
+        fn = option(fn)
+    return fn
+
+
 @bench.command("locomo")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               default="../shared/data/locomo/locomo10.json", show_default=True)
 @click.option("--conversations", "limit", type=int, help="Only the first N conversations.")
 @click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
-@click.option("--top-k", default=50, show_default=True, type=int)
+@click.option("--top-k", type=int, help="Hits retrieved per question (default 50; 30 for --qa).")
 @bench_options
+@qa_options
 @click.pass_context
-def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors):
-    """Retrieval on LoCoMo: turns only, each session's date as its turns' time."""
+def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors, qa,
+                 answer_url, answer_model, judge_url, judge_model, use_judge, extract,
+                 per_category, max_context_tokens):
+    """Retrieval (or with --qa, answers) on LoCoMo: turns only, each session's date as its
+    turns' time."""
     from . import datasets
 
     converted = datasets.convert_locomo(data)
     conversations = converted.conversations[:limit] if limit else converted.conversations
+    if qa:
+        _run_qa(ctx, conversations, out, workdir, embed_cache, top_k or 30, extract,
+                per_category, max_context_tokens,
+                (answer_url, answer_model), (judge_url, judge_model) if use_judge else None)
+        return
     notes = {"evidence_ids_dropped": converted.dropped_evidence,
              "evidence_ids_normalised": converted.malformed_evidence}
     _run_retrieval(ctx, conversations, "locomo", out, workdir, embed_cache, context_vectors,
-                   plot, top_k, notes)
+                   plot, top_k or 50, notes)
+
+
+def _endpoint(ctx, url: str | None, model: str | None):
+    from ..cli import _llm
+
+    options = {**ctx.obj["llm"], **({"url": url} if url else {}),
+               **({"model": model} if model else {})}
+    if not options["url"]:
+        raise InvalidInputError("--qa needs an LLM endpoint: --llm-url (or --answer-url)")
+    return _llm(options)
+
+
+def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_category,
+            max_context_tokens, answering, judging):
+    from rich.progress import Progress
+
+    from . import qa, report
+
+    answer_llm = _endpoint(ctx, *answering)
+    judge_llm = None
+    if judging is not None:
+        url, model = judging
+        judge_llm = _endpoint(ctx, url, model) if url or model else answer_llm
+    embedder = _bench_embedder(embed_cache)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("locomo QA: ingest, answer, judge", total=None)
+        data = qa.run(conversations, answer_llm=answer_llm, judge_llm=judge_llm,
+                      embedder=embedder, extract=extract, top_k=top_k,
+                      max_context_tokens=max_context_tokens, per_category=per_category,
+                      workdir=workdir, progress=lambda d, t: bar.update(task, completed=d,
+                                                                         total=t))
+    if embed_cache:
+        embedder.save()
+    data["llm_usage"] = {"answer": answer_llm.usage.to_dict(),
+                         "judge": judge_llm.usage.to_dict() if judge_llm else None}
+    paths = report.save(data, Path(out), "locomo-qa", report.qa_markdown(data))
+    if ctx.obj["json"]:
+        click.echo(json.dumps({k: v for k, v in data.items() if k != "answers"}, indent=2))
+    else:
+        console.print(report.qa_table(data))
+        console.print(f"{report.qa_ingest_line(data)} Wrote {', '.join(map(str, paths))}")
 
 
 @bench.command("conversations")

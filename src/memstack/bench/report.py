@@ -43,6 +43,53 @@ def retrieval_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+QA_COLUMNS = (("n", "count", "{:d}"), ("token F1", "f1", "{:.3f}"), ("judge", "judge", "{:.3f}"),
+              ("judge false +", "judge_false_positive", "{:.3f}"),
+              ("context tokens", "context_tokens", "{:.0f}"),
+              ("prompt tokens", "prompt_tokens", "{:.0f}"),
+              ("answer p50 ms", "answer_p50_ms", "{:.0f}"),
+              ("answer p95 ms", "answer_p95_ms", "{:.0f}"), ("judge p50 ms", "judge_p50_ms",
+                                                           "{:.0f}"))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def qa_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"locomo QA: {result['questions']} questions, answered by "
+                        f"{result['answer_llm']}, judged by {result['judge_llm'] or 'nobody'}")
+    table.add_column("category", no_wrap=True)
+    for title, _, _ in QA_COLUMNS:
+        table.add_column(title, justify="right")
+    for name, row in result["metrics"].items():
+        table.add_row(name, *[_cell(row[key], fmt) for _, key, fmt in QA_COLUMNS])
+    return table
+
+
+def qa_ingest_line(result: dict[str, Any]) -> str:
+    ing = result["ingest"]
+    extraction = (f"{ing['llm_calls_per_add']} LLM calls per add (max "
+                  f"{ing['llm_calls_per_add_max']}), {ing['failed_extractions']} failed "
+                  f"extractions, operations {ing['operations']}, "
+                  f"{ing['dropped_unsupported']} unsupported facts dropped"
+                  if result["extract"] else "no fact extraction")
+    return (f"Ingest: {ing['turns']} turns in {ing['adds']} adds, {ing['seconds']} s; "
+            f"{extraction}.")
+
+
+def qa_markdown(result: dict[str, Any]) -> str:
+    lines = ["| category | " + " | ".join(t for t, _, _ in QA_COLUMNS) + " |",
+             "|---|" + "---:|" * len(QA_COLUMNS)]
+    for name, row in result["metrics"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[key], fmt)
+                                                  for _, key, fmt in QA_COLUMNS) + " |")
+    lines += ["", qa_ingest_line(result),
+              f"Answering: {result['answer_llm']}; judge: {result['judge_llm']}; top_k "
+              f"{result['top_k']}, context budget {result['max_context_tokens']} tokens."]
+    return "\n".join(lines) + "\n"
+
+
 def save(result: dict[str, Any], out: Path, stem: str, markdown: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
