@@ -281,3 +281,45 @@ def test_answer_without_an_llm_is_a_clear_error(db_path, embedder):
             memory.answer("anything?")
         with pytest.raises(InvalidInputError, match="needs an LLM"):
             memory.extract(["x"])
+
+
+def test_deleting_a_turn_deletes_the_facts_derived_from_it(mem, fake):
+    fake.script(facts("Ann lives in Paris."))
+    paris = say(mem, "I live in Paris.", "2024-05-01")
+    fake.script(facts("Ann moved to Berlin."), decisions(update(1, 1, "Ann lives in Berlin.")))
+    berlin = say(mem, "I moved to Berlin.", "2024-09-01", session="s2")
+    assert mem.delete(paris.ids[0]) == 2  # the turn and the (superseded) Paris fact
+    with pytest.raises(Exception):
+        mem.get(paris.facts[0].id)
+    assert current_facts(mem) == ["Ann lives in Berlin."]
+    assert mem.delete_all(session_id="s2", user_id="ann") >= 3  # session, turn, Berlin fact
+    assert current_facts(mem) == []
+    assert not mem.search("Berlin Paris", kinds=["fact"], as_of="2024-10-01", **ANN)
+    raw = b"".join(p.read_bytes() for p in mem.path.parent.glob("memory.db*") if p.is_file())
+    assert b"Ann lives in" not in raw
+
+
+def test_delete_without_cascade_keeps_derived_facts(mem, fake):
+    fake.script(facts("Ann lives in Paris."))
+    result = say(mem, "I live in Paris.", "2024-05-01")
+    assert mem.delete(result.ids[0], cascade=False) == 1
+    fact = mem.get(result.facts[0].id)
+    assert fact.source_ids == result.ids  # provenance still names the deleted turn
+
+
+async def _async_round(mem_path, embedder, url):
+    from memstack import AsyncMemory
+
+    llm = OpenAIChat(base_url=url, model="fake", backoff=0.01)
+    async with AsyncMemory(mem_path, embedder=embedder, llm=llm) as memory:
+        result = await memory.add("I live in Paris.", user_id="ann")
+        answer = await memory.answer("Where does Ann live?", user_id="ann")
+        return result, answer
+
+
+def test_async_memory_extracts_and_answers(db_path, embedder, fake):
+    import asyncio
+
+    fake.script(facts("Ann lives in Paris."), Reply("Paris"))
+    result, answer = asyncio.run(_async_round(db_path, embedder, fake.url))
+    assert result.facts[0].event == "ADD" and answer.text == "Paris"

@@ -445,18 +445,22 @@ class Memory:
                           removed=removed + gone)
         return updated
 
-    def delete(self, memory_id: str, *, reason: str = "delete") -> None:
+    def delete(self, memory_id: str, *, reason: str = "delete", cascade: bool = True) -> int:
         """Delete an item: a tombstone stays; its text leaves the database, indexes and history.
 
-        Deleting a session item deletes its turns too.
+        Deleting a session item deletes its turns too. With `cascade` (the default), facts
+        derived from a deleted item (it is in their source_ids) are deleted as well, since they
+        carry what it said. Returns the number of items deleted.
         """
         rowid, item = self._live(memory_id)
-        self._purge(self._cube(item.cube, check_model=False), [memory_id], reason, "delete")
+        return self._purge(self._cube(item.cube, check_model=False), [memory_id], reason,
+                           "delete", cascade)
 
     def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
                    session_id: str | None = None, run_id: str | None = None,
-                   cube: str | None = None) -> int:
-        """Delete every item of a scope; at least one of user_id, agent_id, session_id is needed."""
+                   cube: str | None = None, cascade: bool = True) -> int:
+        """Delete every item of a scope; at least one of user_id, agent_id, session_id is needed.
+        With `cascade`, facts derived from those items go too (see delete())."""
         scope = _scope(user_id, agent_id, session_id or run_id)
         if not any(scope.values()):
             raise InvalidInputError("delete_all needs user_id, agent_id or session_id; "
@@ -464,33 +468,20 @@ class Memory:
         cube_row = self._cube(cube, check_model=False)
         where, params = self._where([cube_row], scope, None, None, None, None, None)
         ids = [item.id for _, item in self.store.select_items(where, params)]
-        return self._purge(cube_row, ids, "delete_all", "delete_all") if ids else 0
+        return self._purge(cube_row, ids, "delete_all", "delete_all", cascade) if ids else 0
 
-    def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str) -> int:
-        ids, done = list(ids), set()
+    def _purge(self, cube: CubeRow, ids: list[str], reason: str, action: str,
+               cascade: bool = True) -> int:
         neighbours: dict[str, set[int]] = {}
+        removed: list[int] = []
+        purged: list[str] = []
+        added: list[tuple[np.ndarray, np.ndarray]] = []
         with self.store.transaction():
-            removed, purged, added = [], [], []
-            for item_id in ids:
-                found = self.store.item_by_id(item_id)
-                if found is None or found[1].status == "deleted" or item_id in done:
-                    continue
-                rowid, item = found
-                if item.kind == "session":
-                    ids.extend(i.id for _, i in self.store.select_items(
-                        "i.parent_id = ? AND i.status != 'deleted'", (item.id,)))
-                elif item.kind == "turn" and item.parent_id:
-                    neighbours.setdefault(item.parent_id, set()).update(
-                        self._neighbours(item.parent_id, rowid))
-                removed += self.store.delete_keys(rowid)
-                self.store.purge_versions(rowid)
-                self.store.update_item(rowid, {"content": None, "content_hash": None,
-                                               "metadata": {}, "tags": [], "status": "deleted",
-                                               "updated_at": utcnow(), "version": item.version + 1})
-                tomb = self.store.items_by_rowid([rowid])[rowid]
-                self.store.add_version(rowid, tomb, reason, self.actor)
-                purged.append(item_id)
-                done.add(item_id)
+            pending = list(ids)
+            while pending:  # rounds: the items, then facts derived from them, and so on
+                start = len(purged)
+                self._tombstone_all(pending, purged, removed, neighbours, reason)
+                pending = self.store.derived_from(cube.id, purged[start:]) if cascade else []
             for session_item_id, rowids in neighbours.items():  # their context keys held the text
                 gone, context = self._refresh_context(session_item_id, rowids)
                 removed += gone
@@ -503,6 +494,31 @@ class Memory:
         self._after_write(cube, generation, removed=removed, added=added, save=True)
         self.store.checkpoint()
         return len(purged)
+
+    def _tombstone_all(self, ids: list[str], purged: list[str], removed: list[int],
+                       neighbours: dict[str, set[int]], reason: str) -> None:
+        """Purge the text of items (and of a session's turns), inside the caller's transaction."""
+        done = set(purged)
+        for item_id in ids:  # grows while it runs: a session's turns join it
+            found = self.store.item_by_id(item_id)
+            if found is None or found[1].status == "deleted" or item_id in done:
+                continue
+            rowid, item = found
+            if item.kind == "session":
+                ids.extend(i.id for _, i in self.store.select_items(
+                    "i.parent_id = ? AND i.status != 'deleted'", (item.id,)))
+            elif item.kind == "turn" and item.parent_id:
+                neighbours.setdefault(item.parent_id, set()).update(
+                    self._neighbours(item.parent_id, rowid))
+            removed += self.store.delete_keys(rowid)
+            self.store.purge_versions(rowid)
+            self.store.update_item(rowid, {"content": None, "content_hash": None,
+                                           "metadata": {}, "tags": [], "status": "deleted",
+                                           "updated_at": utcnow(), "version": item.version + 1})
+            tomb = self.store.items_by_rowid([rowid])[rowid]
+            self.store.add_version(rowid, tomb, reason, self.actor)
+            purged.append(item_id)
+            done.add(item_id)
 
     def reset(self) -> None:
         """Delete every item of every cube (the audit log keeps its record of what happened)."""

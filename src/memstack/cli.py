@@ -232,11 +232,14 @@ def update(ctx, memory_id, text, reason):
 @cli.command()
 @click.argument("memory_id")
 @click.option("--reason", default="delete", show_default=True)
+@click.option("--cascade/--no-cascade", default=True, show_default=True,
+              help="Also delete facts derived from it.")
 @click.pass_context
-def delete(ctx, memory_id, reason):
+def delete(ctx, memory_id, reason, cascade):
     """Delete a memory (its text is purged; a tombstone remains)."""
-    _open(ctx).delete(memory_id, reason=reason)
-    _emit(ctx, {"deleted": memory_id}, f"deleted {memory_id}")
+    count = _open(ctx).delete(memory_id, reason=reason, cascade=cascade)
+    _emit(ctx, {"deleted": memory_id, "items_deleted": count},
+          f"deleted {memory_id} ({count} item{'s' if count != 1 else ''} with what it covered)")
 
 
 @cli.command("import")

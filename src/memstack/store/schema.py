@@ -86,10 +86,13 @@ CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
-# v2: a version records what superseded the item and which source items (turns) caused the change
+# v2: a version records what superseded the item and which source items (turns) caused the
+# change; an index finds derived items
 _V2 = """
 ALTER TABLE versions ADD COLUMN superseded_by TEXT;
 ALTER TABLE versions ADD COLUMN source_ids TEXT NOT NULL DEFAULT '[]';
+-- derived items (facts with provenance), for deleting what was derived from a deleted item
+CREATE INDEX items_derived ON items (cube_id) WHERE source_ids != '[]';
 """
 
 # MIGRATIONS[n] takes a database at version n to version n + 1.

@@ -227,6 +227,17 @@ class SQLiteStore:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
 
+    def derived_from(self, cube_id: int, item_ids: Sequence[str]) -> list[str]:
+        """Ids of the live items of a cube whose source_ids name any of `item_ids`."""
+        if not item_ids:
+            return []
+        wanted = json.dumps(list(item_ids))
+        rows = self.conn.execute(
+            "SELECT i.id FROM items i WHERE i.cube_id = ? AND i.source_ids != '[]' AND "
+            "i.status != 'deleted' AND EXISTS (SELECT 1 FROM json_each(i.source_ids) s "
+            "WHERE s.value IN (SELECT value FROM json_each(?)))", (cube_id, wanted))
+        return [r[0] for r in rows]
+
     def touch(self, item_ids: Sequence[str]) -> None:
         """Record use (access statistics feed the tier scheduler)."""
         if not item_ids:
