@@ -9,7 +9,8 @@ import pytest
 
 from fake_llm import Fault, Hang, Raw, Reply, ScriptedLLM, add, decisions, delete, facts, noop, \
     update
-from memstack import ExtractionSettings, InvalidInputError, Memory, OpenAIChat
+from memstack import (ExtractionSettings, InvalidInputError, ItemNotFoundError, Memory,
+                      OpenAIChat)
 
 ANN = {"user_id": "ann"}
 
@@ -74,7 +75,8 @@ def test_update_supersedes_and_as_of_sees_the_past(mem, fake):
     now = mem.search("where does Ann live", kinds=["fact"], **ANN)
     assert [h.item.content for h in now] == ["Ann lives in Berlin."]
     decide_prompt = fake.requests[-1]["messages"][1]["content"]
-    assert "[1] Ann lives in Paris." in decide_prompt and "[1] Ann moved to Berlin." in decide_prompt
+    assert "[1] Ann lives in Paris." in decide_prompt
+    assert "[1] Ann moved to Berlin." in decide_prompt
 
 
 def test_delete_supersedes_with_the_turn_that_retracted_it(mem, fake):
@@ -288,8 +290,9 @@ def test_deleting_a_turn_deletes_the_facts_derived_from_it(mem, fake):
     paris = say(mem, "I live in Paris.", "2024-05-01")
     fake.script(facts("Ann moved to Berlin."), decisions(update(1, 1, "Ann lives in Berlin.")))
     berlin = say(mem, "I moved to Berlin.", "2024-09-01", session="s2")
+    assert berlin.facts[0].event == "UPDATE"
     assert mem.delete(paris.ids[0]) == 2  # the turn and the (superseded) Paris fact
-    with pytest.raises(Exception):
+    with pytest.raises(ItemNotFoundError):
         mem.get(paris.facts[0].id)
     assert current_facts(mem) == ["Ann lives in Berlin."]
     assert mem.delete_all(session_id="s2", user_id="ann") >= 3  # session, turn, Berlin fact

@@ -647,10 +647,10 @@ class Memory:
         qvec = self.embedder.embed([query_obj.text])[0]
         indexes = [self._index(c) for c in cube_rows]
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
+        others = self.store.cube_count() > len(cube_rows)
         return _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
                               scope=scope_match([c.id for c in cube_rows], scope,
-                                                other_cubes=self.store.cube_count() > len(cube_rows)),
-                              narrow=narrow)
+                                                other_cubes=others), narrow=narrow)
 
     def answer(self, question: str, *, user_id: str | None = None,
                agent_id: str | None = None, session_id: str | None = None,

@@ -56,7 +56,8 @@ class _Group(click.Group):
                    "MEMSTACK_LLM_URL). With it, add extracts facts and answer/chat work.")
 @click.option("--llm-model", envvar="MEMSTACK_LLM_MODEL",
               help="Model id (env MEMSTACK_LLM_MODEL; default: the server's first model).")
-@click.option("--llm-key", envvar="MEMSTACK_LLM_API_KEY", help="API key (env MEMSTACK_LLM_API_KEY).")
+@click.option("--llm-key", envvar="MEMSTACK_LLM_API_KEY",
+              help="API key (env MEMSTACK_LLM_API_KEY).")
 @click.option("--llm-timeout", envvar="MEMSTACK_LLM_TIMEOUT", default=120.0, show_default=True,
               type=float, help="Seconds per LLM call.")
 @click.pass_context

@@ -111,7 +111,9 @@ Rules:
 - If nothing is worth remembering, return {"facts": []}.
 Example. NEW MESSAGES:
 [1] 2024-03-02 Sam: I got back from Lisbon yesterday, my sister lives there. I hate flying.
-Reply: {"facts": [{"text": "Sam returned from a trip to Lisbon on 1 March 2024.", "kind": "fact", "sources": [1]}, {"text": "Sam's sister lives in Lisbon.", "kind": "fact", "sources": [1]}, {"text": "Sam dislikes flying.", "kind": "preference", "sources": [1]}]}
+Reply: {"facts": [{"text": "Sam returned from a trip to Lisbon on 1 March 2024.", "kind": \
+"fact", "sources": [1]}, {"text": "Sam's sister lives in Lisbon.", "kind": "fact", "sources": \
+[1]}, {"text": "Sam dislikes flying.", "kind": "preference", "sources": [1]}]}
 Reply with only a JSON object matching this schema:
 """
 
@@ -131,7 +133,8 @@ NEW FACTS:
 [1] Sam moved to Madrid.
 [2] Sam likes jazz music.
 [3] Sam has a dog named Rex.
-Reply: {"decisions": [{"event": "UPDATE", "fact": 1, "target": 1, "text": "Sam lives in Madrid."}, {"event": "NOOP", "fact": 2, "target": 2}, {"event": "ADD", "fact": 3}]}
+Reply: {"decisions": [{"event": "UPDATE", "fact": 1, "target": 1, "text": "Sam lives in \
+Madrid."}, {"event": "NOOP", "fact": 2, "target": 2}, {"event": "ADD", "fact": 3}]}
 Reply with only a JSON object matching this schema:
 """
 
@@ -169,7 +172,8 @@ def decide_messages(existing: list[tuple[str, datetime | None]], candidates: lis
 
 
 # the start of a prompt line ("[2] 2024-05-01 Ann: "), which small models copy into facts
-_LINE_ECHO = re.compile(r"^\s*(\[\d+\]\s*)?(\d{4}-\d{2}-\d{2}\s+)?((?:[^\s:]+\s){0,3}?[^\s:]+:\s+)?")
+_LINE_ECHO = re.compile(r"^\s*(\[\d+\]\s*)?(\d{4}-\d{2}-\d{2}\s+)?"
+                        r"((?:[^\s:]+\s){0,3}?[^\s:]+:\s+)?")
 
 
 def strip_echo(text: str) -> str:

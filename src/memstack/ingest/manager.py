@@ -124,7 +124,8 @@ class FactManager:
         """Candidates from the people's messages (the assistant's replies are context, as in
         mem0; an add of only assistant messages, agent memory, is read as it is)."""
         readable = [t for t in turns if t.role not in CONTEXT_ROLES] or turns
-        context = sorted(self._earlier(turns[0]) + [t for t in turns if t not in readable],
+        before = self._earlier(turns[0])
+        context = sorted(before + [t for t in turns if t not in readable],
                          key=lambda t: t.metadata.get("turn_index", 0))
         new = [Line(n, t.observed_at, _speaker(t), t.content or "") for n, t in
                enumerate(readable, 1)]
@@ -135,7 +136,8 @@ class FactManager:
         reply = ask(self.llm, messages, model, max_tokens=80 * MAX_FACTS)
         run.completions += reply.completions
         run.repaired |= reply.repaired
-        evidence = _evidence(readable + context)
+        # grounded in what the people said now or earlier, not in this add's assistant replies
+        evidence = _evidence(readable + before)
         seen, out = set(), []
         for fact in reply.value.facts:  # the same fact twice in one reply is one fact
             fact = fact.model_copy(update={"text": strip_echo(fact.text)})
@@ -165,9 +167,9 @@ class FactManager:
         """The existing active facts nearest to any candidate, best first, at most max_existing."""
         best: dict[str, tuple[float, Item]] = {}
         for candidate in candidates:
-            for rank, hit in enumerate(self.memory._find(
-                    candidate.text, cube=cube.name, kinds=FACT_KINDS, top_k=self.settings.neighbours,
-                    **scope)):
+            hits = self.memory._find(candidate.text, cube=cube.name, kinds=FACT_KINDS,
+                                     top_k=self.settings.neighbours, **scope)
+            for rank, hit in enumerate(hits):
                 score = best.get(hit.item.id, (1e9, hit.item))[0]
                 best[hit.item.id] = (min(score, rank), hit.item)
         ordered = sorted(best.values(), key=lambda pair: pair[0])[:self.settings.max_existing]
@@ -180,8 +182,9 @@ class FactManager:
         by_text = {normalise_fact(item.content or ""): (rowid, item) for rowid, item in existing}
         plans: dict[int, _Plan] = {}
         for n, c in enumerate(candidates, 1):  # a word-for-word repeat needs no LLM to decide
-            if normalise_fact(c.text) in by_text:
-                plans[n] = _Plan("NOOP", c, _sources(c, ids), c.text, by_text[normalise_fact(c.text)])
+            same = by_text.get(normalise_fact(c.text))
+            if same is not None:
+                plans[n] = _Plan("NOOP", c, _sources(c, ids), c.text, same)
         open_ = [n for n in range(1, len(candidates) + 1) if n not in plans]
         if open_ and existing:
             shown = [candidates[n - 1] for n in open_]
