@@ -154,8 +154,11 @@ def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_c
                                                                          total=t))
     if embed_cache:
         embedder.save()
-    data["llm_usage"] = {"answer": answer_llm.usage.to_dict(),
-                         "judge": judge_llm.usage.to_dict() if judge_llm else None}
+    if judge_llm is answer_llm:  # one client did both: one set of totals
+        data["llm_usage"] = {"extract_answer_and_judge": answer_llm.usage.to_dict()}
+    else:
+        data["llm_usage"] = {"extract_and_answer": answer_llm.usage.to_dict(),
+                             "judge": judge_llm.usage.to_dict() if judge_llm else None}
     paths = report.save(data, Path(out), "locomo-qa", report.qa_markdown(data))
     if ctx.obj["json"]:
         click.echo(json.dumps({k: v for k, v in data.items() if k != "answers"}, indent=2))
