@@ -48,6 +48,7 @@ def test_a_version_1_database_is_migrated(db_path, embedder):
     conn = _driver().connect(str(db_path), isolation_level=None)
     conn.execute("ALTER TABLE versions DROP COLUMN superseded_by")  # back to schema 1
     conn.execute("ALTER TABLE versions DROP COLUMN source_ids")
+    conn.execute("DROP INDEX items_derived")
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     with Memory(db_path, embedder=embedder) as mem:
