@@ -141,6 +141,12 @@ class Memory:
     def _after_write(self, cube: CubeRow, generation: int, added: Sequence[tuple[np.ndarray,
                      np.ndarray]] = (), removed: Iterable[int] = (), save: bool = False) -> None:
         """Apply a committed write to the in-memory vector index (the store already has it)."""
+        with self.store.lock:
+            self._apply_to_index(cube, generation, added, removed, save)
+
+    def _apply_to_index(self, cube: CubeRow, generation: int,
+                        added: Sequence[tuple[np.ndarray, np.ndarray]], removed: Iterable[int],
+                        save: bool) -> None:
         index = self._indexes.get(cube.id)
         if index is None:
             return  # opened lazily later, from the store
@@ -644,13 +650,14 @@ class Memory:
             kinds = [k for k in KINDS if k != "session"]
         scope = _scope(user_id, agent_id, session_id)
         where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t)
-        qvec = self.embedder.embed([query_obj.text])[0]
-        indexes = [self._index(c) for c in cube_rows]
+        qvec = self.embedder.embed([query_obj.text])[0]  # outside the lock: the slow part
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
-        others = self.store.cube_count() > len(cube_rows)
-        return _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
-                              scope=scope_match([c.id for c in cube_rows], scope,
-                                                other_cubes=others), narrow=narrow)
+        with self.store.lock:  # one connection and index, shared by threads (the server)
+            indexes = [self._index(c) for c in cube_rows]
+            others = self.store.cube_count() > len(cube_rows)
+            return _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
+                                  scope=scope_match([c.id for c in cube_rows], scope,
+                                                    other_cubes=others), narrow=narrow)
 
     def answer(self, question: str, *, user_id: str | None = None,
                agent_id: str | None = None, session_id: str | None = None,

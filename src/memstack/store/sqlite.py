@@ -65,16 +65,57 @@ class CubeRow:
     generation: int
 
 
+class Rows:
+    """The rows of one statement, read while the connection was held, and its lastrowid."""
+
+    def __init__(self, rows: list[Any], lastrowid: int | None) -> None:
+        self._rows, self.lastrowid = rows, lastrowid
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+
+class LockedConnection:
+    """One SQLite connection shared by threads (the server's workers): every statement runs
+    under the store's re-entrant lock and is read to the end before the lock is released. A
+    transaction holds the same lock from BEGIN to COMMIT, so no thread ever reads another's
+    uncommitted writes through the shared connection."""
+
+    def __init__(self, conn: Any, lock: threading.RLock) -> None:
+        self._conn, self._lock = conn, lock
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Rows:
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+            return Rows(cursor.fetchall(), cursor.lastrowid)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._lock:
+            self._conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
 class SQLiteStore:
-    """The source of truth. Thread-safe: one connection guarded by a re-entrant lock."""
+    """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
+    (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.db = _driver()
         self.lock = threading.RLock()
         try:
-            self.conn = self.db.connect(str(self.path), isolation_level=None,
-                                        check_same_thread=False, timeout=30.0)
+            self.conn = LockedConnection(self.db.connect(str(self.path), isolation_level=None,
+                                                         check_same_thread=False, timeout=30.0),
+                                         self.lock)
             self._configure()
             self._migrate()
         except self.db.DatabaseError as exc:
