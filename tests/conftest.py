@@ -71,3 +71,50 @@ def llama_server():
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+class RunningServer:
+    """memstack's full ASGI app (REST, /mcp, /ui) under uvicorn in a thread, on a free port."""
+
+    def __init__(self, memory, **options) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from memstack.server.run import build
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.memory = memory
+        config = uvicorn.Config(build(memory, **options), host="127.0.0.1", port=self.port,
+                                log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    def key(self, user, role=None, cubes=None) -> str:
+        from memstack.server.auth import Keys
+
+        return Keys(self.memory.store).create_key(user, role=role, cubes=cubes).token
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(db_path, embedder):
+    memory = Memory(db_path, embedder=embedder)
+    running = RunningServer(memory, rate_limit=1000.0)
+    running.admin = running.key("root", role="admin")
+    yield running
+    running.stop()
+    memory.close()

@@ -6,12 +6,14 @@
 ...     hits = m.search("where does Ann live?", user_id="ann")
 """
 
-from ._errors import (ContentTooLargeError, CubeNotFoundError, EmbeddingError,
+from ._client import AsyncClient, Client
+from ._errors import (AuthenticationError, ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       EmbeddingMismatchError, EmptyContentError, InvalidDateError,
                       InvalidEncodingError, InvalidFilterError, InvalidInputError,
                       InvalidLimitError, InvalidQueryError, ItemNotFoundError, LLMError,
                       LLMOutputError, LLMResponseError, LLMUnavailableError, MemstackError,
-                      MissingExtraError, NotFoundError, SchemaVersionError, StoreCorruptError,
+                      MissingExtraError, NotFoundError, PermissionDeniedError,
+                      RateLimitedError, RemoteError, SchemaVersionError, StoreCorruptError,
                       StoreError, UnknownKindError)
 from ._async import AsyncMemory
 from ._memory import Memory
@@ -24,7 +26,7 @@ from .llm import ChatModel, Completion, OpenAIChat, Usage
 __version__ = "0.1.0"
 
 __all__ = [
-    "Memory", "AsyncMemory",
+    "Memory", "AsyncMemory", "Client", "AsyncClient",
     "Item", "Hit", "Cube", "Version", "AuditEntry", "AddResult", "Scope",
     "Extraction", "FactOp", "Answer",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
@@ -34,5 +36,6 @@ __all__ = [
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
-    "LLMResponseError", "LLMOutputError", "MissingExtraError",
+    "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
+    "RateLimitedError", "RemoteError", "MissingExtraError",
 ]

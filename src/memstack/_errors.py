@@ -23,6 +23,10 @@
     │   ├── LLMResponseError                         HTTP errors, a body that is no chat completion,
     │   │                                            a reply past the size limit
     │   └── LLMOutputError                           output that fails its JSON schema after one repair
+    ├── AuthenticationError                          no API key, or a wrong or revoked one (401)
+    ├── PermissionDeniedError                        a valid key without the grant needed (403)
+    ├── RateLimitedError                             too many requests for a key (429)
+    ├── RemoteError                                  a server answered with an error not above
     └── MissingExtraError (also ImportError)         an optional dependency is not installed
 
 Every message says what to do next.
@@ -36,7 +40,8 @@ __all__ = [
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
-    "LLMResponseError", "LLMOutputError", "MissingExtraError",
+    "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
+    "RateLimitedError", "RemoteError", "MissingExtraError",
 ]
 
 
@@ -128,6 +133,24 @@ class LLMResponseError(LLMError):
 
 class LLMOutputError(LLMError):
     pass
+
+
+class AuthenticationError(MemstackError):
+    pass
+
+
+class PermissionDeniedError(MemstackError):
+    pass
+
+
+class RateLimitedError(MemstackError):
+    pass
+
+
+class RemoteError(MemstackError):
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 class MissingExtraError(MemstackError, ImportError):

@@ -423,6 +423,94 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
         console.print(f"  [red]fact extraction failed (turns kept): {result.extraction.error}[/]")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--rate-limit", default=100.0, show_default=True, type=float,
+              help="Requests per second per key (bursts of twice that); 0 turns it off.")
+@click.option("--max-body-bytes", default=2_000_000, show_default=True, type=int)
+@click.option("--workers-threads", default=16, show_default=True, type=int,
+              help="Threads running requests.")
+@click.pass_context
+def serve(ctx, host, port, rate_limit, max_body_bytes, workers_threads):
+    """Serve the REST API (/docs, /openapi.json), MCP (/mcp) and the web page (/ui).
+
+    Requests need an API key (memstack keys create). With no key at all the server runs open
+    as a local admin, which is allowed only on a loopback address."""
+    from .server.run import serve as run_server
+
+    memory = _open(ctx)
+    Console(stderr=True).print(f"memstack serving {memory.path} on http://{host}:{port} "
+                               "(/docs, /mcp, /ui)")
+    run_server(memory, host=host, port=port, rate_limit=rate_limit,
+               max_body_bytes=max_body_bytes, threads=workers_threads)
+
+
+@cli.command()
+@click.option("--key", envvar="MEMSTACK_API_KEY", help="API key the MCP client acts with "
+                                                       "(env MEMSTACK_API_KEY).")
+@click.pass_context
+def mcp(ctx, key):
+    """Serve MCP over stdio (for assistants that start memstack as a subprocess)."""
+    from .server.run import serve_stdio
+
+    serve_stdio(_open(ctx), key)
+
+
+@cli.group()
+def keys():
+    """API keys for the server: create (shown once), list, revoke."""
+
+
+@keys.command("create")
+@click.option("--user", required=True)
+@click.option("--role", type=click.Choice(["admin", "user"]), help="Default: user (new users).")
+@click.option("--cubes", help="Comma-separated cubes this key is limited to (created for the "
+                              "user if missing).")
+@click.option("--label")
+@click.pass_context
+def keys_create(ctx, user, role, cubes, label):
+    """Create a key for USER; prints it once."""
+    from .server.auth import Keys
+
+    memory = _open(ctx)
+    names = [c.strip() for c in cubes.split(",") if c.strip()] if cubes else None
+    new = Keys(memory.store).create_key(user, role=role, cubes=names, label=label)
+    for name in names or []:
+        if name not in {c.name for c in memory.cubes()}:
+            memory.create_cube(name, owner=user)
+    _emit(ctx, {"key_id": new.key_id, "token": new.token, "user": new.user, "role": new.role},
+          f"{new.token}\n[dim]key {new.key_id} for {new.user} ({new.role}); shown only now[/]")
+
+
+@keys.command("list")
+@click.option("--user")
+@click.pass_context
+def keys_list(ctx, user):
+    """Keys (never their secrets)."""
+    from .server.auth import Keys
+
+    rows = Keys(_open(ctx).store).keys(user)
+    table = Table(title="API keys")
+    for name in ("id", "user", "cubes", "label", "revoked"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(r["id"], r["user"], ",".join(r["cubes"] or []) or "all",
+                      r["label"] or "", "yes" if r["revoked"] else "")
+    _emit(ctx, rows, table)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx, key_id):
+    """Revoke a key at once."""
+    from .server.auth import Keys
+
+    Keys(_open(ctx).store).revoke(key_id)
+    _emit(ctx, {"revoked": key_id}, f"revoked {key_id}")
+
+
 def _json_arg(text: str | None) -> Any:
     if text is None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE cubes (
@@ -95,5 +95,33 @@ ALTER TABLE versions ADD COLUMN source_ids TEXT NOT NULL DEFAULT '[]';
 CREATE INDEX items_derived ON items (cube_id) WHERE source_ids != '[]';
 """
 
+# v3: users, API keys (hashed) and cube grants, for the server
+_V3 = """
+CREATE TABLE users (
+  id TEXT PRIMARY KEY,
+  role TEXT NOT NULL CHECK (role IN ('admin','user')),
+  created_at REAL NOT NULL
+);
+CREATE TABLE api_keys (
+  id TEXT PRIMARY KEY,           -- the public part of the key, shown in lists
+  user_id TEXT NOT NULL REFERENCES users(id),
+  hash TEXT NOT NULL,            -- sha256 of the secret part; the secret itself is never stored
+  cubes TEXT,                    -- JSON list restricting the key to these cubes, or NULL
+  label TEXT,
+  created_at REAL NOT NULL,
+  last_used REAL,
+  revoked_at REAL
+);
+CREATE INDEX api_keys_user ON api_keys (user_id);
+CREATE TABLE grants (
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  user_id TEXT NOT NULL REFERENCES users(id),
+  access TEXT NOT NULL CHECK (access IN ('read','write')),
+  granted_by TEXT NOT NULL,
+  granted_at REAL NOT NULL,
+  PRIMARY KEY (cube_id, user_id)
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}

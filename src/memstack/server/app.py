@@ -1,0 +1,341 @@
+"""The REST API: FastAPI over one shared Memory. Every route authenticates, checks the grant on
+the cube it touches, calls one library method and returns JSON. Errors map to HTTP in one place
+(`_status`), with a stable `code`:
+
+    400 invalid_input   401 unauthenticated   403 forbidden   404 not_found   413 too_large
+    422 validation_error   429 rate_limited   501 llm_not_configured   502 llm_error
+    500 store_error / internal_error
+
+An item in a cube the caller cannot read answers 404, as if it did not exist (ids are not
+probed); a cube by name answers 403. With no API key in the database and `allow_open`, requests
+act as a local admin: `memstack serve` allows that only on a loopback address.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Iterator
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import _errors as errors
+from .._memory import Memory
+from . import schemas as S
+from .access import Gate, default_cube
+from .auth import LOCAL_ADMIN, AuthError, ForbiddenError, Keys, Principal
+
+ERRORS = {401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
+          404: {"model": S.ErrorBody}, 413: {"model": S.ErrorBody},
+          422: {"model": S.ErrorBody}, 429: {"model": S.ErrorBody}}
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests per second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                raise RateLimited((1 - tokens) / self.rate)
+            self._buckets[key] = (tokens - 1, now)
+
+
+def _status(exc: Exception) -> tuple[int, str]:
+    table: list[tuple[type, int, str]] = [
+        (AuthError, 401, "unauthenticated"), (ForbiddenError, 403, "forbidden"),
+        (errors.NotFoundError, 404, "not_found"), (errors.InvalidInputError, 400, "invalid_input"),
+        (errors.LLMError, 502, "llm_error"), (errors.StoreError, 500, "store_error"),
+        (errors.MemstackError, 500, "internal_error")]
+    return next((status, code) for kind, status, code in table if isinstance(exc, kind))
+
+
+def _error(status: int, code: str, message: str, kind: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "type": kind}},
+                        status_code=status, headers=headers)
+
+
+def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 100.0,
+               burst: float = 200.0, max_body_bytes: int = 2_000_000) -> FastAPI:
+    """The ASGI app. `memory` is shared by all requests (it is thread-safe)."""
+    app = FastAPI(title="memstack", version="0.1.0",
+                  description="Memory for LLM applications and agents: add, search, answer.")
+    keys, limiter = Keys(memory.store), RateLimiter(rate_limit, burst)
+    app.state.memory, app.state.keys = memory, keys
+    _install_errors(app)
+    _install_body_limit(app, max_body_bytes)
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if token is None and allow_open and not keys.any_key():
+            return LOCAL_ADMIN
+        who = keys.verify(token)
+        limiter.take(who.key_id or who.user)
+        return who
+
+    _routes(app, memory, keys, principal)
+    from .ui import mount_ui
+
+    mount_ui(app)
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(errors.MemstackError)
+    async def memstack_error(request: Request, exc: errors.MemstackError) -> JSONResponse:
+        status, code = _status(exc)
+        return _error(status, code, str(exc), type(exc).__name__)
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        return _error(429, "rate_limited", "too many requests for this key; slow down",
+                      headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        return _error(422, "validation_error", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+
+def _install_body_limit(app: FastAPI, limit: int) -> None:
+    """413 before a large body is read: by Content-Length, and by counting a chunked body."""
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _error(413, "too_large", f"the request body is over {limit:,} bytes")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return _error(413, "too_large", f"the request body is over {limit:,} bytes")
+            request._body = body  # starlette reads the cached body later
+        return await call_next(request)
+
+
+def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noqa: C901
+    Who = Depends(principal)
+    gate = Gate(memory, keys)
+    cube_row, readable_item = gate.cube, gate.item
+
+    def cube_out(who: Principal, cube) -> dict[str, Any]:
+        row = memory.store.cube(cube.name)
+        return {**cube.to_dict(), "access": keys.access(who, row)}
+
+    @app.get("/v1/health", tags=["meta"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/me", response_model=S.MeOut, responses=ERRORS, tags=["meta"])
+    def me(who: Principal = Who):
+        return {"user": who.user, "role": who.role, "key_id": who.key_id,
+                "cubes": list(who.cubes) if who.cubes is not None else None,
+                "default_cube": default_cube(who), "llm": memory.llm.name if memory.llm else None}
+
+    # cubes and grants ---------------------------------------------------------------------
+    @app.get("/v1/cubes", response_model=list[S.CubeOut], responses=ERRORS, tags=["cubes"])
+    def list_cubes(who: Principal = Who):
+        visible = [c for c in memory.cubes()
+                   if keys.access(who, memory.store.cube(c.name)) is not None]
+        return [cube_out(who, c) for c in visible]
+
+    @app.post("/v1/cubes", response_model=S.CubeOut, status_code=201, responses=ERRORS,
+              tags=["cubes"])
+    def create_cube(body: S.CubeRequest, who: Principal = Who):
+        gate.may_create(who, body.name)
+        cube = memory.create_cube(body.name, owner=who.user)
+        return cube_out(who, cube)
+
+    @app.get("/v1/cubes/{cube}", response_model=S.CubeOut, responses=ERRORS, tags=["cubes"])
+    def get_cube(cube: str, who: Principal = Who):
+        cube_row(who, cube, "read")
+        return cube_out(who, next(c for c in memory.cubes() if c.name == cube))
+
+    @app.get("/v1/cubes/{cube}/grants", response_model=list[S.GrantOut], responses=ERRORS,
+             tags=["cubes"])
+    def list_grants(cube: str, who: Principal = Who):
+        row = cube_row(who, cube, "read")
+        if not keys.can_manage(who, row):
+            raise ForbiddenError(f"only the owner of cube {cube!r} or an admin sees its grants")
+        return keys.grants(row)
+
+    @app.put("/v1/cubes/{cube}/grants", response_model=list[S.GrantOut], responses=ERRORS,
+             tags=["cubes"])
+    def grant(cube: str, body: S.GrantRequest, who: Principal = Who):
+        row = cube_row(who, cube, "read")
+        keys.grant(who, row, body.user, body.access)
+        return keys.grants(row)
+
+    @app.delete("/v1/cubes/{cube}/grants/{user}", response_model=list[S.GrantOut],
+                responses=ERRORS, tags=["cubes"])
+    def revoke_grant(cube: str, user: str, who: Principal = Who):
+        row = cube_row(who, cube, "read")
+        keys.grant(who, row, user, None)
+        return keys.grants(row)
+
+    @app.get("/v1/cubes/{cube}/export", responses=ERRORS, tags=["cubes"],
+             response_class=StreamingResponse)
+    def export(cube: str, who: Principal = Who):
+        cube_row(who, cube, "read")
+        rows = list(memory.export(cube))  # read now, under this request's check
+
+        def lines() -> Iterator[str]:
+            for row in rows:
+                yield json.dumps(row, ensure_ascii=False) + "\n"
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/v1/cubes/{cube}/import", response_model=S.ImportOut, responses=ERRORS,
+              tags=["cubes"])
+    def import_(cube: str, body: dict[str, Any], who: Principal = Who,
+                user_id: str | None = Query(default=None, max_length=200),
+                infer: bool = False):
+        cube_row(who, cube, "write", create=True)
+        mapping = memory.import_conversation(body, user_id=user_id, cube=cube, infer=infer)
+        return {"turns": len(mapping), "sessions": len(body.get("sessions", []))}
+
+    # memories -----------------------------------------------------------------------------
+    @app.post("/v1/memories", response_model=S.AddOut, status_code=201, responses=ERRORS,
+              tags=["memories"])
+    def add(body: S.AddRequest, who: Principal = Who):
+        row = cube_row(who, body.cube, "write", create=True)
+        messages = body.messages if isinstance(body.messages, str) else (
+            [m.model_dump(exclude_none=True) for m in body.messages]
+            if isinstance(body.messages, list) else body.messages.model_dump(exclude_none=True))
+        result = memory.add(messages, user_id=body.user_id, agent_id=body.agent_id,
+                            session_id=body.session_id, observed_at=body.observed_at,
+                            metadata=body.metadata, cube=row.name, kind=body.kind,
+                            infer=body.infer)
+        return result.to_dict()
+
+    @app.post("/v1/search", response_model=S.SearchOut, responses=ERRORS, tags=["memories"])
+    def search(body: S.SearchRequest, who: Principal = Who):
+        names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
+        rows = [cube_row(who, n, "read") for n in names]
+        hits = memory.search(body.query, cube=[r.name for r in rows], user_id=body.user_id,
+                             agent_id=body.agent_id, session_id=body.session_id,
+                             kinds=body.kinds, filters=body.filters, since=body.since,
+                             until=body.until, as_of=body.as_of, top_k=body.top_k,
+                             threshold=body.threshold)
+        return {"results": [h.to_dict() for h in hits]}
+
+    @app.get("/v1/memories", response_model=S.ItemsOut, responses=ERRORS, tags=["memories"])
+    def list_memories(who: Principal = Who, cube: str | None = Query(default=None),
+                      user_id: str | None = None, agent_id: str | None = None,
+                      session_id: str | None = None,
+                      kind: list[str] | None = Query(default=None),
+                      limit: int = Query(default=100, ge=1, le=1000),
+                      offset: int = Query(default=0, ge=0, le=10_000_000)):
+        row = cube_row(who, cube, "read")
+        items = memory.get_all(cube=row.name, user_id=user_id, agent_id=agent_id,
+                               session_id=session_id, kinds=kind, limit=limit + 1,
+                               offset=offset)
+        more = len(items) > limit
+        return {"items": [i.to_dict() for i in items[:limit]],
+                "next_offset": offset + limit if more else None}
+
+    @app.get("/v1/memories/{memory_id}", response_model=S.ItemOut, responses=ERRORS,
+             tags=["memories"])
+    def get(memory_id: str, who: Principal = Who):
+        readable_item(who, memory_id)
+        return memory.get(memory_id).to_dict()
+
+    @app.put("/v1/memories/{memory_id}", response_model=S.ItemOut, responses=ERRORS,
+             tags=["memories"])
+    def update(memory_id: str, body: S.UpdateRequest, who: Principal = Who):
+        readable_item(who, memory_id, "write")
+        return memory.update(memory_id, body.data, metadata=body.metadata,
+                             reason=body.reason).to_dict()
+
+    @app.delete("/v1/memories/{memory_id}", response_model=S.DeletedOut, responses=ERRORS,
+                tags=["memories"])
+    def delete(memory_id: str, who: Principal = Who, cascade: bool = True):
+        readable_item(who, memory_id, "write")
+        return {"deleted": memory_id, "items_deleted": memory.delete(memory_id,
+                                                                      cascade=cascade)}
+
+    @app.get("/v1/memories/{memory_id}/history", response_model=list[S.VersionOut],
+             responses=ERRORS, tags=["memories"])
+    def history(memory_id: str, who: Principal = Who):
+        readable_item(who, memory_id, include_deleted=True)  # a tombstone has a history too
+        return [v.to_dict() for v in memory.history(memory_id)]
+
+    @app.post("/v1/answer", response_model=S.AnswerOut,
+              responses={**ERRORS, 501: {"model": S.ErrorBody}}, tags=["memories"])
+    def answer(body: S.AnswerRequest, who: Principal = Who):
+        names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
+        rows = [cube_row(who, n, "read") for n in names]
+        if memory.llm is None:
+            return _error(501, "llm_not_configured", "this server has no LLM; start it with "
+                                                     "--llm-url")
+        reply = memory.answer(body.question, cube=[r.name for r in rows], user_id=body.user_id,
+                              agent_id=body.agent_id, session_id=body.session_id,
+                              as_of=body.as_of, top_k=body.top_k,
+                              max_context_tokens=body.max_context_tokens)
+        return {k: v for k, v in reply.to_dict().items() if k != "hits"}
+
+    # users and keys (admins; users see and revoke their own keys) ----------------------------
+    @app.get("/v1/users", response_model=list[S.UserOut], responses=ERRORS, tags=["admin"])
+    def users(who: Principal = Who):
+        _admin(who)
+        return keys.users()
+
+    @app.post("/v1/users", response_model=S.UserOut, status_code=201, responses=ERRORS,
+              tags=["admin"])
+    def create_user(body: S.UserRequest, who: Principal = Who):
+        _admin(who)
+        keys.ensure_user(body.id, body.role)
+        return next(u for u in keys.users() if u["id"] == body.id)
+
+    @app.post("/v1/keys", response_model=S.NewKeyOut, status_code=201, responses=ERRORS,
+              tags=["admin"])
+    def create_key(body: S.KeyRequest, who: Principal = Who):
+        _admin(who)
+        new = keys.create_key(body.user, role=body.role, cubes=body.cubes, label=body.label)
+        return {"key_id": new.key_id, "token": new.token, "user": new.user, "role": new.role}
+
+    @app.get("/v1/keys", response_model=list[S.KeyOut], responses=ERRORS, tags=["admin"])
+    def list_keys(who: Principal = Who):
+        return keys.keys(None if who.admin else who.user)
+
+    @app.delete("/v1/keys/{key_id}", response_model=list[S.KeyOut], responses=ERRORS,
+                tags=["admin"])
+    def revoke_key(key_id: str, who: Principal = Who):
+        keys.revoke(key_id, by=who)
+        return keys.keys(None if who.admin else who.user)
+
+
+def _admin(who: Principal) -> None:
+    if not who.admin:
+        raise ForbiddenError("this needs an admin key")

@@ -1,0 +1,99 @@
+"""MCP tools over the same Memory and the same API keys: add, search, get, list, delete memories
+(and answer, when an LLM is configured). Over streamable HTTP (mounted at /mcp by `memstack
+serve`) the key comes in the Authorization header of each request; over stdio (`memstack mcp`)
+it is the key given at start (MEMSTACK_API_KEY), or the local admin when the database has none.
+"""
+
+import asyncio
+from typing import Any
+
+from .._errors import MissingExtraError
+from .._memory import Memory
+from .access import Gate
+from .auth import LOCAL_ADMIN, Keys, Principal
+
+try:  # the tools' annotations name Context, so it must be a module global
+    from mcp.server.mcpserver import Context, MCPServer
+except ImportError:  # pragma: no cover - reported when an MCP server is built
+    Context = MCPServer = None
+
+
+def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool = True):
+    """An MCPServer whose tools check the caller's key and grants like the REST API."""
+    if MCPServer is None:
+        raise MissingExtraError("MCP needs the mcp package: pip install 'memstack[server]'")
+    keys = Keys(memory.store)
+    gate = Gate(memory, keys)
+    server = MCPServer("memstack", instructions="Long-term memory: add what should be "
+                       "remembered, search it, answer from it.")
+
+    def caller(ctx: Context) -> Principal:
+        headers = ctx.headers
+        if headers is None:  # stdio: the key given at start
+            if stdio_key is None and allow_open and not keys.any_key():
+                return LOCAL_ADMIN
+            return keys.verify(stdio_key)
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        if token is None and allow_open and not keys.any_key():
+            return LOCAL_ADMIN
+        return keys.verify(token)
+
+    async def run(fn, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    @server.tool()
+    async def add_memory(text: str, ctx: Context, cube: str | None = None,
+                         user_id: str | None = None, session_id: str | None = None,
+                         speaker: str | None = None) -> dict:
+        """Remember a message (and, with an LLM, the facts in it)."""
+        who = caller(ctx)
+        row = await run(gate.cube, who, cube, "write", create=True)
+        message = {"role": "user", "content": text, **({"name": speaker} if speaker else {})}
+        result = await run(memory.add, message, cube=row.name, user_id=user_id,
+                           session_id=session_id)
+        return result.to_dict()
+
+    @server.tool()
+    async def search_memories(query: str, ctx: Context, cube: str | None = None,
+                              user_id: str | None = None, top_k: int = 10) -> list[dict]:
+        """Hybrid search of memories; returns the best hits with their scores."""
+        who = caller(ctx)
+        row = await run(gate.cube, who, cube, "read")
+        hits = await run(memory.search, query, cube=row.name, user_id=user_id, top_k=top_k)
+        return [{"id": h.item.id, "score": h.score, "content": h.item.content,
+                 "kind": h.item.kind, "speaker": h.item.speaker,
+                 "observed_at": h.item.to_dict()["observed_at"]} for h in hits]
+
+    @server.tool()
+    async def get_memory(memory_id: str, ctx: Context) -> dict:
+        """One memory with its metadata and provenance."""
+        item = await run(gate.item, caller(ctx), memory_id)
+        return item.to_dict()
+
+    @server.tool()
+    async def list_memories(ctx: Context, cube: str | None = None, user_id: str | None = None,
+                            limit: int = 50, offset: int = 0) -> list[dict]:
+        """Memories of a cube, oldest first."""
+        row = await run(gate.cube, caller(ctx), cube, "read")
+        items = await run(memory.get_all, cube=row.name, user_id=user_id, limit=limit,
+                          offset=offset)
+        return [i.to_dict() for i in items]
+
+    @server.tool()
+    async def delete_memory(memory_id: str, ctx: Context) -> dict:
+        """Delete a memory everywhere (and the facts derived from it)."""
+        await run(gate.item, caller(ctx), memory_id, "write")
+        count = await run(memory.delete, memory_id)
+        return {"deleted": memory_id, "items_deleted": count}
+
+    if memory.llm is not None:
+        @server.tool()
+        async def answer_question(question: str, ctx: Context, cube: str | None = None,
+                                  user_id: str | None = None) -> dict:
+            """Answer a question from memory with the configured LLM."""
+            row = await run(gate.cube, caller(ctx), cube, "read")
+            reply = await run(memory.answer, question, cube=row.name, user_id=user_id)
+            return {"text": reply.text, "memory_ids": reply.memory_ids}
+
+    return server

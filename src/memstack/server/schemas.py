@@ -1,0 +1,238 @@
+"""Request and response bodies of the REST API (they make the OpenAPI spec)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scalar = str | int | float | bool | None
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. not_found, forbidden")
+    message: str
+    type: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "assistant", "system", "tool"] = "user"
+    content: str = Field(max_length=1_000_000)
+    name: str | None = Field(default=None, max_length=200)
+    timestamp: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class AddRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: str | Message | list[Message]
+    cube: str | None = Field(default=None, max_length=200)
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+    session_id: str | None = Field(default=None, max_length=200)
+    observed_at: str | None = None
+    metadata: dict[str, Any] | None = None
+    kind: Literal["turn", "fact", "insight", "procedure", "core"] = "turn"
+    infer: bool = True
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(max_length=4096)
+    cube: str | list[str] | None = None
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+    session_id: str | None = Field(default=None, max_length=200)
+    kinds: list[Literal["turn", "session", "fact", "insight", "procedure", "core"]] | None = None
+    filters: dict[str, Any] | None = None
+    since: str | None = None
+    until: str | None = None
+    as_of: str | None = None
+    top_k: int = Field(default=10, ge=1, le=1000)
+    threshold: float | None = None
+
+
+class UpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(max_length=1_000_000)
+    metadata: dict[str, Any] | None = None
+    reason: str = Field(default="update", max_length=1000)
+
+
+class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(max_length=4096)
+    cube: str | list[str] | None = None
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+    session_id: str | None = Field(default=None, max_length=200)
+    as_of: str | None = None
+    top_k: int = Field(default=30, ge=1, le=1000)
+    max_context_tokens: int = Field(default=2000, ge=50, le=200_000)
+
+
+class CubeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class GrantRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=200)
+    access: Literal["read", "write"]
+
+
+class UserRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200)
+    role: Literal["admin", "user"] = "user"
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=200)
+    role: Literal["admin", "user"] | None = None
+    cubes: list[str] | None = None
+    label: str | None = Field(default=None, max_length=200)
+
+
+# responses --------------------------------------------------------------------------------------
+class ItemOut(BaseModel):
+    id: str
+    cube: str
+    kind: str
+    content: str | None
+    memory: str | None
+    role: str | None
+    speaker: str | None
+    user_id: str | None
+    agent_id: str | None
+    session_id: str | None
+    parent_id: str | None
+    metadata: dict[str, Any]
+    tags: list[str]
+    observed_at: str | None
+    valid_from: str | None
+    valid_to: str | None
+    recorded_at: str | None
+    updated_at: str | None
+    status: str
+    version: int
+    superseded_by: str | None
+    source_ids: list[str]
+    producer: str
+    content_hash: str | None
+    access_count: int
+    last_accessed: str | None
+    importance: float
+    kv_blocks: list[str]
+    shards: list[str]
+
+
+class HitOut(ItemOut):
+    score: float
+    ranks: dict[str, int]
+    scores: dict[str, float]
+
+
+class SearchOut(BaseModel):
+    results: list[HitOut]
+
+
+class ItemsOut(BaseModel):
+    items: list[ItemOut]
+    next_offset: int | None
+
+
+class VersionOut(BaseModel):
+    item_id: str
+    version: int
+    content: str | None
+    metadata: dict[str, Any]
+    status: str
+    valid_from: str | None
+    valid_to: str | None
+    changed_at: str | None
+    reason: str
+    actor: str
+    superseded_by: str | None
+    source_ids: list[str]
+
+
+class AddOut(BaseModel):
+    results: list[dict[str, Any]]
+    session_id: str | None
+    extraction: dict[str, Any] | None = None
+
+
+class AnswerOut(BaseModel):
+    text: str
+    memory_ids: list[str]
+    context_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class CubeOut(BaseModel):
+    name: str
+    owner: str | None
+    created_at: str | None
+    embed_model: str
+    embed_dim: int
+    item_count: int
+    access: Literal["read", "write"] | None = None
+
+
+class GrantOut(BaseModel):
+    user: str
+    access: str
+    granted_by: str
+    granted_at: float
+
+
+class KeyOut(BaseModel):
+    id: str
+    user: str
+    cubes: list[str] | None
+    label: str | None
+    created_at: float
+    last_used: float | None
+    revoked: bool
+
+
+class NewKeyOut(BaseModel):
+    key_id: str
+    token: str = Field(description="the API key; shown only this once")
+    user: str
+    role: str
+
+
+class UserOut(BaseModel):
+    id: str
+    role: str
+    created_at: float
+
+
+class MeOut(BaseModel):
+    user: str
+    role: str
+    key_id: str | None
+    cubes: list[str] | None
+    default_cube: str
+    llm: str | None
+
+
+class DeletedOut(BaseModel):
+    deleted: str
+    items_deleted: int
+
+
+class ImportOut(BaseModel):
+    turns: int
+    sessions: int
