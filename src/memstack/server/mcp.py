@@ -5,17 +5,30 @@ it is the key given at start (MEMSTACK_API_KEY), or the local admin when the dat
 """
 
 import asyncio
+import functools
 from typing import Any
 
-from .._errors import MissingExtraError
+from .._errors import MemstackError, MissingExtraError
 from .._memory import Memory
 from .access import Gate
 from .auth import LOCAL_ADMIN, Keys, Principal
 
 try:  # the tools' annotations name Context, so it must be a module global
     from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
 except ImportError:  # pragma: no cover - reported when an MCP server is built
-    Context = MCPServer = None
+    Context = MCPServer = ToolError = None
+
+
+def _reported(fn):
+    """memstack's errors reach the MCP client with their message (the SDK hides others)."""
+    @functools.wraps(fn)
+    async def tool(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except MemstackError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+    return tool
 
 
 def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool = True):
@@ -43,6 +56,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     @server.tool()
+    @_reported
     async def add_memory(text: str, ctx: Context, cube: str | None = None,
                          user_id: str | None = None, session_id: str | None = None,
                          speaker: str | None = None) -> dict:
@@ -55,6 +69,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
         return result.to_dict()
 
     @server.tool()
+    @_reported
     async def search_memories(query: str, ctx: Context, cube: str | None = None,
                               user_id: str | None = None, top_k: int = 10) -> list[dict]:
         """Hybrid search of memories; returns the best hits with their scores."""
@@ -66,12 +81,14 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
                  "observed_at": h.item.to_dict()["observed_at"]} for h in hits]
 
     @server.tool()
+    @_reported
     async def get_memory(memory_id: str, ctx: Context) -> dict:
         """One memory with its metadata and provenance."""
         item = await run(gate.item, caller(ctx), memory_id)
         return item.to_dict()
 
     @server.tool()
+    @_reported
     async def list_memories(ctx: Context, cube: str | None = None, user_id: str | None = None,
                             limit: int = 50, offset: int = 0) -> list[dict]:
         """Memories of a cube, oldest first."""
@@ -81,6 +98,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
         return [i.to_dict() for i in items]
 
     @server.tool()
+    @_reported
     async def delete_memory(memory_id: str, ctx: Context) -> dict:
         """Delete a memory everywhere (and the facts derived from it)."""
         await run(gate.item, caller(ctx), memory_id, "write")
@@ -89,6 +107,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
 
     if memory.llm is not None:
         @server.tool()
+        @_reported
         async def answer_question(question: str, ctx: Context, cube: str | None = None,
                                   user_id: str | None = None) -> dict:
             """Answer a question from memory with the configured LLM."""

@@ -1,0 +1,5 @@
+"""python -m memstack: the memstack command."""
+
+from .cli import main
+
+main()
