@@ -113,7 +113,7 @@ def test_errors_have_status_and_code(server):
     r = httpx.get(server.url + "/v1/cubes")
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
     r = call("POST", "/v1/answer", json={"question": "anything?"})
-    assert r.status_code == 501 and r.json()["error"]["code"] == "llm_not_configured"
+    assert r.status_code == 404 and r.json()["error"]["code"] == "llm_not_configured"
     with pytest.raises(InvalidInputError):
         Client(server.url, server.admin).add("  ")
     before = server.memory.store.conn.execute("SELECT count(*) FROM items").fetchone()[0]
@@ -167,5 +167,25 @@ def test_async_client(server):
 
 def test_openapi_spec(server):
     spec = httpx.get(server.url + "/openapi.json").json()
-    assert {"/v1/memories", "/v1/search", "/v1/answer", "/v1/cubes/{cube}/grants"} <= \
-        set(spec["paths"])
+    assert {"/v1/memories", "/v1/search", "/v1/cubes/{cube}/grants"} <= \
+        set(spec["paths"]) and "/v1/answer" not in spec["paths"]  # no LLM here
+
+
+def test_answer_with_an_llm(db_path, embedder):
+    from fake_llm import Reply, ScriptedLLM, facts
+
+    from memstack import OpenAIChat
+
+    with ScriptedLLM() as fake:
+        llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01)
+        with Memory(db_path, embedder=embedder, llm=llm) as memory:
+            running = RunningServer(memory)
+            try:
+                ann = Client(running.url, running.key("ann"))
+                fake.script(facts("Ann lives in Lisbon."), Reply("Lisbon"))
+                added = ann.add("I live in Lisbon.", user_id="ann")
+                assert [op.event for op in added.facts] == ["ADD"]
+                reply = ann.answer("Where does Ann live?", user_id="ann")
+                assert reply.text == "Lisbon" and reply.memory_ids
+            finally:
+                running.stop()

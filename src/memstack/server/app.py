@@ -2,9 +2,9 @@
 the cube it touches, calls one library method and returns JSON. Errors map to HTTP in one place
 (`_status`), with a stable `code`:
 
-    400 invalid_input   401 unauthenticated   403 forbidden   404 not_found   413 too_large
-    422 validation_error   429 rate_limited   501 llm_not_configured   502 llm_error
-    500 store_error / internal_error
+    400 invalid_input   401 unauthenticated   403 forbidden   404 not_found (also
+    llm_not_configured: /v1/answer on a server without an LLM)   413 too_large
+    422 validation_error   429 rate_limited   502 llm_error   500 store_error / internal_error
 
 An item in a cube the caller cannot read answers 404, as if it did not exist (ids are not
 probed); a cube by name answers 403. With no API key in the database and `allow_open`, requests
@@ -14,6 +14,7 @@ act as a local admin: `memstack serve` allows that only on a loopback address.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Any, Iterator
@@ -29,7 +30,8 @@ from . import schemas as S
 from .access import Gate, default_cube
 from .auth import LOCAL_ADMIN, AuthError, ForbiddenError, Keys, Principal
 
-ERRORS = {401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
+log = logging.getLogger("memstack.server")
+ERRORS = {400: {"model": S.ErrorBody}, 401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
           404: {"model": S.ErrorBody}, 413: {"model": S.ErrorBody},
           422: {"model": S.ErrorBody}, 429: {"model": S.ErrorBody}}
 
@@ -109,6 +111,8 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(errors.MemstackError)
     async def memstack_error(request: Request, exc: errors.MemstackError) -> JSONResponse:
         status, code = _status(exc)
+        if status >= 500:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(status, code, str(exc), type(exc).__name__)
 
     @app.exception_handler(RateLimited)
@@ -291,19 +295,22 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         readable_item(who, memory_id, include_deleted=True)  # a tombstone has a history too
         return [v.to_dict() for v in memory.history(memory_id)]
 
-    @app.post("/v1/answer", response_model=S.AnswerOut,
-              responses={**ERRORS, 501: {"model": S.ErrorBody}}, tags=["memories"])
-    def answer(body: S.AnswerRequest, who: Principal = Who):
-        names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
-        rows = [cube_row(who, n, "read") for n in names]
-        if memory.llm is None:
-            return _error(501, "llm_not_configured", "this server has no LLM; start it with "
+    if memory.llm is not None:
+        @app.post("/v1/answer", response_model=S.AnswerOut, responses=ERRORS,
+                  tags=["memories"])
+        def answer(body: S.AnswerRequest, who: Principal = Who):
+            names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
+            rows = [cube_row(who, n, "read") for n in names]
+            reply = memory.answer(body.question, cube=[r.name for r in rows],
+                                  user_id=body.user_id, agent_id=body.agent_id,
+                                  session_id=body.session_id, as_of=body.as_of,
+                                  top_k=body.top_k, max_context_tokens=body.max_context_tokens)
+            return {k: v for k, v in reply.to_dict().items() if k != "hits"}
+    else:  # not in the spec: this server cannot answer
+        @app.post("/v1/answer", include_in_schema=False)
+        def no_answer() -> JSONResponse:
+            return _error(404, "llm_not_configured", "this server has no LLM; start it with "
                                                      "--llm-url")
-        reply = memory.answer(body.question, cube=[r.name for r in rows], user_id=body.user_id,
-                              agent_id=body.agent_id, session_id=body.session_id,
-                              as_of=body.as_of, top_k=body.top_k,
-                              max_context_tokens=body.max_context_tokens)
-        return {k: v for k, v in reply.to_dict().items() if k != "hits"}
 
     # users and keys (admins; users see and revoke their own keys) ----------------------------
     @app.get("/v1/users", response_model=list[S.UserOut], responses=ERRORS, tags=["admin"])

@@ -22,7 +22,7 @@ class ErrorBody(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant", "system", "tool"] = "user"
-    content: str = Field(max_length=1_000_000)
+    content: str = Field(min_length=1, max_length=1_000_000)
     name: str | None = Field(default=None, max_length=200)
     timestamp: str | None = None
     metadata: dict[str, Any] | None = None
@@ -30,7 +30,8 @@ class Message(BaseModel):
 
 class AddRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    messages: str | Message | list[Message]
+    messages: str | Message | list[Message] = Field(
+        description="a string, a message, or a non-empty list of messages")
     cube: str | None = Field(default=None, max_length=200)
     user_id: str | None = Field(default=None, max_length=200)
     agent_id: str | None = Field(default=None, max_length=200)
@@ -43,7 +44,7 @@ class AddRequest(BaseModel):
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(max_length=4096)
+    query: str = Field(min_length=1, max_length=4096)
     cube: str | list[str] | None = None
     user_id: str | None = Field(default=None, max_length=200)
     agent_id: str | None = Field(default=None, max_length=200)
@@ -59,14 +60,14 @@ class SearchRequest(BaseModel):
 
 class UpdateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    data: str = Field(max_length=1_000_000)
+    data: str = Field(min_length=1, max_length=1_000_000)
     metadata: dict[str, Any] | None = None
     reason: str = Field(default="update", max_length=1000)
 
 
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    question: str = Field(max_length=4096)
+    question: str = Field(min_length=1, max_length=4096)
     cube: str | list[str] | None = None
     user_id: str | None = Field(default=None, max_length=200)
     agent_id: str | None = Field(default=None, max_length=200)
