@@ -11,6 +11,7 @@ MEMSTACK_LLM_MODEL, MEMSTACK_LLM_API_KEY (any OpenAI-compatible server).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -429,10 +430,13 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
 @click.option("--rate-limit", default=100.0, show_default=True, type=float,
               help="Requests per second per key (bursts of twice that); 0 turns it off.")
 @click.option("--max-body-bytes", default=2_000_000, show_default=True, type=int)
-@click.option("--workers-threads", default=16, show_default=True, type=int,
-              help="Threads running requests.")
+@click.option("--threads", default=16, show_default=True, type=int,
+              help="Threads running requests in each worker.")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Worker processes (2 uses both cores of a 2-core machine; rate limits are "
+                   "then per worker).")
 @click.pass_context
-def serve(ctx, host, port, rate_limit, max_body_bytes, workers_threads):
+def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
     """Serve the REST API (/docs, /openapi.json), MCP (/mcp) and the web page (/ui).
 
     Requests need an API key (memstack keys create). With no key at all the server runs open
@@ -442,8 +446,13 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, workers_threads):
     memory = _open(ctx)
     Console(stderr=True).print(f"memstack serving {memory.path} on http://{host}:{port} "
                                "(/docs, /mcp, /ui)")
+    if workers > 1 and ctx.obj["llm"]["url"]:  # the workers read the LLM from the environment
+        for name, value in (("URL", ctx.obj["llm"]["url"]), ("MODEL", ctx.obj["llm"]["model"]),
+                            ("API_KEY", ctx.obj["llm"]["key"])):
+            if value:
+                os.environ[f"MEMSTACK_LLM_{name}"] = value
     run_server(memory, host=host, port=port, rate_limit=rate_limit,
-               max_body_bytes=max_body_bytes, threads=workers_threads)
+               max_body_bytes=max_body_bytes, threads=threads, workers=workers)
 
 
 @cli.command()

@@ -240,3 +240,40 @@ def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, con
     _emit(ctx, results, table)
 
 
+
+
+@bench.command("server")
+@click.option("--clients", default=16, show_default=True, type=int)
+@click.option("--seconds", default=60.0, show_default=True, type=float)
+@click.option("--add-share", default=0.2, show_default=True, type=float,
+              help="Share of requests that are adds (the rest search).")
+@click.option("--preload", default=5000, show_default=True, type=int,
+              help="Synthetic memories stored before the load starts.")
+@click.option("--workers", default=2, show_default=True, type=int,
+              help="Server worker processes (memstack serve --workers).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False))
+@click.pass_context
+def bench_server(ctx, clients, seconds, add_share, preload, workers, out, workdir):
+    """Mixed add/search load on `memstack serve` over loopback; every acknowledged add is
+    checked afterwards."""
+    from . import server
+
+    with console.status(f"{clients} clients for {seconds:g} s..."):
+        data = server.run(clients=clients, seconds=seconds, add_share=add_share,
+                          preload=preload, workdir=workdir, workers=workers)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "server.json").write_text(json.dumps(data, indent=2))
+    table = Table(title=f"memstack server: {clients} clients, {seconds:g} s, "
+                        f"{preload:,} memories preloaded, {workers} worker(s)")
+    for name in ("op", "per second", "p50 ms", "p95 ms", "p99 ms", "errors"):
+        table.add_column(name, justify="right")
+    for op in ("search", "add"):
+        row = data[op]
+        table.add_row(op, str(row["per_second"]), str(row["p50_ms"]), str(row["p95_ms"]),
+                      str(row["p99_ms"]), str(row["errors"]))
+    _emit(ctx, data, table)
+    if not ctx.obj["json"]:
+        console.print(f"acknowledged adds {data['acknowledged_adds']}, lost writes "
+                      f"{data['lost_writes']}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
+import os
 from typing import Any
 
 from .._errors import InvalidInputError, MissingExtraError
@@ -30,8 +32,12 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     except ImportError as exc:
         raise MissingExtraError("the server needs FastAPI and uvicorn: "
                                 "pip install 'memstack[server]'") from exc
+    from ..embed.batching import BatchingEmbedder
     from .app import create_app
     from .mcp import build_mcp
+
+    if not isinstance(memory.embedder, BatchingEmbedder):  # requests share forward passes
+        memory.embedder = BatchingEmbedder(memory.embedder)
 
     loopback = is_loopback(host)
     if not loopback and not Keys(memory.store).any_key():
@@ -56,11 +62,43 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     return app
 
 
-def serve(memory: Memory, *, host: str, port: int, **options: Any) -> None:
+def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: Any) -> None:
+    """Run uvicorn. With workers > 1, each worker process opens the database itself (SQLite in
+    WAL mode takes several processes; each one's vector index catches up with the others'
+    writes through the cube's generation counter), so Python work uses every core."""
     import uvicorn
 
-    app = build(memory, host=host, **options)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    app = build(memory, host=host, **options)  # also checks the key rule before forking
+    if workers <= 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        return
+    memory.close()
+    os.environ["MEMSTACK_SERVE"] = json.dumps({"db": str(memory.path), "cube": memory.default_cube,
+                                               "host": host, "workers": workers, **options})
+    uvicorn.run("memstack.server.run:worker_app", factory=True, host=host, port=port,
+                workers=workers, log_level="warning", access_log=False)
+
+
+def worker_app() -> Any:
+    """The app of one worker process (uvicorn --workers), configured by MEMSTACK_SERVE. The LLM
+    comes from MEMSTACK_LLM_URL / MEMSTACK_LLM_MODEL / MEMSTACK_LLM_API_KEY, as in the CLI."""
+    from ..llm import OpenAIChat
+    from ..llm.client import first_model
+
+    config = json.loads(os.environ["MEMSTACK_SERVE"])
+    import torch
+
+    # share the cores instead of each worker's model using all of them: measured on 2 cores,
+    # 2 workers x 2 torch threads served 27 requests/s, 2 x 1 thread 110 (docs/server.md)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.pop("workers")))
+    url = os.environ.get("MEMSTACK_LLM_URL")
+    llm = None
+    if url:
+        key = os.environ.get("MEMSTACK_LLM_API_KEY")
+        llm = OpenAIChat(base_url=url, api_key=key,
+                         model=os.environ.get("MEMSTACK_LLM_MODEL") or first_model(url, key))
+    memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm)
+    return build(memory, **config)
 
 
 def serve_stdio(memory: Memory, key: str | None) -> None:
