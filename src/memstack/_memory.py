@@ -5,10 +5,12 @@ limit = top_k, data = new text), so mem0 users can switch.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -36,6 +38,7 @@ from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
 
 MAX_TOP_K = 1000
 AUTOSAVE_SECONDS = 120.0
+USES_FLUSH_SECONDS = 1.0
 
 
 class Memory:
@@ -75,6 +78,9 @@ class Memory:
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
+        self._uses: dict[str, tuple[int, float]] = {}  # access statistics not yet written
+        self._uses_lock = threading.Lock()
+        self._uses_flushed = time.time()
 
     # context and lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> "Memory":
@@ -84,16 +90,43 @@ class Memory:
         self.close()
 
     def close(self) -> None:
-        """Save vector indexes and close the database."""
+        """Save vector indexes and access statistics, and close the database."""
+        self._flush_uses()
         for index in self._indexes.values():
             index.save()
         self.store.close()
 
     def flush(self) -> None:
-        """Save vector indexes now (otherwise at close, after deletes, and every few minutes)."""
+        """Save vector indexes and access statistics now (otherwise at close, after deletes,
+        and every few minutes; access statistics every second)."""
+        self._flush_uses()
         for index in self._indexes.values():
             index.save()
         self._last_save = time.monotonic()
+
+    def _touch(self, item_ids: Sequence[str]) -> None:
+        """Count uses in memory and write them at most once a second: a search is then no
+        write transaction (which readers in other processes would queue behind)."""
+        now = time.time()
+        with self._uses_lock:
+            for item_id in item_ids:
+                count, _ = self._uses.get(item_id, (0, now))
+                self._uses[item_id] = (count + 1, now)
+            due = now - self._uses_flushed > USES_FLUSH_SECONDS
+        if due:
+            self._flush_uses()
+
+    def _flush_uses(self) -> None:
+        with self._uses_lock:
+            uses, self._uses, self._uses_flushed = self._uses, {}, time.time()
+        try:
+            self.store.touch(uses)
+        except Exception:
+            with self._uses_lock:  # keep them for the next flush
+                for item_id, (n, t) in uses.items():
+                    count, last = self._uses.get(item_id, (0, t))
+                    self._uses[item_id] = (count + n, max(last, t))
+            raise
 
     # cubes ------------------------------------------------------------------------------------
     def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
@@ -580,8 +613,14 @@ class Memory:
     def get(self, memory_id: str) -> Item:
         """One item by id; deleted items raise ItemNotFoundError."""
         _, item = self._live(memory_id)
-        if self.track_access:
-            self.store.touch([memory_id])
+        if not self.track_access:
+            return item
+        self._touch([memory_id])
+        with self._uses_lock:  # counts not written yet are counted all the same
+            count, last = self._uses.get(memory_id, (0, None))
+        if count:
+            item = dataclasses.replace(item, access_count=item.access_count + count,
+                                       last_accessed=datetime.fromtimestamp(last, timezone.utc))
         return item
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None,
@@ -631,7 +670,7 @@ class Memory:
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:
-            self.store.touch([h.item.id for h in hits])
+            self._touch([h.item.id for h in hits])
         return hits
 
     def _find(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,

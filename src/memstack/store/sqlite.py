@@ -279,15 +279,15 @@ class SQLiteStore:
             "WHERE s.value IN (SELECT value FROM json_each(?)))", (cube_id, wanted))
         return [r[0] for r in rows]
 
-    def touch(self, item_ids: Sequence[str]) -> None:
-        """Record use (access statistics feed the tier scheduler)."""
-        if not item_ids:
+    def touch(self, uses: dict[str, tuple[int, float]]) -> None:
+        """Record use: {item id: (times used, last time)}. Access statistics feed the tier
+        scheduler."""
+        if not uses:
             return
-        marks = ",".join("?" * len(item_ids))
         with self.transaction():
-            self.conn.execute(f"UPDATE items SET access_count = access_count + 1, "
-                              f"last_accessed = ? WHERE id IN ({marks})",
-                              (time.time(), *item_ids))
+            self.conn.executemany("UPDATE items SET access_count = access_count + ?, "
+                                  "last_accessed = max(coalesce(last_accessed, 0), ?) "
+                                  "WHERE id = ?", [(n, t, i) for i, (n, t) in uses.items()])
 
     # search keys ------------------------------------------------------------------------------
     def fts(self, terms: str, scope: str | None, where: str, params: Sequence[Any], limit: int
