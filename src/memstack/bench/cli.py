@@ -251,18 +251,20 @@ def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, con
               help="Synthetic memories stored before the load starts.")
 @click.option("--workers", default=2, show_default=True, type=int,
               help="Server worker processes (memstack serve --workers).")
+@click.option("--threads", default=16, show_default=True, type=int,
+              help="Request threads per worker (memstack serve --threads).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results",
               show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
-def bench_server(ctx, clients, seconds, add_share, preload, workers, out, workdir):
+def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, out, workdir):
     """Mixed add/search load on `memstack serve` over loopback; every acknowledged add is
     checked afterwards."""
     from . import server
 
     with console.status(f"{clients} clients for {seconds:g} s..."):
         data = server.run(clients=clients, seconds=seconds, add_share=add_share,
-                          preload=preload, workdir=workdir, workers=workers)
+                          preload=preload, workdir=workdir, workers=workers, threads=threads)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "server.json").write_text(json.dumps(data, indent=2))
     table = Table(title=f"memstack server: {clients} clients, {seconds:g} s, "

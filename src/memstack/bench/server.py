@@ -30,14 +30,14 @@ from .speed import _turn, corpus, queries
 
 def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         preload: int = 5000, workdir: str | Path | None = None, seed: int = 0,
-        workers: int = 2) -> dict[str, Any]:
+        workers: int = 2, threads: int = 16) -> dict[str, Any]:
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-server-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     remove_db(folder, "server.db")
     db = folder / "server.db"
     tokens = _prepare(db, clients, preload)
     port = _free_port()
-    process = _start(db, port, workers)
+    process = _start(db, port, workers, threads)
     try:
         url = f"http://127.0.0.1:{port}"
         stats, acknowledged = asyncio.run(_load(url, tokens, seconds, add_share, seed, preload))
@@ -46,7 +46,8 @@ def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         process.terminate()
         process.wait(timeout=30)
     return _report(stats, acknowledged, lost, clients=clients, seconds=seconds,
-                   add_share=add_share, preload=preload, server_workers=workers)
+                   add_share=add_share, preload=preload, server_workers=workers,
+                   server_threads=threads)
 
 
 def _prepare(db: Path, clients: int, preload: int) -> list[str]:
@@ -69,11 +70,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(db: Path, port: int, workers: int) -> subprocess.Popen:
+def _start(db: Path, port: int, workers: int, threads: int = 16) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "memstack", "--db", str(db), "serve",
                                 "--port", str(port), "--rate-limit", "0",
-                                "--workers", str(workers)], env=env,
+                                "--workers", str(workers), "--threads", str(threads)],
+                               env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
