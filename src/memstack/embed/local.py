@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -118,13 +119,25 @@ class LocalEmbedder:
 
     def _small(self, texts: list[str]) -> np.ndarray:
         if self._onnx is None:
-            from .onnx import OnnxEncoder
-            import torch
-
             with _lock:
-                if self._onnx is None:
-                    self._onnx = OnnxEncoder(self._model(), threads=torch.get_num_threads())
+                if self._onnx is None and self.small_batches == "onnx":
+                    self._onnx = self._build_onnx()
+        if self._onnx is None:  # could not be built: PyTorch, as without the option
+            return self.embed(texts)
         try:
             return normalise(self._onnx.embed(texts).astype(np.float32))
         except Exception as exc:  # noqa: BLE001
             raise EmbeddingError(f"embedding {len(texts)} texts failed: {exc}") from exc
+
+    def _build_onnx(self):
+        import torch
+
+        from .onnx import OnnxEncoder
+
+        try:
+            return OnnxEncoder(self._model(), threads=torch.get_num_threads())
+        except Exception as exc:  # noqa: BLE001 - a missing package or an export failure
+            warnings.warn(f"ONNX Runtime path unavailable, using PyTorch for queries: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            self.small_batches = "torch"
+            return None

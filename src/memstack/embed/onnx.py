@@ -4,7 +4,7 @@ Measured on this 2-core machine with all-MiniLM-L6-v2, one thread: a single quer
 ONNX Runtime and 11.9 ms in PyTorch (whose per-call overhead dominates a short text), 4 queries
 10.1 vs 17.6 ms; vectors agree to cosine 0.9999999. Large batches stay in PyTorch, where bf16
 autocast is faster. The model is exported in memory from the loaded weights (nothing is written
-or downloaded). Needs the `onnxruntime` package (`memstack[server]`).
+or downloaded). Needs the packages `onnxruntime` and `onnx` (`memstack[server]`).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
 def _has_onnxruntime() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: Any) -> None:
