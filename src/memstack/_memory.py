@@ -6,7 +6,6 @@ limit = top_k, data = new text), so mem0 users can switch.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,10 +34,10 @@ from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
 from .retrieve import search as _search
 from .retrieve.filters import compile_filters
 from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
+from .store.uses import UseCounter
 
 MAX_TOP_K = 1000
 AUTOSAVE_SECONDS = 120.0
-USES_FLUSH_SECONDS = 1.0
 
 
 class Memory:
@@ -78,9 +77,7 @@ class Memory:
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
-        self._uses: dict[str, tuple[int, float]] = {}  # access statistics not yet written
-        self._uses_lock = threading.Lock()
-        self._uses_flushed = time.time()
+        self._uses = UseCounter(self.store)  # access statistics, written once a second
 
     # context and lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> "Memory":
@@ -91,7 +88,7 @@ class Memory:
 
     def close(self) -> None:
         """Save vector indexes and access statistics, and close the database."""
-        self._flush_uses()
+        self._uses.flush()
         for index in self._indexes.values():
             index.save()
         self.store.close()
@@ -99,34 +96,10 @@ class Memory:
     def flush(self) -> None:
         """Save vector indexes and access statistics now (otherwise at close, after deletes,
         and every few minutes; access statistics every second)."""
-        self._flush_uses()
+        self._uses.flush()
         for index in self._indexes.values():
             index.save()
         self._last_save = time.monotonic()
-
-    def _touch(self, item_ids: Sequence[str]) -> None:
-        """Count uses in memory and write them at most once a second: a search is then no
-        write transaction (which readers in other processes would queue behind)."""
-        now = time.time()
-        with self._uses_lock:
-            for item_id in item_ids:
-                count, _ = self._uses.get(item_id, (0, now))
-                self._uses[item_id] = (count + 1, now)
-            due = now - self._uses_flushed > USES_FLUSH_SECONDS
-        if due:
-            self._flush_uses()
-
-    def _flush_uses(self) -> None:
-        with self._uses_lock:
-            uses, self._uses, self._uses_flushed = self._uses, {}, time.time()
-        try:
-            self.store.touch(uses)
-        except Exception:
-            with self._uses_lock:  # keep them for the next flush
-                for item_id, (n, t) in uses.items():
-                    count, last = self._uses.get(item_id, (0, t))
-                    self._uses[item_id] = (count + n, max(last, t))
-            raise
 
     # cubes ------------------------------------------------------------------------------------
     def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
@@ -615,9 +588,8 @@ class Memory:
         _, item = self._live(memory_id)
         if not self.track_access:
             return item
-        self._touch([memory_id])
-        with self._uses_lock:  # counts not written yet are counted all the same
-            count, last = self._uses.get(memory_id, (0, None))
+        self._uses.touch([memory_id])
+        count, last = self._uses.pending(memory_id)  # counted even before they are written
         if count:
             item = dataclasses.replace(item, access_count=item.access_count + count,
                                        last_accessed=datetime.fromtimestamp(last, timezone.utc))
@@ -670,7 +642,7 @@ class Memory:
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:
-            self._touch([h.item.id for h in hits])
+            self._uses.touch([h.item.id for h in hits])
         return hits
 
     def _find(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
