@@ -10,6 +10,7 @@ send it. HTTP errors come back as the memstack exception the server raised.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Callable
@@ -28,6 +29,7 @@ class _Request:
     parse: Callable[[Any], Any]
     json: Any = None
     params: dict[str, Any] | None = None
+    ndjson: bool = False  # the reply is JSON lines (export), not one JSON document
 
 
 def _dates(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +139,7 @@ class _Api:
                         {"user": user, "access": access})
 
     def export(self, cube: str) -> _Request:
-        return _Request("GET", f"/v1/cubes/{_safe(cube)}/export", lambda d: d)
+        return _Request("GET", f"/v1/cubes/{_safe(cube)}/export", lambda d: d, ndjson=True)
 
 
 def _iso(value: Any) -> Any:
@@ -171,8 +173,7 @@ def _result(request: _Request, response: httpx.Response) -> Any:
                                      f"{error.get('message')}", status=response.status_code,
                                      code=str(error.get("code")))
         raise kind(error.get("message", ""))
-    if request.path.endswith("/export"):
-        import json
+    if request.ndjson:
         return [json.loads(line) for line in response.text.splitlines() if line.strip()]
     return request.parse(response.json())
 

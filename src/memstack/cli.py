@@ -25,7 +25,7 @@ from . import _errors as errors
 from ._memory import Memory
 from ._models import AddResult
 from .llm import OpenAIChat
-from .llm.client import first_model
+from .llm.client import from_options
 
 EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
     (errors.InvalidInputError, 2), (errors.NotFoundError, 3), (errors.StoreError, 4),
@@ -77,11 +77,7 @@ def _open(ctx: click.Context, db: str | None = None) -> Memory:
 
 
 def _llm(options: dict[str, Any]) -> OpenAIChat | None:
-    if not options["url"]:
-        return None
-    model = options["model"] or first_model(options["url"], options["key"])
-    return OpenAIChat(base_url=options["url"], model=model, api_key=options["key"],
-                      timeout=options["timeout"])
+    return from_options(options["url"], options["model"], options["key"], options["timeout"])
 
 
 def _emit(ctx: click.Context, data: Any, table: Table | str | None = None) -> None:

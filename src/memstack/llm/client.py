@@ -259,3 +259,13 @@ def first_model(base_url: str, api_key: str | None = None, timeout: float = 10.0
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise LLMUnavailableError(f"cannot list the models of {base_url} ({exc}); name one "
                                   "with --llm-model") from exc
+
+
+def from_options(url: str | None, model: str | None = None, key: str | None = None,
+                 timeout: float = 120.0) -> OpenAIChat | None:
+    """The client the CLI and the server build from their options (None without a URL); the
+    model defaults to the server's first."""
+    if not url:
+        return None
+    return OpenAIChat(base_url=url, model=model or first_model(url, key), api_key=key,
+                      timeout=timeout)

@@ -172,6 +172,10 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
     gate = Gate(memory, keys)
     cube_row, readable_item = gate.cube, gate.item
 
+    def readable_cubes(who: Principal, cube: str | list[str] | None) -> list:
+        names = [cube] if isinstance(cube, str) or cube is None else cube
+        return [cube_row(who, n, "read") for n in names]
+
     def cube_out(who: Principal, cube) -> dict[str, Any]:
         row = memory.store.cube(cube.name)
         return {**cube.to_dict(), "access": keys.access(who, row)}
@@ -189,9 +193,8 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
     # cubes and grants ---------------------------------------------------------------------
     @app.get("/v1/cubes", response_model=list[S.CubeOut], responses=ERRORS, tags=["cubes"])
     def list_cubes(who: Principal = Who):
-        visible = [c for c in memory.cubes()
-                   if keys.access(who, memory.store.cube(c.name)) is not None]
-        return [cube_out(who, c) for c in visible]
+        rows = [(c, keys.access(who, memory.store.cube(c.name))) for c in memory.cubes()]
+        return [{**c.to_dict(), "access": access} for c, access in rows if access is not None]
 
     @app.post("/v1/cubes", response_model=S.CubeOut, status_code=201, responses=ERRORS,
               tags=["cubes"])
@@ -263,8 +266,7 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
 
     @app.post("/v1/search", response_model=S.SearchOut, responses=ERRORS, tags=["memories"])
     def search(body: S.SearchRequest, who: Principal = Who):
-        names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
-        rows = [cube_row(who, n, "read") for n in names]
+        rows = readable_cubes(who, body.cube)
         hits = memory.search(body.query, cube=[r.name for r in rows], user_id=body.user_id,
                              agent_id=body.agent_id, session_id=body.session_id,
                              kinds=body.kinds, filters=body.filters, since=body.since,
@@ -318,8 +320,7 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         @app.post("/v1/answer", response_model=S.AnswerOut, responses=ERRORS,
                   tags=["memories"])
         def answer(body: S.AnswerRequest, who: Principal = Who):
-            names = [body.cube] if isinstance(body.cube, str) or body.cube is None else body.cube
-            rows = [cube_row(who, n, "read") for n in names]
+            rows = readable_cubes(who, body.cube)
             reply = memory.answer(body.question, cube=[r.name for r in rows],
                                   user_id=body.user_id, agent_id=body.agent_id,
                                   session_id=body.session_id, as_of=body.as_of,

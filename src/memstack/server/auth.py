@@ -77,12 +77,16 @@ class Keys:
         if role is not None and role not in ("admin", "user"):
             raise InvalidInputError(f"role must be admin or user, got {role!r}")
         with self.store.transaction():
-            current = self.user(user_id)
-            if current is None:
-                self.store.conn.execute("INSERT INTO users (id, role, created_at) VALUES (?, ?, ?)",
-                                        (user_id, role or "user", time.time()))
-            elif role is not None and role != current:
-                self.store.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user_id))
+            return self._ensure_user(user_id, role)
+
+    def _ensure_user(self, user_id: str, role: Role | None) -> Role:
+        """ensure_user's write, inside the caller's transaction."""
+        current = self.user(user_id)
+        if current is None:
+            self.store.conn.execute("INSERT INTO users (id, role, created_at) VALUES (?, ?, ?)",
+                                    (user_id, role or "user", time.time()))
+        elif role is not None and role != current:
+            self.store.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user_id))
         return role or current or "user"
 
     def users(self) -> list[dict]:
@@ -91,12 +95,16 @@ class Keys:
 
     def create_key(self, user_id: str, *, role: Role | None = None,
                    cubes: list[str] | None = None, label: str | None = None) -> NewKey:
-        """A new key for a user (created if new). Returns the only copy of the secret."""
-        role = self.ensure_user(user_id, role)
+        """A new key for a user (created if new), in one transaction. Returns the only copy of
+        the secret."""
+        _check_name(user_id, "user")
+        if role is not None and role not in ("admin", "user"):
+            raise InvalidInputError(f"role must be admin or user, got {role!r}")
         if cubes is not None:
             cubes = [_check_name(c, "cube") for c in cubes]
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.store.transaction():
+            role = self._ensure_user(user_id, role)
             self.store.conn.execute(
                 "INSERT INTO api_keys (id, user_id, hash, cubes, label, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)", (key_id, user_id, _hash(secret),

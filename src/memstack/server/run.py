@@ -91,8 +91,7 @@ def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: 
 def worker_app() -> Any:
     """The app of one worker process (uvicorn --workers), configured by MEMSTACK_SERVE. The LLM
     comes from MEMSTACK_LLM_URL / MEMSTACK_LLM_MODEL / MEMSTACK_LLM_API_KEY, as in the CLI."""
-    from ..llm import OpenAIChat
-    from ..llm.client import first_model
+    from ..llm.client import from_options
 
     config = json.loads(os.environ["MEMSTACK_SERVE"])
     import torch
@@ -100,12 +99,8 @@ def worker_app() -> Any:
     # share the cores instead of each worker's model using all of them: measured on 2 cores,
     # 2 workers x 2 torch threads served 27 requests/s, 2 x 1 thread 110 (docs/server.md)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.pop("workers")))
-    url = os.environ.get("MEMSTACK_LLM_URL")
-    llm = None
-    if url:
-        key = os.environ.get("MEMSTACK_LLM_API_KEY")
-        llm = OpenAIChat(base_url=url, api_key=key,
-                         model=os.environ.get("MEMSTACK_LLM_MODEL") or first_model(url, key))
+    llm = from_options(os.environ.get("MEMSTACK_LLM_URL"), os.environ.get("MEMSTACK_LLM_MODEL"),
+                       os.environ.get("MEMSTACK_LLM_API_KEY"))
     memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm)
     return build(memory, **config)
 
