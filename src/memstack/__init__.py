@@ -7,7 +7,8 @@
 """
 
 from ._client import AsyncClient, Client
-from ._errors import (AuthenticationError, ContentTooLargeError, CubeNotFoundError, EmbeddingError,
+from ._errors import (AuthenticationError, CacheMismatchError, ModelError, StaleBlockError,
+                      TierError, ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       EmbeddingMismatchError, EmptyContentError, InvalidDateError,
                       InvalidEncodingError, InvalidFilterError, InvalidInputError,
                       InvalidLimitError, InvalidQueryError, ItemNotFoundError, LLMError,
@@ -17,8 +18,8 @@ from ._errors import (AuthenticationError, ContentTooLargeError, CubeNotFoundErr
                       StoreError, UnknownKindError)
 from ._async import AsyncMemory
 from ._memory import Memory
-from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Hit, Item, Scope,
-                      Version)
+from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Generation, Hit,
+                      Item, Scope, Version)
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
 from .ingest.manager import ExtractionSettings
 from .llm import ChatModel, Completion, OpenAIChat, Usage
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Memory", "AsyncMemory", "Client", "AsyncClient",
     "Item", "Hit", "Cube", "Version", "AuditEntry", "AddResult", "Scope",
-    "Extraction", "FactOp", "Answer",
+    "Extraction", "FactOp", "Answer", "Generation",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
     "ChatModel", "OpenAIChat", "Completion", "Usage", "ExtractionSettings",
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
@@ -37,5 +38,6 @@ __all__ = [
     "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
-    "RateLimitedError", "RemoteError", "MissingExtraError",
+    "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
+    "CacheMismatchError", "StaleBlockError",
 ]

@@ -530,8 +530,11 @@ def main() -> None:
 
 
 from .bench.cli import bench  # noqa: E402  (the bench commands use the helpers above)
+from .tiers.cli import generate, kv  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(generate)
+cli.add_command(kv)
 
 
 if __name__ == "__main__":  # pragma: no cover

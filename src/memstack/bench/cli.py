@@ -279,3 +279,45 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
     if not ctx.obj["json"]:
         console.print(f"acknowledged adds {data['acknowledged_adds']}, lost writes "
                       f"{data['lost_writes']}")
+
+
+@bench.command("kv")
+@click.option("--model", default="smollm2", show_default=True,
+              help="'smollm2' or a local transformers model folder.")
+@click.option("--size", "sizes", type=int, multiple=True, default=[512, 1536, 4096],
+              show_default=True, help="Block sizes in tokens (repeat the option).")
+@click.option("--questions", default=3, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int,
+              help="Timed runs per question (the median is kept).")
+@click.option("--new-tokens", default=32, show_default=True, type=int,
+              help="Greedy tokens compared between the cached and plain paths.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False))
+@click.pass_context
+def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, out, workdir):
+    """Time to first token with and without a KV block, bytes per token, output equality."""
+    from . import kv
+
+    if min(sizes) < 32 or questions < 1 or repeats < 1 or new_tokens < 1:
+        raise InvalidInputError("--size >= 32 and --questions, --repeats, --new-tokens >= 1")
+    with console.status("loading the model...") as status:
+        data = kv.run(model, tuple(sizes), questions, repeats, new_tokens, workdir,
+                      progress=lambda s: status.update(s))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "kv.json").write_text(json.dumps(data, indent=2))
+    table = Table(title=f"memstack kv: {data['model']['name']} {data['model']['dtype']}, "
+                        f"{data['threads']} threads, median of {repeats}")
+    for name in ("block tokens", "plain causal ms", "plain block ms", "cached warm ms",
+                 "cached from file ms", "speed-up warm", "speed-up file", "KB/token",
+                 "identical", "correct cached/causal"):
+        table.add_column(name, justify="right")
+    for row in data["sizes"]:
+        t = row["ttft_seconds"]
+        table.add_row(str(row["block_tokens"]), f"{t['plain_causal'] * 1e3:.0f}",
+                      f"{t['plain_block_mask'] * 1e3:.0f}", f"{t['cached_warm'] * 1e3:.0f}",
+                      f"{t['cached_from_file'] * 1e3:.0f}", f"{row['speedup_warm']}x",
+                      f"{row['speedup_from_file']}x", f"{row['bytes_per_token'] / 1024:.0f}",
+                      f"{row['identical_outputs']}/{row['questions']}",
+                      f"{row['correct_cached']}/{row['correct_causal']} of {row['questions']}")
+    _emit(ctx, data, table)

@@ -2,9 +2,11 @@
 model, persisted as safetensors with the model's identity and the items' ids and content
 hashes, and composed with other blocks at any position.
 
-A block is encoded alone, at positions 0..n-1, attending only to itself. Placed at offset o in a
-prompt, its keys are re-rotated by o (RoPE), its values kept: exactly what the model computes
-for the same tokens at o when they attend only to their own block. The prompt path without
+A block is encoded alone, attending only to itself, at positions origin..origin+n-1 (origin: the
+length of the default header, where a first block sits). Placed at offset o in a prompt, its
+keys are re-rotated by o - origin (RoPE), its values kept: exactly what the model computes for
+the same tokens at o when they attend only to their own block (attention depends on relative
+positions only). The prompt path without
 cache uses that same attention pattern (see decode.py), so generation from cached blocks and
 from plain text is token-for-token the same.
 """
@@ -48,6 +50,7 @@ class KVBlock:
     keys: tuple[Any, ...]
     values: tuple[Any, ...]
     identity: dict[str, str]
+    origin: int = 0  # position of its first token when it was encoded
 
     @property
     def tokens(self) -> int:
@@ -65,13 +68,14 @@ def block_ids(lm: LocalModel, items: Sequence[Item]) -> list[int]:
 
 
 def build_block(lm: LocalModel, block_id: str, items: Sequence[Item]) -> KVBlock:
-    """Encode items as one block, alone at positions 0..n-1."""
+    """Encode items as one block, alone, starting where a first block sits after the header."""
     ids = block_ids(lm, items)
-    _, cache = lm.forward(ids, 0)
+    origin = len(lm.ids(lm.segments(SYSTEM, [], "")[0]))
+    _, cache = lm.forward(ids, origin)
     keys = tuple(layer.keys.clone() for layer in cache.layers)
     values = tuple(layer.values.clone() for layer in cache.layers)
     return KVBlock(block_id, tuple(i.id for i in items), tuple(i.content_hash or "" for i in items),
-                   tuple(ids), keys, values, dict(lm.identity))
+                   tuple(ids), keys, values, dict(lm.identity), origin)
 
 
 def save_block(block: KVBlock, path: Path) -> int:
@@ -83,7 +87,8 @@ def save_block(block: KVBlock, path: Path) -> int:
     for n, (k, v) in enumerate(zip(block.keys, block.values)):
         tensors[f"k.{n}"], tensors[f"v.{n}"] = k[0].contiguous(), v[0].contiguous()
     meta = {"block_id": block.id, "identity": json.dumps(block.identity, sort_keys=True),
-            "item_ids": json.dumps(block.item_ids), "item_hashes": json.dumps(block.item_hashes)}
+            "item_ids": json.dumps(block.item_ids), "item_hashes": json.dumps(block.item_hashes),
+            "origin": str(block.origin)}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file(tensors, str(partial), metadata=meta)
@@ -113,7 +118,7 @@ def load_block(path: Path, lm: LocalModel, current: dict[str, str | None]) -> KV
         values = tuple(fh.get_tensor(f"v.{n}")[None] for n in range(layers))
         input_ids = tuple(fh.get_tensor("input_ids").tolist())
     return KVBlock(meta["block_id"], tuple(ids), tuple(hashes), input_ids, keys, values,
-                   identity)
+                   identity, int(meta.get("origin", 0)))
 
 
 def _check_identity(path: Path, found: dict[str, str], expected: dict[str, str]) -> None:
@@ -125,21 +130,21 @@ def _check_identity(path: Path, found: dict[str, str], expected: dict[str, str])
                                  f"({detail}); rebuild it with this model: memstack kv schedule")
 
 
-def compose(lm: LocalModel, header_ids: list[int], blocks: Sequence[KVBlock]) -> tuple[Any, int]:
-    """A fresh cache holding the header and the blocks one after another; returns (cache,
-    length). Stored tensors are never modified: shifted keys and concatenations are new."""
-    from transformers import DynamicCache
+def compose(lm: LocalModel, header_ids: list[int], blocks: Sequence[KVBlock]
+            ) -> tuple[list[tuple[Any, Any]], int]:
+    """(keys, values) per layer for the header and the blocks one after another, and the
+    length. Stored tensors are never modified: shifted keys and concatenations are new tensors,
+    and a cache built on the result copies before it grows (DynamicCache concatenates)."""
+    import torch
 
     header = lm.header_cache(header_ids)
     offsets, at = [], len(header_ids)
     for block in blocks:
         offsets.append(at)
         at += block.tokens
-    import torch
-
     layers = []
     for n, (hk, hv) in enumerate(header):
-        keys = [hk] + [lm.shift_keys(b.keys[n], o) for b, o in zip(blocks, offsets)]
+        keys = [hk] + [lm.shift_keys(b.keys[n], o - b.origin) for b, o in zip(blocks, offsets)]
         values = [hv] + [b.values[n] for b in blocks]
         layers.append((torch.cat(keys, dim=2), torch.cat(values, dim=2)))
-    return DynamicCache(ddp_cache_data=layers), at
+    return layers, at

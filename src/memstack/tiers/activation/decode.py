@@ -50,8 +50,10 @@ def prefill(lm: LocalModel, prompt: Prompt) -> tuple[Any, Any, int]:
     """(last logits, cache, prompt length) from the cached blocks when `prompt.cached` holds
     them, else from the tokens with the block attention pattern."""
     if prompt.cached:
-        cache, length = compose(lm, prompt.header, prompt.cached)
-        logits, cache = lm.forward(prompt.tail, length, cache)
+        from transformers import DynamicCache
+
+        layers, length = lm.prefix(prompt.header, prompt.cached, compose)
+        logits, cache = lm.forward(prompt.tail, length, DynamicCache(ddp_cache_data=layers))
         return logits, cache, length + len(prompt.tail)
     mask = block_mask(prompt) if prompt.blocks else None
     logits, cache = lm.forward(prompt.ids(), 0, None, mask)

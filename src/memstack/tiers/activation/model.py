@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -69,7 +70,10 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     torch = _torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    print(f"memstack: converting {gguf.name} to {target} (once, about 20 s)", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -123,6 +127,7 @@ class LocalModel:
     folder: Path
     weights: str
     _header_kv: dict[str, Any] = field(default_factory=dict, repr=False)
+    _prefix: tuple[Any, Any] = field(default=(None, None), repr=False)
 
     @classmethod
     def load(cls, spec: str | Path, *, dtype: str = "float32") -> "LocalModel":
@@ -135,6 +140,9 @@ class LocalModel:
                              f"give a folder or {SMOLLM2!r}")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ModelError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a library does not draw progress bars of its own
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
@@ -236,7 +244,7 @@ class LocalModel:
         with torch.inference_mode():
             out = self.model(input_ids=x, position_ids=pos, cache=cache, attention_mask=mask,
                              use_cache=True)
-        return out.logits[0, -1], out.past_key_values
+        return out.logits[0, -1], out.cache
 
     def shift_keys(self, keys: Any, delta: int) -> Any:
         """Keys computed at positions p re-rotated to p + delta (RoPE rotations compose, so the
@@ -262,3 +270,11 @@ class LocalModel:
             _, cache = self.forward(ids, 0)
             self._header_kv = {key: [(layer.keys, layer.values) for layer in cache.layers]}
         return self._header_kv[key]
+
+    def prefix(self, header_ids: list[int], blocks: Any, compose: Any) -> tuple[Any, int]:
+        """compose(self, header_ids, blocks), remembered for the last header and block list
+        (blocks are immutable: a changed item gives a new block id)."""
+        key = (tuple(header_ids), tuple(b.id for b in blocks), tuple(map(id, blocks)))
+        if self._prefix[0] != key:
+            self._prefix = (key, compose(self, header_ids, blocks))
+        return self._prefix[1]

