@@ -241,10 +241,19 @@ class LocalModel:
         torch = _torch()
         x = torch.tensor([ids])
         pos = torch.arange(start, start + len(ids))[None]
+        name = self._cache_arg
         with torch.inference_mode():
-            out = self.model(input_ids=x, position_ids=pos, cache=cache, attention_mask=mask,
-                             use_cache=True)
-        return out.logits[0, -1], out.cache
+            out = self.model(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=True,
+                             **{name: cache})
+        return out.logits[0, -1], getattr(out, name)
+
+    @cached_property
+    def _cache_arg(self) -> str:
+        """transformers 5 renamed past_key_values to cache (the old name still warns)."""
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def shift_keys(self, keys: Any, delta: int) -> Any:
         """Keys computed at positions p re-rotated to p + delta (RoPE rotations compose, so the
