@@ -210,3 +210,23 @@ def test_bench_kv_small(tmp_path, lm):
     assert row["identical_outputs"] == 1 and 60 < row["block_tokens"] <= 96
     assert row["bytes_per_token"] == lm.bytes_per_token
     assert row["ttft_seconds"]["cached_warm"] < row["ttft_seconds"]["plain_block_mask"]
+
+
+def test_async_generate_streams_in_a_worker_thread(db_path, embedder, lm):
+    import asyncio
+
+    from memstack import AsyncMemory
+
+    async def main():
+        async with AsyncMemory(db_path, embedder=embedder) as m:
+            for f in FACTS:
+                await m.add(f, user_id="ann", kind="fact")
+            whole = await m.generate("Where does Ann live?", model=lm, user_id="ann",
+                                     max_new_tokens=12)
+            stream = await m.generate("Where does Ann live?", model=lm, user_id="ann",
+                                      max_new_tokens=12, stream=True)
+            pieces = [p async for p in stream]
+            return whole, pieces, stream.result
+
+    whole, pieces, result = asyncio.run(main())
+    assert "".join(pieces) == result.text == whole.text and result.token_ids == whole.token_ids

@@ -37,3 +37,27 @@ class AsyncMemory:
         call.__name__ = name
         call.__doc__ = method.__doc__
         return call
+
+    async def generate(self, query: str, **kwargs: Any) -> Any:
+        """Memory.generate, awaitable. With stream=True, an async iterator of text pieces (each
+        decoded in the worker thread) whose `.result` is the Generation once it is exhausted."""
+        result = await asyncio.to_thread(self.sync.generate, query, **kwargs)
+        return AsyncStream(result) if kwargs.get("stream") else result
+
+
+class AsyncStream:
+    """A generation's text pieces for `async for`; `result` once exhausted."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._pieces = stream, iter(stream)
+        self.result = None
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> str:
+        piece = await asyncio.to_thread(next, self._pieces, None)
+        if piece is None:
+            self.result = self._stream.result
+            raise StopAsyncIteration
+        return piece
