@@ -220,7 +220,7 @@ class ActivationTier:
             rows = [r for r in rows if r.id in {b.id for b in blocks}]
         block_tokens = [list(b.input_ids) for b in blocks] if use_cache else \
             [block_ids(self.lm, self._ordered(r)) for r in rows]
-        in_blocks = {i for r in rows for i in r.item_ids}
+        in_blocks = list(dict.fromkeys(i for r in rows for i in r.item_ids))
         rest = [h.item for h in hits if h.item.id not in in_blocks]
         header, _, tail = self.lm.segments(SYSTEM, [], _user_message(question, rest))
         prompt = Prompt(self.lm.ids(header), block_tokens, self.lm.ids(tail), blocks)
