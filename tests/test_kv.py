@@ -152,10 +152,10 @@ def test_a_changed_or_deleted_item_drops_its_block_from_disk_for_good(mem, facts
     after = mem.generate("What is the name of Ann's dog?", model=lm, user_id="ann",
                          max_new_tokens=8)
     assert row.id not in after.block_ids
+    files = list(mem.store.kv_dir.rglob("*.safetensors"))  # a block names its items' ids
+    assert all(facts[1].id.encode() not in p.read_bytes() for p in files)
     if change == "delete":
         assert facts[1].id not in after.memory_ids
-        files = mem.store.kv_dir.rglob("*.safetensors")
-        assert all(b"Biscuit" not in p.read_bytes() for p in files)
     assert tier.schedule().built  # rebuilt from the current text when hot again
 
 
@@ -195,8 +195,10 @@ def test_cli_schedules_lists_generates_and_drops(db_path, embedder, lm, monkeypa
     data = json.loads(runner.invoke(cli, [*base, "--json", "generate", "Ann's dog?", "--user",
                                           "ann", "--max-new-tokens", "4"]).output)
     assert set(data["block_ids"]) == set(built) and data["cached_tokens"] > 0
+    assert runner.invoke(cli, [*base, "kv", "drop"]).exit_code == 2
     dropped = json.loads(runner.invoke(cli, [*base, "--json", "kv", "drop", "--all"]).output)
     assert sorted(dropped["dropped"]) == sorted(built)
+    assert not list((db_path.parent / f"{db_path.name}.kv").rglob("*.safetensors"))
     bad = runner.invoke(cli, [*base, "generate", "x", "--model", str(db_path.parent)])
     assert bad.exit_code == 1 and "not a transformers model folder" in bad.output
 
@@ -209,7 +211,9 @@ def test_bench_kv_small(tmp_path, lm):
     row = data["sizes"][0]
     assert row["identical_outputs"] == 1 and 60 < row["block_tokens"] <= 96
     assert row["bytes_per_token"] == lm.bytes_per_token
-    assert row["ttft_seconds"]["cached_warm"] < row["ttft_seconds"]["plain_block_mask"]
+    assert row["kv_bytes"] == row["block_tokens"] * lm.bytes_per_token < row["file_bytes"]
+    assert set(row["ttft_seconds"]) == {"plain_block_mask", "plain_causal", "cached_warm",
+                                        "cached_from_file"}
 
 
 def test_async_generate_streams_in_a_worker_thread(db_path, embedder, lm):

@@ -12,6 +12,7 @@ from ._validate import limit as _limit
 from .ingest.rules import clean_text
 
 if TYPE_CHECKING:
+    from .store.kvblocks import BlockRow
     from .tiers.activation import ActivationTier, LocalModel, Stream
 
 
@@ -33,8 +34,9 @@ class TiersMixin:
         return self._models[key]
 
     def activation(self, model: "LocalModel | str | Path", **settings: Any) -> "ActivationTier":
-        """The activation tier (KV blocks) of this memory for a local model; `settings` (budget_bytes,
-        block_tokens, half_life_days, min_heat, max_blocks) apply when it is first made.
+        """The activation tier (KV blocks) of this memory for a local model. `settings`
+        (budget_bytes, block_tokens, half_life_days, min_heat, max_blocks) change the tier's;
+        those not given keep their values.
 
         >>> m.activation("smollm2", budget_bytes=64 << 20).schedule().built
         ['kv_3f2a...']
@@ -43,9 +45,23 @@ class TiersMixin:
 
         lm = self.local_model(model)
         tier = self._tiers.get(lm.key)
-        if tier is None or {**tier.settings, **settings} != tier.settings:
-            tier = self._tiers[lm.key] = ActivationTier(self, lm, **settings)  # type: ignore[arg-type]
+        merged = {**(tier.settings if tier else {}), **settings}
+        if tier is None or merged != tier.settings:
+            tier = ActivationTier(self, lm, **merged)
+            self._tiers[lm.key] = tier
         return tier
+
+    def kv_blocks(self) -> "list[BlockRow]":
+        """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""
+        return self.store.blocks()  # type: ignore[attr-defined]
+
+    def drop_kv_blocks(self, block_ids: Sequence[str] | None = None) -> list[str]:
+        """Delete KV blocks (rows, placements and files; all of them without ids); the scheduler
+        rebuilds them from current text when their items are hot. Returns the ids dropped."""
+        store = self.store  # type: ignore[attr-defined]
+        ids = [b.id for b in store.blocks()] if block_ids is None else list(block_ids)
+        with store.transaction():
+            return store.drop_blocks(ids)
 
     def generate(self, query: str, *, model: "LocalModel | str | Path",
                  user_id: str | None = None, agent_id: str | None = None,

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._models import Item
-from ..tiers.activation.block import build_block, load_block, save_block
+from ..store.sqlite import content_hash
+from ..tiers.activation.block import block_ids, build_block, load_block, save_block
 from ..tiers.activation.decode import Prompt, prefill, tokens
 from ..tiers.activation.model import SYSTEM, LocalModel
 
@@ -57,17 +58,13 @@ def facts(seed: int = 7) -> list[tuple[str, str, str]]:
 
 def _items(statements: list[str]) -> list[Item]:
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    import hashlib
-
     return [Item(id=f"bench{n}", kind="fact", content=s, cube="bench", recorded_at=now,
-                 content_hash=hashlib.sha256(s.encode()).hexdigest())
+                 content_hash=content_hash(s))
             for n, s in enumerate(statements)]
 
 
 def _fill(lm: LocalModel, size: int, pool: list[tuple[str, str, str]]) -> int:
     """How many facts of the pool make a block of at most `size` tokens."""
-    from ..tiers.activation.block import block_ids
-
     low, high = 1, len(pool)
     while low < high:
         mid = (low + high + 1) // 2

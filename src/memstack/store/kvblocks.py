@@ -55,13 +55,9 @@ class KVBlockRows:
         self._place(row.item_ids, row.id, add=True)
 
     def blocks(self, cube_id: int | None = None, model_key: str | None = None) -> list[BlockRow]:
-        where, params = ["1"], []
-        if cube_id is not None:
-            where.append("cube_id = ?"), params.append(cube_id)
-        if model_key is not None:
-            where.append("model_key = ?"), params.append(model_key)
         rows = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kv_blocks WHERE "
-                                 f"{' AND '.join(where)} ORDER BY created_at", params)
+                                 "(?1 IS NULL OR cube_id = ?1) AND (?2 IS NULL OR model_key = ?2) "
+                                 "ORDER BY created_at", (cube_id, model_key))
         return [_row(r) for r in rows]
 
     def block(self, block_id: str) -> BlockRow | None:

@@ -272,14 +272,17 @@ class SQLiteStore(KVBlockRows):
         return (row[0], _decode(row)) if row else None
 
     def items_by_rowid(self, rowids: Iterable[int]) -> dict[int, Item]:
-        rowids = list(rowids)
-        out: dict[int, Item] = {}
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
+        return {rowid: item for rowid, item in self._items_in("i.rowid", list(rowids))}
+
+    def items_by_id(self, ids: Iterable[str]) -> dict[str, Item]:
+        return {item.id: item for _, item in self._items_in("i.id", list(ids))}
+
+    def _items_in(self, column: str, keys: list[Any]) -> Iterator[tuple[int, Item]]:
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
             marks = ",".join("?" * len(part))
-            for row in self.conn.execute(_SELECT + f" WHERE i.rowid IN ({marks})", part):
-                out[row[0]] = _decode(row)
-        return out
+            for row in self.conn.execute(_SELECT + f" WHERE {column} IN ({marks})", part):
+                yield row[0], _decode(row)
 
     def select_items(self, where: str, params: Sequence[Any], *, order: str = "i.rowid",
                      limit: int | None = None, offset: int = 0) -> list[tuple[int, Item]]:

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .. import _errors as errors
 from ..cli import _emit, _open, console, scoped
 
 model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2",
@@ -79,7 +80,7 @@ def kv_schedule(ctx, model, budget_mb, block_tokens, half_life_days, min_heat):
 @click.pass_context
 def kv_list(ctx):
     """Every KV block: model key, scope, items, tokens, bytes, uses."""
-    rows = _open(ctx).store.blocks()
+    rows = _open(ctx).kv_blocks()
     data = [dict(r.__dict__) for r in rows]
     table = Table(title=f"{len(rows)} KV blocks")
     for name in ("id", "model", "user", "agent", "items", "tokens", "MB", "uses"):
@@ -96,8 +97,7 @@ def kv_list(ctx):
 @click.pass_context
 def kv_drop(ctx, block_ids, drop_all):
     """Delete KV blocks (rows and files); they are rebuilt by the scheduler when hot."""
-    memory = _open(ctx)
-    ids = [r.id for r in memory.store.blocks()] if drop_all else list(block_ids)
-    with memory.store.transaction():
-        dropped = memory.store.drop_blocks(ids)
+    if not drop_all and not block_ids:
+        raise errors.InvalidInputError("name the blocks to drop, or pass --all")
+    dropped = _open(ctx).drop_kv_blocks(None if drop_all else list(block_ids))
     _emit(ctx, {"dropped": dropped}, f"dropped {len(dropped)} blocks")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .block import KVBlock, compose
+from .block import KVBlock
 from .model import LocalModel
 
 
@@ -52,7 +52,7 @@ def prefill(lm: LocalModel, prompt: Prompt) -> tuple[Any, Any, int]:
     if prompt.cached:
         from transformers import DynamicCache
 
-        layers, length = lm.prefix(prompt.header, prompt.cached, compose)
+        layers, length = lm.prefix(prompt.header, prompt.cached)
         logits, cache = lm.forward(prompt.tail, length, DynamicCache(ddp_cache_data=layers))
         return logits, cache, length + len(prompt.tail)
     mask = block_mask(prompt) if prompt.blocks else None
@@ -100,6 +100,13 @@ class Timer:
     def mark(self) -> None:
         if self.first is None:
             self.first = time.perf_counter() - self.start
+
+    def timed(self, ids: Iterator[int]) -> Iterator[int]:
+        """The tokens, marking the first one's time (or the end, when there is none)."""
+        for token in ids:
+            self.mark()
+            yield token
+        self.mark()
 
     def total(self) -> float:
         return time.perf_counter() - self.start

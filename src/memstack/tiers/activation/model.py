@@ -126,7 +126,7 @@ class LocalModel:
     name: str
     folder: Path
     weights: str
-    _header_kv: dict[str, Any] = field(default_factory=dict, repr=False)
+    _header: tuple[Any, Any] = field(default=(None, None), repr=False)  # last (key, value)
     _prefix: tuple[Any, Any] = field(default=(None, None), repr=False)
 
     @classmethod
@@ -274,15 +274,17 @@ class LocalModel:
 
     def header_cache(self, ids: list[int]) -> list[tuple[Any, Any]]:
         """KV of the header (the system message), computed once per model and text."""
-        key = json.dumps(ids)
-        if key not in self._header_kv:
+        key = tuple(ids)
+        if self._header[0] != key:
             _, cache = self.forward(ids, 0)
-            self._header_kv = {key: [(layer.keys, layer.values) for layer in cache.layers]}
-        return self._header_kv[key]
+            self._header = (key, [(layer.keys, layer.values) for layer in cache.layers])
+        return self._header[1]
 
-    def prefix(self, header_ids: list[int], blocks: Any, compose: Any) -> tuple[Any, int]:
-        """compose(self, header_ids, blocks), remembered for the last header and block list
-        (blocks are immutable: a changed item gives a new block id)."""
+    def prefix(self, header_ids: list[int], blocks: Any) -> tuple[Any, int]:
+        """block.compose(self, header_ids, blocks), remembered for the last header and block
+        list (blocks are immutable: a changed item gives a new block id)."""
+        from .block import compose  # block.py builds on this module
+
         key = (tuple(header_ids), tuple(b.id for b in blocks), tuple(map(id, blocks)))
         if self._prefix[0] != key:
             self._prefix = (key, compose(self, header_ids, blocks))

@@ -17,6 +17,7 @@ Scheduling policy, stated once:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import OrderedDict
@@ -46,7 +47,7 @@ class ScheduleReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -122,8 +123,7 @@ class ActivationTier:
                 keep.append(plan)
                 used += size
         evicted = [p.row.id for p in plans if p.row and p not in keep]
-        with store.transaction():
-            store.drop_blocks(evicted)
+        self.drop(evicted)
         built = [self._build(p) for p in keep if p.row is None]
         kept = [p.row.id for p in keep if p.row is not None]
         return ScheduleReport(built, evicted, kept, sum(r.bytes for r in store.blocks(
@@ -178,12 +178,8 @@ class ActivationTier:
 
     def _items(self, ids: Sequence[str]) -> dict[str, Item]:
         """Live (active) items by id."""
-        out = {}
-        for item_id in dict.fromkeys(ids):
-            found = self.memory.store.item_by_id(item_id)
-            if found and found[1].status == "active":
-                out[item_id] = found[1]
-        return out
+        return {i: item for i, item in self.memory.store.items_by_id(ids).items()
+                if item.status == "active"}
 
     # blocks ----------------------------------------------------------------------------------
     def load(self, row: BlockRow) -> KVBlock:
@@ -201,8 +197,7 @@ class ActivationTier:
         return block
 
     def drop(self, block_ids: Sequence[str]) -> list[str]:
-        with self.memory.store.transaction():
-            dropped = self.memory.store.drop_blocks(block_ids)
+        dropped = self.memory.drop_kv_blocks(block_ids)
         for block_id in dropped:
             self._ram.pop(block_id, None)
         return dropped
@@ -232,32 +227,21 @@ class ActivationTier:
             with self.memory.store.transaction():
                 self.memory.store.use_blocks([r.id for r in rows])
         out: list[int] = []
-        state = {"reason": "stop"}
 
         def pieces() -> Iterator[str]:
             logits, cache, length = prefill(self.lm, prompt)
             ids = tokens(self.lm, logits, cache, length, max_new_tokens, temperature, seed)
-            yield from text_pieces(self.lm, self._count(ids, timer, state, max_new_tokens), out)
+            yield from text_pieces(self.lm, timer.timed(ids), out)
 
         def finish() -> Generation:
             cached = len(prompt.header) + sum(b.tokens for b in blocks) if blocks else 0
             return Generation(self.lm.tokenizer.decode(out, skip_special_tokens=True), list(out),
                               [*in_blocks, *(i.id for i in rest)], [r.id for r in rows],
                               cached, prompt.length - cached, round(timer.first or 0.0, 4),
-                              round(timer.total(), 4), state["reason"])
+                              round(timer.total(), 4),
+                              "length" if len(out) >= max_new_tokens else "stop")
 
         return Stream(pieces(), finish)
-
-    @staticmethod
-    def _count(ids: Iterator[int], timer: Timer, state: dict[str, str],
-               limit: int) -> Iterator[int]:
-        n = 0
-        for token in ids:
-            timer.mark()
-            n += 1
-            yield token
-        state["reason"] = "length" if n >= limit else "stop"
-        timer.mark()
 
     def _blocks_for(self, hits: list[Hit], session_id: str | None) -> list[BlockRow]:
         """Blocks of this model holding a hit, best hit first, within max_blocks. A block is
