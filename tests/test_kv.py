@@ -17,9 +17,9 @@ import torch  # noqa: E402
 
 from memstack import CacheMismatchError, StaleBlockError  # noqa: E402
 from memstack.cli import cli  # noqa: E402
-from memstack.tiers.activation import LocalModel, build_block, load_block, save_block  # noqa: E402
-from memstack.tiers.activation.decode import Prompt, prefill, tokens  # noqa: E402
-from memstack.tiers.activation.model import SYSTEM  # noqa: E402
+from memstack.tiers.activation import (LocalModel, block_overhead, build_block,  # noqa: E402
+                                       load_block, save_block)
+from memstack.tiers.activation.decode import layout, prefill, tokens  # noqa: E402
 
 FACTS = ["Ann lives in Lisbon and works as a carpenter.", "Ann has a dog named Biscuit.",
          "Bob drinks green tea every morning.", "Bob's sister Clara is a pilot.",
@@ -83,11 +83,10 @@ def test_a_block_for_another_model_or_changed_items_is_refused(lm, facts, tmp_pa
 def test_composed_blocks_generate_exactly_what_the_plain_prompt_does(lm, facts, order):
     blocks = [build_block(lm, f"b{n}", facts[2 * n:2 * n + 2]) for n in range(3)]
     before = [_digest(b) for b in blocks]
-    header = lm.ids(lm.segments(SYSTEM, [], "")[0])
-    tail = lm.ids(lm.segments(SYSTEM, [], "What is the name of Ann's dog?")[2])
     chosen = [blocks[i] for i in order]
-    plain = Prompt(header, [list(b.input_ids) for b in chosen], tail)
-    cached = Prompt(header, [list(b.input_ids) for b in chosen], tail, chosen)
+    question = "What is the name of Ann's dog?"
+    plain = layout(lm, [list(b.input_ids) for b in chosen], question)
+    cached = layout(lm, [list(b.input_ids) for b in chosen], question, chosen)
     plain_logits, plain_out = _greedy(lm, plain)
     for _ in range(2):  # twice: the second run reuses the remembered composition
         cached_logits, cached_out = _greedy(lm, cached)
@@ -99,7 +98,7 @@ def test_composed_blocks_generate_exactly_what_the_plain_prompt_does(lm, facts, 
 def test_generate_uses_blocks_and_matches_the_path_without_cache(mem, facts, lm):
     for query in ("dog", "Lisbon carpenter", "dog name", "band"):
         mem.search(query, user_id="ann")
-    report = mem.activation(lm, block_tokens=40).schedule()
+    report = mem.activation(lm, block_tokens=block_overhead(lm) + 32).schedule()
     assert report.built and not report.evicted
     cached = mem.generate("What is the name of Ann's dog?", model=lm, user_id="ann",
                           max_new_tokens=20)
@@ -118,8 +117,9 @@ def test_scheduler_promotes_by_heat_within_the_budget_and_evicts_the_coldest(mem
     for _ in range(3):
         mem.search("dog Biscuit", user_id="ann", top_k=1)
     mem.search("team meeting Thursday", user_id="ann", top_k=1)
-    one_block = 40 * lm.bytes_per_token
-    tier = mem.activation(lm, block_tokens=32, budget_bytes=one_block, min_heat=0.5)
+    frame = block_overhead(lm)  # one fact per block, and room for one block
+    one_block = (frame + 30) * lm.bytes_per_token
+    tier = mem.activation(lm, block_tokens=frame + 30, budget_bytes=one_block, min_heat=0.5)
     first = tier.schedule()
     assert len(first.built) == 1 and first.bytes <= one_block
     row = mem.store.block(first.built[0])
@@ -137,7 +137,7 @@ def test_scheduler_promotes_by_heat_within_the_budget_and_evicts_the_coldest(mem
 def test_a_changed_or_deleted_item_drops_its_block_from_disk_for_good(mem, facts, lm, change):
     for query in ("dog Biscuit", "Lisbon carpenter"):
         mem.search(query, user_id="ann", top_k=2)
-    tier = mem.activation(lm, block_tokens=64)
+    tier = mem.activation(lm, block_tokens=block_overhead(lm) + 56)
     built = tier.schedule().built
     row = next(mem.store.block(b) for b in built if facts[1].id in mem.store.block(b).item_ids)
     path = mem.store.kv_dir / row.file
@@ -161,7 +161,7 @@ def test_a_changed_or_deleted_item_drops_its_block_from_disk_for_good(mem, facts
 
 def test_a_block_file_out_of_step_with_the_text_is_never_used(mem, facts, lm, tmp_path):
     mem.search("dog Biscuit", user_id="ann", top_k=1)
-    tier = mem.activation(lm, block_tokens=64)
+    tier = mem.activation(lm, block_tokens=block_overhead(lm) + 56)
     row = mem.store.block(tier.schedule().built[0])
     saved = tmp_path / "old.safetensors"
     shutil.copy(mem.store.kv_dir / row.file, saved)
@@ -183,7 +183,7 @@ def test_cli_schedules_lists_generates_and_drops(db_path, embedder, lm, monkeypa
         m.search("dog", user_id="ann")
     runner = CliRunner()
     base = ["--db", str(db_path)]
-    out = runner.invoke(cli, [*base, "--json", "kv", "schedule", "--block-tokens", "64"])
+    out = runner.invoke(cli, [*base, "--json", "kv", "schedule", "--block-tokens", "120"])
     assert out.exit_code == 0, out.output
     built = json.loads(out.output)["built"]
     assert built

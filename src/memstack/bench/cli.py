@@ -291,23 +291,27 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
               help="Timed runs per question (the median is kept).")
 @click.option("--new-tokens", default=32, show_default=True, type=int,
               help="Greedy tokens compared between the cached and plain paths.")
+@click.option("--blocks", default=1, show_default=True, type=int,
+              help="Split each size into this many blocks (composed at generation).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results",
               show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
-def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, out, workdir):
+def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, workdir):
     """Time to first token with and without a KV block, bytes per token, output equality."""
     from . import kv
 
-    if min(sizes) < 32 or questions < 1 or repeats < 1 or new_tokens < 1:
-        raise InvalidInputError("--size >= 32 and --questions, --repeats, --new-tokens >= 1")
+    if min(sizes) < 32 or min(questions, repeats, new_tokens, blocks) < 1:
+        raise InvalidInputError("--size >= 32 and --questions, --repeats, --new-tokens, "
+                                "--blocks >= 1")
     with console.status("loading the model...") as status:
-        data = kv.run(model, tuple(sizes), questions, repeats, new_tokens, workdir,
+        data = kv.run(model, tuple(sizes), questions, repeats, new_tokens, workdir, blocks,
                       progress=lambda s: status.update(s))
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "kv.json").write_text(json.dumps(data, indent=2))
+    stem = "kv" if blocks == 1 else f"kv-{blocks}-blocks"
+    (Path(out) / f"{stem}.json").write_text(json.dumps(data, indent=2))
     table = Table(title=f"memstack kv: {data['model']['name']} {data['model']['dtype']}, "
-                        f"{data['threads']} threads, median of {repeats}")
+                        f"{data['threads']} threads, {blocks} block(s), median of {repeats}")
     for name in ("tokens", "causal ms", "block ms", "warm ms", "file ms", "x warm", "x file",
                  "KB/tok", "same", "right"):
         table.add_column(name, justify="right")

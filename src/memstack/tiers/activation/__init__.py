@@ -6,10 +6,10 @@
 >>> m.generate("Where does Ann live?", model=lm, user_id="ann").text
 """
 
-from .block import KVBlock, build_block, compose, load_block, render_block, save_block
+from .block import KVBlock, block_overhead, build_block, compose, load_block, render_block, save_block
 from .model import SMOLLM2, TEMPLATE_VERSION, LocalModel, models_dir, smollm2_folder
 from .tier import ActivationTier, ScheduleReport, Stream
 
-__all__ = ["LocalModel", "KVBlock", "ActivationTier", "ScheduleReport", "Stream", "build_block",
+__all__ = ["LocalModel", "KVBlock", "ActivationTier", "ScheduleReport", "Stream", "build_block", "block_overhead",
            "compose", "load_block", "save_block", "render_block", "models_dir", "smollm2_folder",
            "SMOLLM2", "TEMPLATE_VERSION"]

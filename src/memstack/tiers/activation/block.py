@@ -2,11 +2,10 @@
 model, persisted as safetensors with the model's identity and the items' ids and content
 hashes, and composed with other blocks at any position.
 
-A block is encoded alone, attending only to itself, at positions origin..origin+n-1 (origin: the
-length of the default header, where a first block sits). Placed at offset o in a prompt, its
-keys are re-rotated by o - origin (RoPE), its values kept: exactly what the model computes for
-the same tokens at o when they attend only to their own block (attention depends on relative
-positions only). The prompt path without
+A block is a whole system message (the instructions, then its memories), encoded alone at
+positions 0..n-1, where a first block sits. Placed at offset o in a prompt, its keys are
+re-rotated by o (RoPE), its values kept: exactly what the model computes for the same tokens at o
+when they attend only to their own block (attention depends on relative positions only). The prompt path without
 cache uses that same attention pattern (see decode.py), so generation from cached blocks and
 from plain text is token-for-token the same.
 """
@@ -67,10 +66,15 @@ def block_ids(lm: LocalModel, items: Sequence[Item]) -> list[int]:
     return lm.ids(text)
 
 
+def block_overhead(lm: LocalModel) -> int:
+    """Tokens of a block without memories (the message frame, instructions and title)."""
+    return len(block_ids(lm, []))
+
+
 def build_block(lm: LocalModel, block_id: str, items: Sequence[Item]) -> KVBlock:
-    """Encode items as one block, alone, starting where a first block sits after the header."""
+    """Encode items as one block, alone, where a first block sits (position 0)."""
     ids = block_ids(lm, items)
-    origin = len(lm.ids(lm.segments(SYSTEM, [], "")[0]))
+    origin = 0
     _, cache = lm.forward(ids, origin)
     keys = tuple(layer.keys.clone() for layer in cache.layers)
     values = tuple(layer.values.clone() for layer in cache.layers)
@@ -143,8 +147,10 @@ def compose(lm: LocalModel, header_ids: list[int], blocks: Sequence[KVBlock]
         offsets.append(at)
         at += block.tokens
     layers = []
-    for n, (hk, hv) in enumerate(header):
-        keys = [hk] + [lm.shift_keys(b.keys[n], o - b.origin) for b, o in zip(blocks, offsets)]
-        values = [hv] + [b.values[n] for b in blocks]
+    for n in range(len(blocks[0].keys) if blocks else 0):
+        keys = [lm.shift_keys(b.keys[n], o - b.origin) for b, o in zip(blocks, offsets)]
+        values = [b.values[n] for b in blocks]
+        if header is not None:
+            keys, values = [header[n][0], *keys], [header[n][1], *values]
         layers.append((torch.cat(keys, dim=2), torch.cat(values, dim=2)))
     return layers, at

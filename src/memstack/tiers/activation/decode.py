@@ -1,6 +1,8 @@
 """A prompt of header, memory blocks and tail; its prefill from cached blocks or from plain
 tokens (the same attention pattern either way); and token-by-token decoding.
 
+A prompt with blocks has no header (each block carries the instructions, see
+LocalModel.segments); one without blocks starts with the system message.
 Attention pattern: the header is causal; each block's tokens see only their own block (that is
 what makes a block's KV cache independent of where it is placed); the tail (other memories as
 text, the question, the assistant's start) and every generated token see everything before.
@@ -10,10 +12,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .block import KVBlock
-from .model import LocalModel
+from .model import SYSTEM, LocalModel
 
 
 @dataclass
@@ -29,6 +31,14 @@ class Prompt:
 
     def ids(self) -> list[int]:
         return [*self.header, *(t for b in self.blocks for t in b), *self.tail]
+
+
+def layout(lm: LocalModel, blocks: list[list[int]], user: str,
+           cached: Sequence[KVBlock] = ()) -> Prompt:
+    """The prompt for memory blocks (token ids, with their caches when `cached`) and a user
+    message."""
+    header, _, tail = lm.segments(SYSTEM, [], user)
+    return Prompt([] if blocks else lm.ids(header), blocks, lm.ids(tail), list(cached))
 
 
 def block_mask(prompt: Prompt) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..._errors import MissingExtraError, ModelError
 
-TEMPLATE_VERSION = "kv-v1"  # how blocks and prompts are rendered; part of a block's identity
+TEMPLATE_VERSION = "kv-v2"  # how blocks and prompts are rendered; part of a block's identity
 SMOLLM2 = "smollm2"
 SYSTEM = ("You are a helpful assistant with a memory. Answer the user's question from the "
           "memories given, briefly. If they do not say, answer that you do not know.")
@@ -212,18 +212,22 @@ class LocalModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def segments(self, system: str, blocks: list[str], user: str) -> tuple[str, list[str], str]:
-        """The prompt as separately tokenized pieces: the header (system message), one message
-        per memory block, and the tail (user message and the assistant's start). Each block's
-        text is the same wherever it is placed, so its KV cache can be reused."""
+        """The prompt as separately tokenized pieces: a header, one piece per memory block, and
+        the tail (user message and the assistant's start).
+
+        Without blocks the header is the system message. With blocks there is no header: each
+        block is a whole system message, the instructions followed by its memories, so a block
+        reads like the start of an ordinary prompt (one block is exactly the causal prompt) and
+        its text is the same wherever it is placed."""
         if not getattr(self.tokenizer, "chat_template", None):
-            return (f"{system}\n\n", [f"{b}\n" for b in blocks],
+            return ("" if blocks else f"{system}\n\n", [f"{system}\n\n{b}\n\n" for b in blocks],
                     f"{user}\nAnswer:")
         header = self._render([{"role": "system", "content": system}])
-        parts = [self._render([{"role": "system", "content": system},
-                               {"role": "system", "content": b}])[len(header):] for b in blocks]
+        parts = [self._render([{"role": "system", "content": f"{system}\n\n{b}"}])
+                 for b in blocks]
         tail = self._render([{"role": "system", "content": system},
                              {"role": "user", "content": user}], generation=True)[len(header):]
-        return header, parts, tail
+        return ("" if blocks else header), parts, tail
 
     def _render(self, messages: list[dict[str, str]], generation: bool = False) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -272,9 +276,12 @@ class LocalModel:
             turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
             return torch.cat([rot * cos + turned * sin, rest], dim=-1)
 
-    def header_cache(self, ids: list[int]) -> list[tuple[Any, Any]]:
-        """KV of the header (the system message), computed once per model and text."""
+    def header_cache(self, ids: list[int]) -> list[tuple[Any, Any]] | None:
+        """KV of the header (the system message), computed once per model and text; None
+        without a header."""
         key = tuple(ids)
+        if not key:
+            return None
         if self._header[0] != key:
             _, cache = self.forward(ids, 0)
             self._header = (key, [(layer.keys, layer.values) for layer in cache.layers])

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ..._errors import CacheMismatchError, InvalidInputError, StaleBlockError
 from ..._models import Generation, Hit, Item
 from ...store.kvblocks import BlockRow
-from .block import KVBlock, block_ids, build_block, load_block, render_item, save_block
-from .decode import Prompt, Timer, prefill, text_pieces, tokens
-from .model import SYSTEM, LocalModel
+from .block import KVBlock, block_ids, block_overhead, build_block, load_block, render_item, save_block
+from .decode import Timer, layout, prefill, text_pieces, tokens
+from .model import LocalModel
 
 if TYPE_CHECKING:
     from ..._memory import Memory
@@ -144,14 +144,15 @@ class ActivationTier:
         for item in sorted(items, key=lambda i: -self.heat(i, now)):
             groups.setdefault((item.cube, item.user_id, item.agent_id), []).append(item)
         plans: list[_Plan] = []
+        frame = block_overhead(self.lm)
         for members in groups.values():
             current: _Plan | None = None
             for item in members:
                 size = len(self.lm.ids(render_item(item))) + 1
-                if size + 8 > self.block_tokens:
+                if size + frame > self.block_tokens:
                     continue  # too long for any block: it stays text
                 if current is None or current.tokens + size > self.block_tokens:
-                    current = _Plan([], 0.0, 8)
+                    current = _Plan([], 0.0, frame)
                     plans.append(current)
                 current.items.append(item)
                 current.heat += self.heat(item, now)
@@ -217,8 +218,7 @@ class ActivationTier:
             [block_ids(self.lm, self._ordered(r)) for r in rows]
         in_blocks = list(dict.fromkeys(i for r in rows for i in r.item_ids))
         rest = [h.item for h in hits if h.item.id not in in_blocks]
-        header, _, tail = self.lm.segments(SYSTEM, [], _user_message(question, rest))
-        prompt = Prompt(self.lm.ids(header), block_tokens, self.lm.ids(tail), blocks)
+        prompt = layout(self.lm, block_tokens, _user_message(question, rest), blocks)
         if prompt.length + max_new_tokens > self.lm.max_positions:
             raise InvalidInputError(f"the prompt ({prompt.length} tokens) and max_new_tokens "
                                     f"exceed the model's {self.lm.max_positions} positions; "
