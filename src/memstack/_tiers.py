@@ -1,5 +1,5 @@
-"""Memory's methods for the derived tiers (activation: KV blocks of a local model). A mixin so
-that the facade in _memory.py stays one readable module."""
+"""Memory's methods for the derived tiers (activation: KV blocks of a local model; parametric:
+LoRA shards). A mixin so that the facade in _memory.py stays one readable module."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .ingest.rules import clean_text
 if TYPE_CHECKING:
     from .store.kvblocks import BlockRow
     from .tiers.activation import ActivationTier, LocalModel, Stream
+    from .tiers.parametric import ParametricTier, ShardReport, TrainSettings
 
 
 class TiersMixin:
@@ -50,6 +51,52 @@ class TiersMixin:
             tier = ActivationTier(self, lm, **merged)
             self._tiers[lm.key] = tier
         return tier
+
+    def parametric(self, model: "LocalModel | str | Path") -> "ParametricTier":
+        """The parametric tier (LoRA shards) of this memory for a local model."""
+        from .tiers.parametric import ParametricTier
+
+        lm = self.local_model(model)
+        key = f"parametric:{lm.key}"
+        if key not in self._tiers:
+            self._tiers[key] = ParametricTier(self, lm)  # type: ignore[assignment]
+        return self._tiers[key]  # type: ignore[return-value]
+
+    def consolidate(self, *, model: "LocalModel | str | Path", user_id: str | None = None,
+                    agent_id: str | None = None, cube: str | None = None,
+                    selection: str | Sequence[str] = "facts",
+                    settings: "TrainSettings | None" = None, replay: Sequence[str] | None = None,
+                    parent: str | None = None, progress: Any = None) -> "ShardReport":
+        """Train a LoRA shard on stable items of a scope (facts first), audit it and save it.
+
+        >>> m.consolidate(model="smollm2", user_id="ann").audit["reliability"]
+        1.0
+        """
+        from .tiers.parametric import TrainSettings
+
+        tier = self.parametric(model)
+        items = tier.select(user_id=user_id, agent_id=agent_id, cube=cube, selection=selection)
+        return tier.consolidate(items, settings or TrainSettings(), replay=replay, parent=parent,
+                                **({"progress": progress} if progress else {}))
+
+    def audit(self, shard_id: str, *, model: "LocalModel | str | Path",
+              nonmembers: Sequence[Any] = ()) -> dict[str, Any]:
+        """Audit a shard again on its items as they are now (reliability, generalization,
+        locality, perplexity, extractability, canary exposure, membership inference when
+        `nonmembers` items are given)."""
+        from .tiers.parametric.samples import item_samples
+
+        tier = self.parametric(model)
+        row = tier._shard(shard_id)
+        live = [i for i in self.store.items_by_id(row.item_ids).values()  # type: ignore[attr-defined]
+                if i.status == "active"]
+        if not live:
+            raise InvalidInputError(f"shard {shard_id} holds no active item; run maintain")
+        return tier.audit_model(tier.load(shard_id), [item_samples(i) for i in live], nonmembers)
+
+    def maintain(self, *, model: "LocalModel | str | Path") -> list[dict[str, Any]]:
+        """Retrain stale shards without the items deleted since (or drop them)."""
+        return self.parametric(model).maintain()
 
     def kv_blocks(self) -> "list[BlockRow]":
         """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""

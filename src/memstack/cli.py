@@ -287,10 +287,20 @@ def stats(ctx):
 
 
 @cli.command()
+@click.argument("shard", required=False)
 @click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2", show_default=True,
+              help="With SHARD: the shard's base model ('smollm2' or a folder).")
+@click.option("--out", type=click.Path(file_okay=False), default="shard-audit",
+              show_default=True, help="With SHARD: folder for audit.json, .md and .png.")
 @click.pass_context
-def audit(ctx, limit):
-    """The append-only log of writes."""
+def audit(ctx, shard, limit, model, out):
+    """The append-only log of writes; with SHARD, audit that LoRA shard (what it recalls,
+    generalizes, leaves alone, and memorized verbatim)."""
+    if shard:
+        from .tiers.cli import shard_audit
+
+        return shard_audit(ctx, shard, model, Path(out))
     rows = [e.to_dict() for e in _open(ctx).audit_log(limit=limit)]
     table = Table(title="audit log")
     for name in ("seq", "at", "actor", "action", "cube", "item_ids"):
@@ -530,11 +540,11 @@ def main() -> None:
 
 
 from .bench.cli import bench  # noqa: E402  (the bench commands use the helpers above)
-from .tiers.cli import generate, kv  # noqa: E402
+from .tiers.cli import consolidate, generate, kv, maintain, shards  # noqa: E402
 
 cli.add_command(bench)
-cli.add_command(generate)
-cli.add_command(kv)
+for command in (generate, kv, consolidate, maintain, shards):
+    cli.add_command(command)
 
 
 if __name__ == "__main__":  # pragma: no cover

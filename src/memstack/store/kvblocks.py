@@ -96,13 +96,19 @@ class KVBlockRows:
         return self.drop_blocks(held)
 
     def _place(self, item_ids: list[str], block_id: str, *, add: bool) -> None:
-        for item_id in item_ids:
-            row = self.conn.execute("SELECT rowid, kv_blocks FROM items WHERE id = ?",
-                                    (item_id,)).fetchone()
-            if row is None:
-                continue
-            placed = [b for b in json.loads(row[1] or "[]") if b != block_id]
-            if add:
-                placed.append(block_id)
-            self.conn.execute("UPDATE items SET kv_blocks = ? WHERE rowid = ?",
-                              (json.dumps(placed), row[0]))
+        place(self.conn, "kv_blocks", item_ids, block_id, add=add)
+
+
+def place(conn: Any, column: str, item_ids: list[str], tier_id: str, *, add: bool) -> None:
+    """Add or remove a block or shard id in the items' placement column (kv_blocks, shards)."""
+    assert column in ("kv_blocks", "shards")
+    for item_id in item_ids:
+        row = conn.execute(f"SELECT rowid, {column} FROM items WHERE id = ?",
+                           (item_id,)).fetchone()
+        if row is None:
+            continue
+        placed = [b for b in json.loads(row[1] or "[]") if b != tier_id]
+        if add:
+            placed.append(tier_id)
+        conn.execute(f"UPDATE items SET {column} = ? WHERE rowid = ?",
+                     (json.dumps(placed), row[0]))

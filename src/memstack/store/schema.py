@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _V1 = """
 CREATE TABLE cubes (
@@ -142,5 +142,21 @@ CREATE TABLE kv_blocks (
 CREATE INDEX kv_blocks_scope ON kv_blocks (cube_id, model_key);
 """
 
+# v5: LoRA shards of the parametric tier (adapters are folders beside the database); a change
+# to an item a shard was trained on marks the shard stale until `maintain` retrains it
+_V5 = """
+CREATE TABLE shards (
+  id TEXT PRIMARY KEY,
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  model_key TEXT NOT NULL,
+  folder TEXT NOT NULL,          -- relative to the database's .shards folder
+  item_ids TEXT NOT NULL,        -- JSON list of the items trained on
+  parent TEXT,                   -- the shard this one continued from (sequential)
+  status TEXT NOT NULL CHECK (status IN ('active','stale')),
+  changed_items TEXT NOT NULL DEFAULT '[]',  -- items changed or deleted since training
+  created_at REAL NOT NULL
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}

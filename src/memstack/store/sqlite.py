@@ -23,6 +23,7 @@ from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError,
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
 from .kvblocks import KVBlockRows
+from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "user_id", "agent_id",
@@ -109,7 +110,7 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore(KVBlockRows):
+class SQLiteStore(KVBlockRows, ShardRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
@@ -233,6 +234,7 @@ class SQLiteStore(KVBlockRows):
     def update_item(self, rowid: int, fields: dict[str, Any]) -> None:
         if "content" in fields or "status" in fields:  # derived tiers no longer match the text
             self.drop_blocks_of_items([rowid])
+            self.mark_shards_stale([rowid])
         row = _encode(fields)
         sets = ", ".join(f"{name} = ?" for name in row)
         self.conn.execute(f"UPDATE items SET {sets} WHERE rowid = ?", (*row.values(), rowid))

@@ -3,7 +3,10 @@ model is --model (env MEMSTACK_MODEL): 'smollm2' or a local transformers model f
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -11,6 +14,8 @@ from rich.table import Table
 
 from .. import _errors as errors
 from ..cli import _emit, _open, console, scoped
+from .parametric.train import METHODS
+
 
 model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2",
                             show_default=True,
@@ -101,3 +106,84 @@ def kv_drop(ctx, block_ids, drop_all):
         raise errors.InvalidInputError("name the blocks to drop, or pass --all")
     dropped = _open(ctx).drop_kv_blocks(None if drop_all else list(block_ids))
     _emit(ctx, {"dropped": dropped}, f"dropped {len(dropped)} blocks")
+
+
+def _train_progress(description: str) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/"
+                    "{task.total} steps, loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+@click.command()
+@scoped
+@model_option
+@click.option("--selection", default="facts", show_default=True,
+              help="'facts' (core, fact, insight, procedure), 'all' (turns too), or item ids "
+                   "separated by commas.")
+@click.option("--method", type=click.Choice(METHODS), default="replay_gere",
+              show_default=True, help="Guard against forgetting.")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--rank", default=16, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--replay-file", type=click.File("r"),
+              help="General texts to replay, one per line (default: the base model's own).")
+@click.option("--parent", help="Continue from this shard (sequential consolidation).")
+@click.pass_context
+def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, epochs, rank, lr,
+                replay_file, parent):
+    """Train a LoRA shard on stable memories, audit it, save it."""
+    from .parametric import TrainSettings
+
+    memory = _open(ctx)
+    chosen = selection if selection in ("facts", "all") else \
+        [s.strip() for s in selection.split(",") if s.strip()]
+    replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
+    settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr)
+    with _train_progress("consolidating") as bar:
+        task = bar.add_task("train", total=None, loss=0.0)
+        report = memory.consolidate(
+            model=model, user_id=user_id, agent_id=agent_id, selection=chosen,
+            settings=settings, replay=replay, parent=parent,
+            progress=lambda d, t, loss: bar.update(task, completed=d, total=t, loss=loss))
+    summary = {k: v for k, v in report.audit.items() if k != "per_item"}
+    _emit(ctx, report.to_dict(), f"shard {report.id}: {report.items} items, {report.samples} "
+                                 f"samples, {report.seconds} s\n{json.dumps(summary, indent=1)}")
+
+
+@click.command()
+@model_option
+@click.pass_context
+def maintain(ctx, model):
+    """Retrain stale shards without the items changed or deleted since (or drop them)."""
+    done = _open(ctx).maintain(model=model)
+    _emit(ctx, done, "\n".join(f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in done)
+          or "no stale shard")
+
+
+@click.command()
+@click.pass_context
+def shards(ctx):
+    """Every LoRA shard: status, items, parent."""
+    rows = _open(ctx).store.shards()
+    table = Table(title=f"{len(rows)} shards")
+    for name in ("id", "status", "items", "changed", "parent"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(r.id, r.status, str(len(r.item_ids)), str(len(r.changed_items)),
+                      r.parent or "")
+    _emit(ctx, [dict(r.__dict__) for r in rows], table)
+
+
+def shard_audit(ctx: click.Context, shard: str, model: str, out: Path) -> None:
+    from .parametric.report import write
+
+    memory = _open(ctx)
+    with Console(stderr=True).status(f"auditing {shard}..."):
+        result = memory.audit(shard, model=model)
+    manifest = memory.parametric(model).manifest(shard)
+    paths = write(shard, result, manifest, out)
+    summary = {k: v for k, v in result.items() if k != "per_item"}
+    _emit(ctx, result, f"{json.dumps(summary, indent=1)}\nwritten: "
+                       f"{', '.join(str(p) for p in paths)}")

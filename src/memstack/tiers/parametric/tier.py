@@ -1,0 +1,211 @@
+"""The parametric tier of one Memory for one local model: consolidation of stable items into LoRA
+shards, their audits, and their upkeep when items change or are deleted.
+
+A shard is a folder `<db>.shards/<id>/`: the adapter (peft, safetensors) and manifest.json with
+the base model's identity, the items' ids and content hashes, the hyperparameters, the training
+curve and the audit results. Its row in the `shards` table says which items it holds; a change to
+any of them marks it stale, and maintain() retrains it on what is left (or drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..._errors import InvalidInputError, NotFoundError, TierError
+from ..._models import Item
+from ...store.shards import ShardRow
+from ..activation.model import LocalModel
+from . import audit as audits
+from .samples import ItemSamples, Sample, item_samples
+from .train import Trainer, TrainSettings, self_synthesized
+
+if TYPE_CHECKING:
+    from ..._memory import Memory
+
+STABLE_KINDS = ("core", "fact", "insight", "procedure")  # facts first; turns only on request
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    id: str
+    items: int
+    samples: int
+    seconds: float
+    final_loss: float
+    audit: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ParametricTier:
+    def __init__(self, memory: "Memory", model: LocalModel) -> None:
+        self.memory, self.lm = memory, model
+        self._replay: list[Sample] | None = None
+
+    # consolidation ---------------------------------------------------------------------------
+    def select(self, *, user_id: str | None = None, agent_id: str | None = None,
+               cube: str | None = None, selection: str | Sequence[str] = "facts") -> list[Item]:
+        """Items to consolidate: "facts" (core, fact, insight, procedure), "all" (turns too),
+        or a list of item ids; only active items, oldest first."""
+        store = self.memory.store
+        if not isinstance(selection, str):
+            found = store.items_by_id(selection)
+            missing = [i for i in selection if i not in found]
+            if missing:
+                raise NotFoundError(f"no memory with id {missing[0]!r}")
+            return [found[i] for i in selection if found[i].status == "active"]
+        if selection not in ("facts", "all"):
+            raise InvalidInputError("selection is 'facts', 'all' or a list of item ids")
+        kinds = STABLE_KINDS + (("turn",) if selection == "all" else ())
+        where = (f"i.status = 'active' AND i.kind IN ({','.join('?' * len(kinds))}) "
+                 "AND i.cube_id = ?")
+        params: list[Any] = [*kinds, store.cube(cube or self.memory.default_cube).id]
+        for column, value in (("user_id", user_id), ("agent_id", agent_id)):
+            if value is not None:
+                where += f" AND i.{column} = ?"
+                params.append(value)
+        return [item for _, item in store.select_items(where, params)]
+
+    def consolidate(self, items: Sequence[Item], settings: TrainSettings = TrainSettings(),
+                    *, replay: Sequence[str] | None = None, parent: str | None = None,
+                    rehearse: Sequence[Item] = (), nonmembers: Sequence[Item] = (),
+                    progress: Callable[[int, int, float], None] = lambda d, t, l: None
+                    ) -> ShardReport:
+        """Train a shard on `items` (and `rehearse`: earlier items replayed), continuing from
+        `parent` when given; audit it; save adapter and manifest; register it."""
+        if not items:
+            raise InvalidInputError("nothing to consolidate: no active items in the selection")
+        started = time.perf_counter()
+        per_item = [item_samples(i) for i in items]
+        train = [s for p in per_item for s in p.train] + \
+            [s for i in rehearse for s in item_samples(i).train]
+        model = self._fresh_model()
+        parent_row = self._shard(parent) if parent else None
+        trainer = Trainer(model, self.lm.tokenizer, settings,
+                          str(self._folder(parent_row)) if parent_row else None)
+        replayed = self._replay_samples(trainer, replay) if settings.method != "none" else []
+        curve = trainer.train(train, replayed, progress)
+        result = self.audit_model(trainer.model, per_item, nonmembers)
+        shard_id = f"shard_{uuid.uuid4().hex[:12]}"
+        folder = self.memory.store.shard_dir / shard_id
+        trainer.model.save_pretrained(str(folder))
+        manifest = self._manifest(shard_id, items, settings, curve, result, parent, replay,
+                                  len(replayed), len(train))
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        self._register(shard_id, items, parent)
+        return ShardReport(shard_id, len(items), len(train),
+                           round(time.perf_counter() - started, 1),
+                           round(curve.steps[-1]["fact_loss"], 4), result)
+
+    def _fresh_model(self) -> Any:
+        """A model of its own for training (peft changes the module it wraps)."""
+        return LocalModel.load(self.lm.folder).model
+
+    def _replay_samples(self, trainer: Trainer, given: Sequence[str] | None) -> list[Sample]:
+        if given:
+            return [Sample("Continue the text.", t) for t in given]
+        if self._replay is None:  # self-synthesized once per tier (the base model's answers)
+            with trainer.model.disable_adapter():
+                self._replay = self_synthesized(trainer.model, self.lm.tokenizer)
+        return self._replay
+
+    def _manifest(self, shard_id: str, items: Sequence[Item], settings: TrainSettings,
+                  curve: Any, result: dict[str, Any], parent: str | None,
+                  replay: Sequence[str] | None, replayed: int, samples: int) -> dict[str, Any]:
+        return {"id": shard_id, "base": self.lm.identity, "parent": parent,
+                "items": [{"id": i.id, "content_hash": i.content_hash} for i in items],
+                "settings": settings.to_dict(), "samples": samples,
+                "replay": {"source": "given" if replay else "self-synthesized",
+                           "samples": replayed},
+                "curve": curve.steps, "train_seconds": curve.seconds, "audit": result,
+                "created_at": time.time()}
+
+    def _register(self, shard_id: str, items: Sequence[Item], parent: str | None) -> None:
+        store = self.memory.store
+        with store.transaction():
+            current = store.items_by_id([i.id for i in items])
+            changed = [i.id for i in items if i.id not in current
+                       or current[i.id].content_hash != i.content_hash
+                       or current[i.id].status != "active"]
+            row = ShardRow(shard_id, store.cube(items[0].cube).id, self.lm.key, shard_id,
+                           [i.id for i in items], parent, "stale" if changed else "active",
+                           changed, time.time())
+            store.insert_shard(row)
+
+    # audits ----------------------------------------------------------------------------------
+    def audit_model(self, model: Any, per_item: Sequence[ItemSamples],
+                    nonmembers: Sequence[Item] = ()) -> dict[str, Any]:
+        tok = self.lm.tokenizer
+        reliable = audits.recall(model, tok, per_item)
+        general = audits.recall(model, tok, per_item, heldout=True)
+        ppl, base_ppl = audits.perplexity(model, tok), audits.perplexity(model, tok, base=True)
+        out: dict[str, Any] = {
+            "reliability": round(sum(reliable) / len(reliable), 4),
+            "generalization": round(sum(general) / len(general), 4),
+            "locality": round(audits.locality(model, tok), 4),
+            "perplexity": round(ppl, 3), "base_perplexity": round(base_ppl, 3),
+            "perplexity_increase": round(ppl / base_ppl - 1, 4),
+            "k_extractable": round(audits.extractable(model, tok, per_item), 4),
+            "per_item": {s.item.id: {"reliable": r, "generalized": g}
+                         for s, r, g in zip(per_item, reliable, general)}}
+        canaries = [(s, s.item.metadata.get("canary")) for s in per_item
+                    if isinstance((s.item.metadata or {}).get("canary"), str)]
+        if canaries:
+            out["canary_exposure"] = {s.item.id: round(audits.exposure(model, tok, s, secret), 3)
+                                      for s, secret in canaries}
+        if nonmembers:
+            out["membership_auc"] = audits.membership(model, tok, per_item,
+                                                      [item_samples(i) for i in nonmembers])
+        return out
+
+    def load(self, shard_id: str) -> Any:
+        """The base model with the shard's adapter, for audits and generation."""
+        from peft import PeftModel
+
+        row = self._shard(shard_id)
+        manifest = self.manifest(shard_id)
+        if manifest["base"]["weights_sha256"] != self.lm.weights:
+            raise TierError(f"shard {shard_id} was trained on another base model")
+        model = PeftModel.from_pretrained(self._fresh_model(), str(self._folder(row)))
+        return model.eval()
+
+    def manifest(self, shard_id: str) -> dict[str, Any]:
+        return json.loads((self._folder(self._shard(shard_id)) / "manifest.json").read_text())
+
+    # upkeep ----------------------------------------------------------------------------------
+    def maintain(self, settings: TrainSettings | None = None,
+                 progress: Callable[[int, int, float], None] = lambda d, t, l: None
+                 ) -> list[dict[str, Any]]:
+        """Retrain each stale shard of this model on its items that are still active (their
+        current text), from the base model, or drop it when none is left."""
+        done = []
+        for row in self.memory.store.shards(status="stale"):
+            if row.model_key != self.lm.key:
+                continue
+            left = [i for i in self.memory.store.items_by_id(row.item_ids).values()
+                    if i.status == "active"]
+            old = self.manifest(row.id)
+            new = None
+            if left:
+                kept = settings or TrainSettings(**{k: tuple(v) if k == "targets" else v
+                                                    for k, v in old["settings"].items()})
+                new = self.consolidate(left, kept, progress=progress).id
+            with self.memory.store.transaction():
+                self.memory.store.drop_shard(row.id)
+            done.append({"stale": row.id, "changed_items": row.changed_items,
+                         "retrained": new})
+        return done
+
+    def _shard(self, shard_id: str) -> ShardRow:
+        row = self.memory.store.shard(shard_id)
+        if row is None:
+            raise NotFoundError(f"no shard {shard_id!r}; list them with `memstack shards`")
+        return row
+
+    def _folder(self, row: ShardRow) -> Any:
+        return self.memory.store.shard_dir / row.folder

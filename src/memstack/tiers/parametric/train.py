@@ -1,0 +1,241 @@
+"""LoRA training of a shard on memory samples, with a selectable guard against forgetting.
+
+Methods (each measured against the others by `memstack bench consolidate`):
+- "none": facts only.
+- "replay": facts plus general samples by plain next-token loss (rehearsal). The samples are
+  the base model's own answers to general prompts (self-synthesized rehearsal) or texts given.
+- "replay_kl": replay plus KL(base || adapted) on the replay tokens' next-token distributions.
+- "replay_l2": replay plus the squared distance between adapted and base final hidden states.
+- "replay_gere": replay plus GeRe's threshold-margin loss (Zhang et al. 2025, "GeRe: Towards
+  Efficient Anti-Forgetting in Continual Learning of LLM via General Samples Replay"): per
+  dimension of the final hidden state, bands mean +- one standard deviation computed with the
+  adapter disabled over the replay set; a token's activation is penalised only when it leaves
+  the band (low, middle, high) the base model put it in, by how far it left.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+from ..._errors import InvalidInputError
+from .samples import Sample
+
+Method = Literal["none", "replay", "replay_kl", "replay_l2", "replay_gere"]
+METHODS: tuple[str, ...] = ("none", "replay", "replay_kl", "replay_l2", "replay_gere")
+REPLAY_PROMPTS = (  # general prompts whose base-model answers become replay samples
+    "Explain what a library is.", "Describe a sunny day.", "What is a bicycle used for?",
+    "Give one tip for learning a new language.", "Why do people drink water?",
+    "Describe a cat in two sentences.", "What is the purpose of a calendar?",
+    "How do you make a cup of tea?", "Name three things found in a kitchen.",
+    "What happens in autumn?", "Why is sleep important?", "What does a teacher do?",
+    "Describe the sea.", "How does a train work?", "What is a good breakfast?",
+    "Why do birds fly south in winter?")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyperparameters of one shard (recorded in its manifest)."""
+
+    method: Method = "replay_gere"
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 8
+    replay_batch: int = 4
+    reg_weight: float = 1.0
+    max_tokens: int = 96
+    seed: int = 0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                "up_proj", "down_proj")
+
+    def check(self) -> "TrainSettings":
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {', '.join(METHODS)}")
+        if min(self.rank, self.alpha, self.epochs, self.batch_size, self.replay_batch) < 1 \
+                or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16:
+            raise InvalidInputError("rank, alpha, epochs, batch sizes >= 1; 0 < lr < 1; "
+                                    "reg_weight >= 0; max_tokens >= 16")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode(tokenizer: Any, sample: Sample, max_tokens: int) -> tuple[list[int], list[int]]:
+    """Chat-formatted prompt and answer; the loss is on the answer and its end token only."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                           tokenize=False, add_generation_prompt=True)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [_end(tokenizer)]
+    ids = (p + a)[:max_tokens]
+    return ids, ([-100] * len(p) + a)[:max_tokens]
+
+
+def _end(tokenizer: Any) -> int:
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return end if isinstance(end, int) and end != tokenizer.unk_token_id else \
+        tokenizer.eos_token_id
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), width), pad)
+    y = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, (ids, labels) in enumerate(rows):
+        x[n, :len(ids)], y[n, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
+        mask[n, :len(ids)] = 1
+    return x, y, mask  # (B, T) each
+
+
+def self_synthesized(model: Any, tokenizer: Any, prompts: Sequence[str] = REPLAY_PROMPTS,
+                     max_new_tokens: int = 48) -> list[Sample]:
+    """Replay samples written by the base model itself (greedy answers to general prompts)."""
+    import torch
+
+    out = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or _end(tokenizer))
+        answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        if answer:
+            out.append(Sample(prompt, answer))
+    return out
+
+
+@dataclass
+class Curve:
+    steps: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """One LoRA adapter on a model (a PeftModel around it); train() then save or audit."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: TrainSettings,
+                 adapter_from: str | None = None) -> None:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.settings, self.tokenizer = settings.check(), tokenizer
+        torch.manual_seed(settings.seed)
+        if adapter_from:  # continue from an earlier shard (sequential consolidation)
+            self.model = PeftModel.from_pretrained(model, adapter_from, is_trainable=True)
+        else:
+            config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                                target_modules=list(settings.targets), task_type="CAUSAL_LM")
+            self.model = get_peft_model(model, config)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end(tokenizer)
+
+    def train(self, samples: Sequence[Sample], replay: Sequence[Sample] = (),
+              progress: Callable[[int, int, float], None] = lambda d, t, l: None) -> Curve:
+        import torch
+
+        s = self.settings
+        rng = random.Random(s.seed)
+        facts = [encode(self.tokenizer, x, s.max_tokens) for x in samples]
+        general = [encode(self.tokenizer, x, s.max_tokens) for x in replay] \
+            if s.method != "none" else []
+        if s.method != "none" and not general:
+            raise InvalidInputError(f"method {s.method} needs replay samples")
+        anchors = self._anchors(general) if s.method in ("replay_l2", "replay_gere") else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=s.lr)
+        per_epoch = max(1, (len(facts) + s.batch_size - 1) // s.batch_size)
+        total, curve, started = per_epoch * s.epochs, Curve(), time.perf_counter()
+        self.model.train()
+        for step in range(total):
+            if step % per_epoch == 0:
+                order = rng.sample(range(len(facts)), len(facts))
+            chunk = order[(step % per_epoch) * s.batch_size:][:s.batch_size]
+            loss, parts = self._step([facts[i] for i in chunk], general, anchors, rng)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.steps.append({"step": step + 1, **parts})
+            progress(step + 1, total, parts["loss"])
+        self.model.eval()
+        curve.seconds = round(time.perf_counter() - started, 1)
+        return curve
+
+    def _step(self, batch: list, general: list, anchors: Any, rng: random.Random
+              ) -> tuple[Any, dict[str, float]]:
+        x, y, mask = collate(batch, self.pad)
+        fact_loss = self.model(input_ids=x, attention_mask=mask, labels=y).loss
+        parts = {"fact_loss": float(fact_loss.detach())}
+        loss = fact_loss
+        if general:
+            picked = rng.sample(range(len(general)), min(self.settings.replay_batch, len(general)))
+            gx, gy, gmask = collate([general[i] for i in picked], self.pad)
+            out = self.model(input_ids=gx, attention_mask=gmask, labels=gy,
+                             output_hidden_states=self.settings.method != "replay")
+            parts["replay_loss"] = float(out.loss.detach())
+            loss = loss + out.loss
+            reg = self._regulariser(out, gx, gmask, picked, anchors)
+            if reg is not None:
+                parts["reg"] = float(reg.detach())
+                loss = loss + self.settings.reg_weight * reg
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def _regulariser(self, out: Any, x: Any, mask: Any, picked: list[int], anchors: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        method, valid = self.settings.method, mask.bool()
+        if method == "replay_kl":
+            with torch.no_grad(), self.model.disable_adapter():
+                base = self.model(input_ids=x, attention_mask=mask).logits
+            kl = F.kl_div(F.log_softmax(out.logits, -1), F.log_softmax(base, -1),
+                          log_target=True, reduction="none").sum(-1)  # (B, T)
+            return kl[valid].mean()
+        if method not in ("replay_l2", "replay_gere"):
+            return None
+        h = out.hidden_states[-1]  # (B, T, D), after the final norm
+        base_h = _gather(anchors["hidden"], picked, h.shape)
+        if method == "replay_l2":
+            return ((h - base_h) ** 2).sum(-1)[valid].mean()
+        low, high = anchors["mean"] - anchors["std"], anchors["mean"] + anchors["std"]
+        band = _gather(anchors["band"], picked, h.shape)  # 0 low, 1 middle, 2 high
+        over = torch.where(band == 0, F.relu(h - low),
+                           torch.where(band == 2, F.relu(high - h),
+                                       F.relu(low - h) + F.relu(h - high)))
+        return over.mean(-1)[valid].mean()
+
+    def _anchors(self, general: list) -> dict[str, Any]:
+        """Final hidden states of the replay set with the adapter disabled, their per-dimension
+        mean and standard deviation, and each token's band."""
+        import torch
+
+        hidden = []
+        with torch.no_grad(), self.model.disable_adapter():
+            for ids, labels in general:
+                x, _, mask = collate([(ids, labels)], self.pad)
+                hidden.append(self.model(input_ids=x, attention_mask=mask,
+                                         output_hidden_states=True).hidden_states[-1][0])
+        flat = torch.cat(hidden)  # (all tokens, D)
+        mean, std = flat.mean(0), flat.std(0)
+        bands = [(h > mean - std).long() + (h > mean + std).long() for h in hidden]
+        return {"hidden": hidden, "band": bands, "mean": mean, "std": std}
+
+
+def _gather(per_sample: list, picked: list[int], shape: Any) -> Any:
+    """Per-sample (T_i, D) tensors of the picked samples, right-padded to (B, T, D)."""
+    import torch
+
+    out = torch.zeros(shape, dtype=per_sample[0].dtype)
+    for row, i in enumerate(picked):
+        t = per_sample[i][:shape[1]]
+        out[row, :t.shape[0]] = t
+    return out
