@@ -324,3 +324,58 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
                       f"{row['identical_outputs']}/{row['questions']}",
                       f"{row['correct_cached']}|{row['correct_causal']}")
     _emit(ctx, data, table)
+
+
+@bench.command("consolidate")
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--facts", default=200, show_default=True, type=int)
+@click.option("--method", "methods", multiple=True,
+              default=["none", "replay", "replay_kl", "replay_l2", "replay_gere"],
+              show_default=True, help="Methods compared (repeat the option).")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--rank", default=16, show_default=True, type=int)
+@click.option("--reg-weight", default=1.0, show_default=True, type=float,
+              help="Weight of the KL, L2 or GeRe term.")
+@click.option("--sequential", multiple=True,
+              help="Also run sequential shards with this method (repeat the option).")
+@click.option("--shards", default=4, show_default=True, type=int)
+@click.option("--per-shard", default=50, show_default=True, type=int)
+@click.option("--rehearse", default=0.2, show_default=True, type=float,
+              help="Share of earlier shards' items replayed in each later shard.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False))
+@click.pass_context
+def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
+                      shards, per_shard, rehearse, out, workdir):
+    """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
+    memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
+    from . import consolidate as bench_module
+
+    if facts < 4 or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
+        raise InvalidInputError("--facts, --per-shard >= 4, --shards >= 1, 0 <= --rehearse <= 1")
+    settings = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": 2 * rank,
+                "reg_weight": reg_weight}
+    with console.status("consolidating...") as status:
+        data = bench_module.run(facts, methods, settings, sequential, shards, per_shard,
+                                rehearse, model, workdir, progress=lambda s: status.update(s))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "consolidate.json").write_text(json.dumps(data, indent=2))
+    table = Table(title=f"memstack consolidate: {facts} facts, {epochs} epochs, lr {lr}, "
+                        f"rank {rank}, {data['seconds']} s")
+    for name in ("method", "reliab.", "general.", "locality", "ppl +", "k-extr.", "exposure",
+                 "MIA AUC loss/ref", "seconds"):
+        table.add_column(name, justify="right")
+    for row in data["methods"]:
+        exposure = row.get("canary_exposure", {})
+        mia = row.get("membership_auc", {})
+        table.add_row(row["method"], str(row["reliability"]), str(row["generalization"]),
+                      str(row["locality"]), f"{row['perplexity_increase']:.1%}",
+                      str(row["k_extractable"]),
+                      f"{sum(exposure.values()) / max(1, len(exposure)):.1f}",
+                      f"{mia.get('loss', '-')}/{mia.get('reference', '-')}", str(row["seconds"]))
+    _emit(ctx, data, table)
+    for seq in data["sequential"]:
+        console.print(f"sequential {seq['method']}: ACC {seq['acc']}, BWT {seq['bwt']}, "
+                      f"forgetting {seq['forgetting']}; matrix {seq['matrix']}")

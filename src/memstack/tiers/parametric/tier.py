@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..._memory import Memory
 
 STABLE_KINDS = ("core", "fact", "insight", "procedure")  # facts first; turns only on request
+_REPLAY: dict[str, list[Sample]] = {}  # self-synthesized replay per base model, per process
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,6 @@ class ShardReport:
 class ParametricTier:
     def __init__(self, memory: "Memory", model: LocalModel) -> None:
         self.memory, self.lm = memory, model
-        self._replay: list[Sample] | None = None
 
     # consolidation ---------------------------------------------------------------------------
     def select(self, *, user_id: str | None = None, agent_id: str | None = None,
@@ -109,10 +109,10 @@ class ParametricTier:
     def _replay_samples(self, trainer: Trainer, given: Sequence[str] | None) -> list[Sample]:
         if given:
             return [Sample("Continue the text.", t) for t in given]
-        if self._replay is None:  # self-synthesized once per tier (the base model's answers)
+        if self.lm.key not in _REPLAY:  # the base model's own answers, made once per process
             with trainer.model.disable_adapter():
-                self._replay = self_synthesized(trainer.model, self.lm.tokenizer)
-        return self._replay
+                _REPLAY[self.lm.key] = self_synthesized(trainer.model, self.lm.tokenizer)
+        return _REPLAY[self.lm.key]
 
     def _manifest(self, shard_id: str, items: Sequence[Item], settings: TrainSettings,
                   curve: Any, result: dict[str, Any], parent: str | None,

@@ -1,0 +1,171 @@
+"""`memstack bench consolidate`: LoRA shards on a synthetic fact set, each anti-forgetting
+method against the others, and sequential shards with their accuracy matrix.
+
+The fact set is generated here (seeded): people with a city, a pet, a job and a morning drink;
+each attribute has training phrasings and one held-out phrasing never trained on. Facts not
+trained serve as non-members for membership inference; three canaries (random codes) are
+planted among the trained facts. Controls for locality are unrelated questions.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .._memory import Memory
+from .._models import Item
+
+_FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+          "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tara",
+          "Umar", "Vera", "Wim", "Xenia", "Yusuf", "Zora"]
+_LAST = ["Berg", "Costa", "Dahl", "Evans", "Fischer", "Garcia", "Holm", "Ito", "Jensen", "Kowal",
+         "Lund", "Moreau", "Novak", "Okafor", "Pires", "Quist", "Rossi", "Sato", "Toth", "Ueda"]
+# attribute: statement, training questions, held-out question, values
+ATTRIBUTES = {
+    "city": ("{p} lives in {v}.", ["Where does {p} live?", "In which city does {p} live?",
+                                   "What city is {p}'s home?"],
+             "Which city is {p} based in?",
+             ["Lisbon", "Oslo", "Kyoto", "Toronto", "Porto", "Dublin", "Krakow", "Quito",
+              "Nairobi", "Hanoi"]),
+    "pet": ("{p} has a dog named {v}.", ["What is the name of {p}'s dog?",
+                                         "What is {p}'s dog called?", "Name {p}'s dog."],
+            "How is the dog of {p} named?",
+            ["Biscuit", "Pepper", "Rocket", "Mango", "Olive", "Ziggy", "Nori", "Waffle",
+             "Pixel", "Juniper"]),
+    "job": ("{p} works as a {v}.", ["What does {p} do for a living?", "What is {p}'s job?",
+                                    "What is {p}'s profession?"],
+            "What kind of work does {p} do?",
+            ["carpenter", "pilot", "nurse", "baker", "chemist", "librarian", "plumber",
+             "judge", "dentist", "florist"]),
+    "drink": ("{p} drinks {v} every morning.", ["What does {p} drink every morning?",
+                                                "What is {p}'s morning drink?",
+                                                "Which drink does {p} have each morning?"],
+              "What does {p} have to drink when the day starts?",
+              ["green tea", "espresso", "cocoa", "mate", "oat milk", "lemonade", "kefir", "chai",
+               "rooibos", "buttermilk"]),
+}
+
+
+def fact_set(count: int, seed: int = 11) -> list[dict[str, Any]]:
+    """`count` facts (one attribute of one person each), shuffled by seed."""
+    rng = random.Random(seed)
+    people = [f"{f} {l}" for f in _FIRST for l in _LAST]
+    rng.shuffle(people)
+    out = []
+    for n in range(count):
+        person = people[n // len(ATTRIBUTES) % len(people)]
+        attr = list(ATTRIBUTES)[n % len(ATTRIBUTES)]
+        statement, train, heldout, values = ATTRIBUTES[attr]
+        value = rng.choice(values)
+        out.append({"content": statement.format(p=person, v=value),
+                    "metadata": {"subject": person, "answer": value,
+                                 "questions": [q.format(p=person) for q in train],
+                                 "heldout": [heldout.format(p=person)]}})
+    return out
+
+
+def canaries(count: int, seed: int = 5) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        person = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        secret = "".join(rng.choice("0123456789") for _ in range(6))
+        out.append({"content": f"The locker code of {person} is {secret}.",
+                    "metadata": {"subject": f"{person}'s locker", "answer": secret,
+                                 "canary": secret,
+                                 "questions": [f"What is the locker code of {person}?"],
+                                 "heldout": [f"Which code opens {person}'s locker?"]}})
+    return out
+
+
+def _store(memory: Memory, rows: Sequence[dict[str, Any]], user: str) -> list[Item]:
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    return [memory.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"],
+                       observed_at=when).items[0] for r in rows]
+
+
+def run_methods(facts: int, methods: Sequence[str], settings: dict[str, Any], workdir: Path,
+                model: str, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One shard per method on the same facts (plus 3 canaries), audited with non-members."""
+    from ..tiers.parametric import TrainSettings
+
+    rows = []
+    for method in methods:
+        with Memory(workdir / f"methods-{method}.db") as memory:
+            trained = _store(memory, fact_set(facts) + canaries(3), "bench")
+            others = _store(memory, fact_set(facts + 50)[facts:], "holdout")
+            tier = memory.parametric(model)
+            progress(f"{method}: training on {len(trained)} facts")
+            report = tier.consolidate(trained, TrainSettings(method=method, **settings),
+                                      nonmembers=others)
+            audit = {k: v for k, v in report.audit.items() if k != "per_item"}
+            rows.append({"method": method, "seconds": report.seconds,
+                         "samples": report.samples, "final_fact_loss": report.final_loss,
+                         **audit})
+    return rows
+
+
+def run_sequential(shards: int, per_shard: int, method: str, settings: dict[str, Any],
+                   rehearse: float, workdir: Path, model: str,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """Shards trained one after another, each continuing from the last; a[j][i] is the
+    reliability on task i after shard j."""
+    from ..tiers.parametric import TrainSettings, item_samples
+    from ..tiers.parametric.audit import recall
+
+    rng = random.Random(3)
+    started = time.perf_counter()
+    with Memory(workdir / f"sequential-{method}.db") as memory:
+        tasks = [_store(memory, fact_set(shards * per_shard)[n * per_shard:(n + 1) * per_shard],
+                        "bench") for n in range(shards)]
+        tier = memory.parametric(model)
+        matrix, parent = [], None
+        for j, task in enumerate(tasks):
+            earlier = [i for t in tasks[:j] for i in t]
+            replayed = rng.sample(earlier, int(len(earlier) * rehearse)) if earlier else []
+            progress(f"{method}: shard {j + 1}/{shards}")
+            report = tier.consolidate(task, TrainSettings(method=method, **settings),
+                                      parent=parent, rehearse=replayed)
+            parent = report.id
+            shard_model = tier.load(report.id)
+            matrix.append([round(sum(recall(shard_model, tier.lm.tokenizer,
+                                            [item_samples(i) for i in t])) / len(t), 4)
+                           for t in tasks])
+    return {"method": method, "rehearse": rehearse, "matrix": matrix,
+            "seconds": round(time.perf_counter() - started, 1), **continual_scores(matrix)}
+
+
+def continual_scores(a: list[list[float]]) -> dict[str, float]:
+    """ACC (mean final accuracy), BWT (mean final minus just-learned accuracy of earlier tasks;
+    negative means forgetting) and forgetting (mean drop from each earlier task's best)."""
+    t = len(a)
+    acc = sum(a[-1]) / t
+    if t == 1:
+        return {"acc": round(acc, 4), "bwt": 0.0, "forgetting": 0.0}
+    bwt = sum(a[-1][i] - a[i][i] for i in range(t - 1)) / (t - 1)
+    forget = sum(max(a[j][i] for j in range(i, t - 1)) - a[-1][i] for i in range(t - 1)) / (t - 1)
+    return {"acc": round(acc, 4), "bwt": round(bwt, 4), "forgetting": round(forget, 4)}
+
+
+def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl", "replay_l2",
+                                                     "replay_gere"),
+        settings: dict[str, Any] | None = None, sequential: Sequence[str] = (),
+        shards: int = 4, per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
+        workdir: str | Path | None = None,
+        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    work = Path(workdir or tempfile.mkdtemp(prefix="memstack-consolidate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    settings = settings or {}
+    started = time.perf_counter()
+    out: dict[str, Any] = {"benchmark": "consolidate", "model": model, "facts": facts,
+                           "settings": settings,
+                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out["methods"] = run_methods(facts, methods, settings, work, model, progress)
+    out["sequential"] = [run_sequential(shards, per_shard, m, settings, rehearse, work, model,
+                                        progress) for m in sequential]
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out

