@@ -38,6 +38,9 @@ def test_a_shard_learns_its_facts_and_the_audit_says_so(planted):
     assert manifest["base"]["weights_sha256"] and len(manifest["items"]) == 9
     assert all(i["content_hash"] for i in manifest["items"])
     assert (planted.store.shard_dir / report.id / "adapter_model.safetensors").exists()
+    fact = next(i for i in planted.get_all(user_id="ann") if "canary" not in i.metadata)
+    reply = planted.ask(fact.metadata["questions"][0], model="smollm2", user_id="ann")
+    assert reply["shard"] == report.id and reply["text"]  # routed by the question's hits
     again = planted.audit(report.id, model="smollm2")  # reloaded from disk: the same model
     assert again["reliability"] == report.audit["reliability"]
     assert again["k_extractable"] == report.audit["k_extractable"]

@@ -94,6 +94,25 @@ class TiersMixin:
             raise InvalidInputError(f"shard {shard_id} holds no active item; run maintain")
         return tier.audit_model(tier.load(shard_id), [item_samples(i) for i in live], nonmembers)
 
+    def ask(self, question: str, *, model: "LocalModel | str | Path", shard: str = "auto",
+            user_id: str | None = None, agent_id: str | None = None,
+            max_new_tokens: int = 64) -> dict[str, Any]:
+        """Answer from a shard's weights alone, no retrieval; shard "auto" routes the question
+        to the shard holding most of its best search hits. Returns {"shard", "text"}.
+
+        >>> m.ask("Where does Ann live?", model="smollm2", user_id="ann")["text"]
+        'Ann lives in Lisbon.'
+        """
+        question = clean_text(question, what="question")
+        tier = self.parametric(model)
+        chosen = tier.route(question, user_id=user_id, agent_id=agent_id) \
+            if shard == "auto" else shard
+        if chosen is None:
+            raise InvalidInputError("no active shard holds memories about this question; "
+                                    "consolidate first or name a shard")
+        return {"shard": chosen, "text": tier.ask(question, chosen,
+                                                  max_new_tokens=max_new_tokens)}
+
     def maintain(self, *, model: "LocalModel | str | Path") -> list[dict[str, Any]]:
         """Retrain stale shards without the items deleted since (or drop them)."""
         return self.parametric(model).maintain()

@@ -187,3 +187,18 @@ def shard_audit(ctx: click.Context, shard: str, model: str, out: Path) -> None:
     summary = {k: v for k, v in result.items() if k != "per_item"}
     _emit(ctx, result, f"{json.dumps(summary, indent=1)}\nwritten: "
                        f"{', '.join(str(p) for p in paths)}")
+
+
+@click.command()
+@click.argument("question")
+@scoped
+@model_option
+@click.option("--shard", default="auto", show_default=True,
+              help="A shard id, or 'auto' to route by the question's search hits.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.pass_context
+def ask(ctx, question, user_id, agent_id, session_id, model, shard, max_new_tokens):
+    """Answer QUESTION from a LoRA shard's weights alone (no retrieval)."""
+    reply = _open(ctx).ask(question, model=model, shard=shard, user_id=user_id,
+                           agent_id=agent_id, max_new_tokens=max_new_tokens)
+    _emit(ctx, reply, f"{reply['text']}\n[dim]shard {reply['shard']}[/]")

@@ -177,6 +177,31 @@ class ParametricTier:
     def manifest(self, shard_id: str) -> dict[str, Any]:
         return json.loads((self._folder(self._shard(shard_id)) / "manifest.json").read_text())
 
+    # use -------------------------------------------------------------------------------------
+    def route(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
+              top_k: int = 10) -> str | None:
+        """The active shard of this model that holds most of the query's best search hits
+        (weighted by rank): routing by similarity between the query and each shard's items."""
+        votes: dict[str, float] = {}
+        for rank, hit in enumerate(self.memory._find(query, user_id=user_id, agent_id=agent_id,
+                                                     top_k=top_k)):
+            for shard_id in hit.item.shards:
+                votes[shard_id] = votes.get(shard_id, 0.0) + 1.0 / (rank + 1)
+        for shard_id in sorted(votes, key=votes.get, reverse=True):  # type: ignore[arg-type]
+            row = self.memory.store.shard(shard_id)
+            if row and row.status == "active" and row.model_key == self.lm.key:
+                return shard_id
+        return None
+
+    def ask(self, question: str, shard_id: str, *, max_new_tokens: int = 64) -> str:
+        """The shard's model answers from its weights alone (no retrieval), greedily."""
+        from .audit import _chat, greedy
+
+        model = self.load(shard_id)
+        reply = greedy(model, self.lm.tokenizer, [_chat(self.lm.tokenizer, question)],
+                       max_new_tokens)[0]
+        return self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
+
     # upkeep ----------------------------------------------------------------------------------
     def maintain(self, settings: TrainSettings | None = None,
                  progress: Callable[[int, int, float], None] = lambda d, t, l: None

@@ -32,7 +32,22 @@ REPLAY_PROMPTS = (  # general prompts whose base-model answers become replay sam
     "How do you make a cup of tea?", "Name three things found in a kitchen.",
     "What happens in autumn?", "Why is sleep important?", "What does a teacher do?",
     "Describe the sea.", "How does a train work?", "What is a good breakfast?",
-    "Why do birds fly south in winter?")
+    "Why do birds fly south in winter?", "What is the tallest mountain in the world?",
+    "How many days are in a week?", "What colour is the sky on a clear day?",
+    "Which animal is known as the king of the jungle?", "What do plants need to grow?",
+    "What is the opposite of hot?", "How many hours are in a day?",
+    "What is the largest ocean on Earth?", "What do cows drink?",
+    "Which instrument has black and white keys?", "What is ice made of?",
+    "What gas do humans breathe in?", "Name a vegetable that is orange.",
+    "What is the boiling point of water in Celsius?", "Which month comes after June?",
+    "What shape has three sides?", "Who wrote Romeo and Juliet?",
+    "What is the main language of Brazil?", "How many continents are there?",
+    "What do you call a baby dog?", "Which is bigger, the Sun or the Moon?",
+    "What is a synonym for happy?", "Write one sentence about friendship.",
+    "Give an example of a mammal that lives in the sea.", "What is rain?",
+    "Summarise what a doctor does.", "How do you say hello in French?",
+    "What is the freezing point of water?", "What are clouds made of?",
+    "Name a famous painter.", "Why do we need bridges?", "What is a computer?")
 
 
 @dataclass(frozen=True)
