@@ -105,3 +105,19 @@ def test_continual_scores_and_auc():
     scores = continual_scores(matrix)
     assert scores == {"acc": 0.7, "bwt": -0.3, "forgetting": 0.3}
     assert auc([3, 4], [1, 2]) == 1.0 and auc([1, 2], [1, 2]) == 0.5
+
+
+def test_a_shard_continued_from_another_is_stale_when_an_inherited_item_goes(db_path, embedder):
+    rows = fact_set(6)
+    with Memory(db_path, embedder=embedder) as m:
+        first = [m.add(r["content"], user_id="ann", kind="fact", metadata=r["metadata"]).items[0]
+                 for r in rows[:3]]
+        second = [m.add(r["content"], user_id="bob", kind="fact", metadata=r["metadata"]).items[0]
+                  for r in rows[3:]]
+        one = TrainSettings(method="none", epochs=1)
+        a = m.consolidate(model="smollm2", user_id="ann", settings=one)
+        b = m.consolidate(model="smollm2", user_id="bob", settings=one, parent=a.id)
+        row = m.store.shard(b.id)
+        assert row.parent == a.id and set(row.item_ids) == {i.id for i in first + second}
+        m.delete(first[0].id)  # its trace is in b's weights too, through a
+        assert m.store.shard(a.id).status == "stale" and m.store.shard(b.id).status == "stale"

@@ -357,11 +357,13 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
         raise InvalidInputError("--facts, --per-shard >= 4, --shards >= 1, 0 <= --rehearse <= 1")
     settings = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": 2 * rank,
                 "reg_weight": reg_weight}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    target = Path(out) / "consolidate.json"
     with console.status("consolidating...") as status:
         data = bench_module.run(facts, methods, settings, sequential, shards, per_shard,
-                                rehearse, model, workdir, progress=lambda s: status.update(s))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "consolidate.json").write_text(json.dumps(data, indent=2))
+                                rehearse, model, workdir, progress=lambda s: status.update(s),
+                                partial=lambda d: target.write_text(json.dumps(d, indent=2)))
+    target.write_text(json.dumps(data, indent=2))
     table = Table(title=f"memstack consolidate: {facts} facts, {epochs} epochs, lr {lr}, "
                         f"rank {rank}, {data['seconds']} s")
     for name in ("method", "reliab.", "general.", "locality", "ppl +", "k-extr.", "exposure",

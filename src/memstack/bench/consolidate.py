@@ -89,11 +89,12 @@ def _store(memory: Memory, rows: Sequence[dict[str, Any]], user: str) -> list[It
 
 
 def run_methods(facts: int, methods: Sequence[str], settings: dict[str, Any], workdir: Path,
-                model: str, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One shard per method on the same facts (plus 3 canaries), audited with non-members."""
+                model: str, progress: Callable[[str], None],
+                rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One shard per method on the same facts (plus 3 canaries), audited with non-members;
+    each result is appended to `rows` as soon as it is measured."""
     from ..tiers.parametric import TrainSettings
 
-    rows = []
     for method in methods:
         with Memory(workdir / f"methods-{method}.db") as memory:
             trained = _store(memory, fact_set(facts) + canaries(3), "bench")
@@ -156,7 +157,9 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
         settings: dict[str, Any] | None = None, sequential: Sequence[str] = (),
         shards: int = 4, per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
         workdir: str | Path | None = None,
-        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+        progress: Callable[[str], None] = lambda s: None,
+        partial: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
+    """Everything; `partial(result so far)` after each method and sequential run."""
     work = Path(workdir or tempfile.mkdtemp(prefix="memstack-consolidate-"))
     work.mkdir(parents=True, exist_ok=True)
     settings = settings or {}
@@ -164,8 +167,12 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
     out: dict[str, Any] = {"benchmark": "consolidate", "model": model, "facts": facts,
                            "settings": settings,
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out["methods"] = run_methods(facts, methods, settings, work, model, progress)
-    out["sequential"] = [run_sequential(shards, per_shard, m, settings, rehearse, work, model,
-                                        progress) for m in sequential]
+    out["methods"], out["sequential"] = [], []
+    run_methods(facts, methods, settings, work, model,
+                lambda s: (partial(out), progress(s)), out["methods"])
+    for method in sequential:
+        out["sequential"].append(run_sequential(shards, per_shard, method, settings, rehearse,
+                                                work, model, progress))
+        partial(out)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out

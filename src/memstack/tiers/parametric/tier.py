@@ -77,7 +77,10 @@ class ParametricTier:
                     progress: Callable[[int, int, float], None] = lambda d, t, l: None
                     ) -> ShardReport:
         """Train a shard on `items` (and `rehearse`: earlier items replayed), continuing from
-        `parent` when given; audit it; save adapter and manifest; register it."""
+        `parent` when given; audit it; save adapter and manifest; register it.
+
+        The shard is recorded as holding everything in its weights: its items, the rehearsed
+        ones and its parent's, so deleting any of them makes it stale too."""
         if not items:
             raise InvalidInputError("nothing to consolidate: no active items in the selection")
         started = time.perf_counter()
@@ -91,6 +94,7 @@ class ParametricTier:
         replayed = self._replay_samples(trainer, replay) if settings.method != "none" else []
         curve = trainer.train(train, replayed, progress)
         result = self.audit_model(trainer.model, per_item, nonmembers)
+        items = self._lineage(items, rehearse, parent_row)
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
         folder = self.memory.store.shard_dir / shard_id
         trainer.model.save_pretrained(str(folder))
@@ -101,6 +105,14 @@ class ParametricTier:
         return ShardReport(shard_id, len(items), len(train),
                            round(time.perf_counter() - started, 1),
                            round(curve.steps[-1]["fact_loss"], 4), result)
+
+    def _lineage(self, items: Sequence[Item], rehearse: Sequence[Item],
+                 parent: ShardRow | None) -> list[Item]:
+        held = {i.id: i for i in [*items, *rehearse]}
+        inherited = self.memory.store.items_by_id(parent.item_ids) if parent else {}
+        for item_id, item in inherited.items():
+            held.setdefault(item_id, item)
+        return list(held.values())
 
     def _fresh_model(self) -> Any:
         """A model of its own for training (peft changes the module it wraps)."""
