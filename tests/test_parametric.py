@@ -41,6 +41,10 @@ def test_a_shard_learns_its_facts_and_the_audit_says_so(planted):
     fact = next(i for i in planted.get_all(user_id="ann") if "canary" not in i.metadata)
     reply = planted.ask(fact.metadata["questions"][0], model="smollm2", user_id="ann")
     assert reply["shard"] == report.id and reply["text"]  # routed by the question's hits
+    unrelated = planted.ask("What is the capital of France?", model="smollm2", user_id="ann")
+    assert unrelated["shard"] is None  # close to no consolidated memory: the base model answers
+    assert unrelated["text"] == planted.parametric("smollm2").ask(
+        "What is the capital of France?", None)
     again = planted.audit(report.id, model="smollm2")  # reloaded from disk: the same model
     assert again["reliability"] == report.audit["reliability"]
     assert again["k_extractable"] == report.audit["k_extractable"]
@@ -121,3 +125,36 @@ def test_a_shard_continued_from_another_is_stale_when_an_inherited_item_goes(db_
         assert row.parent == a.id and set(row.item_ids) == {i.id for i in first + second}
         m.delete(first[0].id)  # its trace is in b's weights too, through a
         assert m.store.shard(a.id).status == "stale" and m.store.shard(b.id).status == "stale"
+
+
+def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_path, embedder,
+                                                                        tmp_path):
+    rows = fact_set(8)
+    with Memory(db_path, embedder=embedder) as m:
+        for user, part in (("ann", rows[:4]), ("bob", rows[4:])):
+            for r in part:
+                m.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"])
+        a = m.consolidate(model="smollm2", user_id="ann", settings=FAST)
+        b = m.consolidate(model="smollm2", user_id="bob", settings=FAST)
+        tier = m.parametric("smollm2")
+        for shard, part in ((a, rows[:4]), (b, rows[4:])):
+            assert {tier.route(r["metadata"]["questions"][0]) for r in part} == {shard.id}
+        merged = m.merge_shards([a.id, b.id], model="smollm2", combination="cat")
+        row = m.store.shard(merged.id)
+        assert set(row.item_ids) == set(m.store.shard(a.id).item_ids) | \
+            set(m.store.shard(b.id).item_ids)
+        model = tier.load(merged.id)
+        model.load_adapter(str(m.store.shard_dir / a.id), adapter_name="a")
+        model.load_adapter(str(m.store.shard_dir / b.id), adapter_name="b")
+        layer = model.base_model.model.model.layers[3].self_attn.v_proj
+        total = layer.get_delta_weight("a") + layer.get_delta_weight("b")
+        assert float((layer.get_delta_weight("default") - total).abs().max()) < 1e-5
+        assert merged.audit["reliability"] > 0  # audited on the union of the items
+        runner = CliRunner()
+        out = runner.invoke(cli, ["--db", str(db_path), "--json", "merge", a.id, b.id,
+                                  "--combination", "ties", "--replace"])
+        assert out.exit_code == 0, out.output
+        left = {s.id for s in m.store.shards()}
+        assert a.id not in left and b.id not in left and json.loads(out.output)["id"] in left
+        bad = runner.invoke(cli, ["--db", str(db_path), "merge", merged.id])
+        assert bad.exit_code == 2 and "two or more" in bad.output

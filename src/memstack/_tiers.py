@@ -98,7 +98,8 @@ class TiersMixin:
             user_id: str | None = None, agent_id: str | None = None,
             max_new_tokens: int = 64) -> dict[str, Any]:
         """Answer from a shard's weights alone, no retrieval; shard "auto" routes the question
-        to the shard holding most of its best search hits. Returns {"shard", "text"}.
+        to the shard holding most of its best search hits, and a question close to no
+        consolidated memory goes to the base model (shard None). Returns {"shard", "text"}.
 
         >>> m.ask("Where does Ann live?", model="smollm2", user_id="ann")["text"]
         'Ann lives in Lisbon.'
@@ -107,11 +108,16 @@ class TiersMixin:
         tier = self.parametric(model)
         chosen = tier.route(question, user_id=user_id, agent_id=agent_id) \
             if shard == "auto" else shard
-        if chosen is None:
-            raise InvalidInputError("no active shard holds memories about this question; "
-                                    "consolidate first or name a shard")
         return {"shard": chosen, "text": tier.ask(question, chosen,
                                                   max_new_tokens=max_new_tokens)}
+
+    def merge_shards(self, shard_ids: Sequence[str], *, model: "LocalModel | str | Path",
+                     combination: str = "cat", weights: Sequence[float] | None = None,
+                     replace: bool = False) -> "ShardReport":
+        """One shard from several ("cat": exactly the sum of their updates; "ties", "dare_ties",
+        "svd", "linear"), audited; with `replace` the sources are dropped."""
+        return self.parametric(model).merge(shard_ids, combination=combination,
+                                            weights=weights, replace=replace)
 
     def maintain(self, *, model: "LocalModel | str | Path") -> list[dict[str, Any]]:
         """Retrain stale shards without the items deleted since (or drop them)."""

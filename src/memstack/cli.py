@@ -540,10 +540,10 @@ def main() -> None:
 
 
 from .bench.cli import bench  # noqa: E402  (the bench commands use the helpers above)
-from .tiers.cli import ask, consolidate, generate, kv, maintain, shards  # noqa: E402
+from .tiers.cli import ask, consolidate, generate, kv, maintain, merge, shards  # noqa: E402
 
 cli.add_command(bench)
-for command in (generate, kv, consolidate, maintain, shards, ask):
+for command in (generate, kv, consolidate, maintain, merge, shards, ask):
     cli.add_command(command)
 
 

@@ -328,7 +328,8 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 
 @bench.command("consolidate")
 @click.option("--model", default="smollm2", show_default=True)
-@click.option("--facts", default=200, show_default=True, type=int)
+@click.option("--facts", default=200, show_default=True, type=int,
+              help="Facts of the methods table (0: no table, only sequential runs).")
 @click.option("--method", "methods", multiple=True,
               default=["none", "replay", "replay_kl", "replay_l2", "replay_gere"],
               show_default=True, help="Methods compared (repeat the option).")
@@ -339,6 +340,11 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
               help="Weight of the KL, L2 or GeRe term.")
 @click.option("--sequential", multiple=True,
               help="Also run sequential shards with this method (repeat the option).")
+@click.option("--independent", multiple=True,
+              help="Also train independent shards with this method and compare routing among "
+                   "them with merging them (repeat the option).")
+@click.option("--answer-end/--no-answer-end", default=True, show_default=True,
+              help="Teach the end-of-turn token after each fact's answer.")
 @click.option("--shards", default=4, show_default=True, type=int)
 @click.option("--per-shard", default=50, show_default=True, type=int)
 @click.option("--rehearse", default=0.2, show_default=True, type=float,
@@ -348,36 +354,49 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
-                      shards, per_shard, rehearse, out, workdir):
+                      independent, answer_end, shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
     from . import consolidate as bench_module
 
-    if facts < 4 or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
-        raise InvalidInputError("--facts, --per-shard >= 4, --shards >= 1, 0 <= --rehearse <= 1")
+    if 0 < facts < 4 or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
+        raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
+                                "0 <= --rehearse <= 1")
     settings = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": 2 * rank,
-                "reg_weight": reg_weight}
+                "reg_weight": reg_weight, "answer_end": answer_end}
     Path(out).mkdir(parents=True, exist_ok=True)
     target = Path(out) / "consolidate.json"
     with console.status("consolidating...") as status:
-        data = bench_module.run(facts, methods, settings, sequential, shards, per_shard,
-                                rehearse, model, workdir, progress=lambda s: status.update(s),
+        data = bench_module.run(facts, methods if facts else (), settings, sequential,
+                                independent, shards, per_shard, rehearse, model, workdir,
+                                progress=lambda s: status.update(s),
                                 partial=lambda d: target.write_text(json.dumps(d, indent=2)))
     target.write_text(json.dumps(data, indent=2))
     table = Table(title=f"memstack consolidate: {facts} facts, {epochs} epochs, lr {lr}, "
                         f"rank {rank}, {data['seconds']} s")
-    for name in ("method", "reliab.", "general.", "locality", "ppl +", "k-extr.", "exposure",
-                 "MIA AUC loss/ref", "seconds"):
+    for name in ("method", "reliab.", "general.", "locality", "loc. tokens", "routed rel/gen/loc",
+                 "ppl +", "k-extr.", "exposure", "MIA AUC loss/ref", "seconds"):
         table.add_column(name, justify="right")
     for row in data["methods"]:
         exposure = row.get("canary_exposure", {})
         mia = row.get("membership_auc", {})
+        routed = row["routed"]
         table.add_row(row["method"], str(row["reliability"]), str(row["generalization"]),
-                      str(row["locality"]), f"{row['perplexity_increase']:.1%}",
+                      str(row["locality"]), str(row["locality_tokens"]),
+                      f"{routed['reliability']}/{routed['generalization']}/{routed['locality']}",
+                      f"{row['perplexity_increase']:.1%}",
                       str(row["k_extractable"]),
                       f"{sum(exposure.values()) / max(1, len(exposure)):.1f}",
                       f"{mia.get('loss', '-')}/{mia.get('reference', '-')}", str(row["seconds"]))
     _emit(ctx, data, table)
     for seq in data["sequential"]:
         console.print(f"sequential {seq['method']}: ACC {seq['acc']}, BWT {seq['bwt']}, "
-                      f"forgetting {seq['forgetting']}; matrix {seq['matrix']}")
+                      f"forgetting {seq['forgetting']}; matrix {seq['matrix']}; "
+                      f"{seq['seconds']} s")
+    for ind in data["independent"]:
+        for way in ("routing", "merged"):
+            r = ind[way]
+            console.print(f"independent {ind['method']}, {way}: ACC {r['acc']}, BWT {r['bwt']}, "
+                          f"forgetting {r['forgetting']}; matrix {r['matrix']}")
+        console.print(f"  questions routed to their own shard: "
+                      f"{ind['routing']['routed_to_own_shard']}; {ind['seconds']} s")

@@ -103,11 +103,35 @@ def run_methods(facts: int, methods: Sequence[str], settings: dict[str, Any], wo
             progress(f"{method}: training on {len(trained)} facts")
             report = tier.consolidate(trained, TrainSettings(method=method, **settings),
                                       nonmembers=others)
-            audit = {k: v for k, v in report.audit.items() if k != "per_item"}
+            audit = {k: v for k, v in report.audit.items() if k not in ("per_item", "per_control")}
             rows.append({"method": method, "seconds": report.seconds,
                          "samples": report.samples, "final_fact_loss": report.final_loss,
-                         **audit})
+                         **audit, "routed": routed(tier, report.id, trained, report.audit)})
     return rows
+
+
+def routed(tier: Any, shard_id: str, trained: Sequence[Item], audit: dict[str, Any]
+           ) -> dict[str, float]:
+    """The same audits through the router: a question is answered by the shard only when
+    routing picks it, else by the base model. Reliability and generalization count a fact when
+    routed to the shard and recalled; locality counts a control prompt when no shard is picked
+    (the base model answers) or the shard's answer is the base model's anyway."""
+    def pick(question: str) -> bool:
+        return tier.route(question, user_id="bench") == shard_id
+
+    per_item = audit["per_item"]
+    train = [pick(i.metadata["questions"][0]) for i in trained]
+    held = [pick(i.metadata["heldout"][0]) for i in trained]
+    controls = {q: pick(q) for q in audit["per_control"]}
+    n = len(trained)
+    return {"facts_routed": round(sum(train) / n, 4), "heldout_routed": round(sum(held) / n, 4),
+            "controls_routed": round(sum(controls.values()) / len(controls), 4),
+            "reliability": round(sum(t and per_item[i.id]["reliable"]
+                                     for t, i in zip(train, trained)) / n, 4),
+            "generalization": round(sum(h and per_item[i.id]["generalized"]
+                                        for h, i in zip(held, trained)) / n, 4),
+            "locality": round(sum(not r or audit["per_control"][q]
+                                  for q, r in controls.items()) / len(controls), 4)}
 
 
 def run_sequential(shards: int, per_shard: int, method: str, settings: dict[str, Any],
@@ -140,6 +164,55 @@ def run_sequential(shards: int, per_shard: int, method: str, settings: dict[str,
             "seconds": round(time.perf_counter() - started, 1), **continual_scores(matrix)}
 
 
+def run_independent(shards: int, per_shard: int, method: str, settings: dict[str, Any],
+                    workdir: Path, model: str, progress: Callable[[str], None],
+                    combination: str = "cat") -> dict[str, Any]:
+    """Shards trained each from the base model on its own facts, used two ways after each new
+    shard: routing (each question goes to the shard of its best search hits, or to the base
+    model) and one merged adapter of all shards so far. Same accuracy matrices as above."""
+    from ..tiers.parametric import TrainSettings, item_samples
+    from ..tiers.parametric.audit import recall
+
+    started = time.perf_counter()
+    with Memory(workdir / f"independent-{method}.db") as memory:
+        tasks = [_store(memory, fact_set(shards * per_shard)[n * per_shard:(n + 1) * per_shard],
+                        "bench") for n in range(shards)]
+        tier = memory.parametric(model)
+        ids: list[str] = []
+        routed_m, merged_m, routed_right = [], [], []
+        for j, task in enumerate(tasks):
+            progress(f"{method} independent: shard {j + 1}/{shards}")
+            ids.append(tier.consolidate(task, TrainSettings(method=method, **settings)).id)
+            by_shard: dict[str | None, list[Item]] = {}
+            for item in (i for t in tasks for i in t):
+                by_shard.setdefault(tier.route(item.metadata["questions"][0], user_id="bench"),
+                                    []).append(item)
+            right = {}
+            for shard_id, group in by_shard.items():
+                used = tier.load(shard_id) if shard_id else tier.lm.model
+                for item, ok in zip(group, recall(used, tier.lm.tokenizer,
+                                                  [item_samples(i) for i in group])):
+                    right[item.id] = ok
+            routed_m.append([round(sum(right[i.id] for i in t) / len(t), 4) for t in tasks])
+            owner = {i.id: n for n, t in enumerate(tasks[:j + 1]) for i in t}
+            routed_right.append(round(sum(owner.get(i.id) is not None and sid == ids[owner[i.id]]
+                                          for sid, g in by_shard.items() for i in g)
+                                      / sum(map(len, tasks[:j + 1])), 4))
+            merged = tier.merge(ids, combination=combination) if j else None
+            used = tier.load(merged.id if merged else ids[0])
+            merged_m.append([round(sum(recall(used, tier.lm.tokenizer,
+                                              [item_samples(i) for i in t])) / len(t), 4)
+                             for t in tasks])
+            if merged:
+                with memory.store.transaction():
+                    memory.store.drop_shard(merged.id)
+    return {"method": method, "combination": combination,
+            "seconds": round(time.perf_counter() - started, 1),
+            "routing": {"matrix": routed_m, "routed_to_own_shard": routed_right,
+                        **continual_scores(routed_m)},
+            "merged": {"matrix": merged_m, **continual_scores(merged_m)}}
+
+
 def continual_scores(a: list[list[float]]) -> dict[str, float]:
     """ACC (mean final accuracy), BWT (mean final minus just-learned accuracy of earlier tasks;
     negative means forgetting) and forgetting (mean drop from each earlier task's best)."""
@@ -155,7 +228,7 @@ def continual_scores(a: list[list[float]]) -> dict[str, float]:
 def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl", "replay_l2",
                                                      "replay_gere"),
         settings: dict[str, Any] | None = None, sequential: Sequence[str] = (),
-        shards: int = 4, per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
+        independent: Sequence[str] = (), shards: int = 4, per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
         workdir: str | Path | None = None,
         progress: Callable[[str], None] = lambda s: None,
         partial: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
@@ -170,9 +243,14 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
     out["methods"], out["sequential"] = [], []
     run_methods(facts, methods, settings, work, model,
                 lambda s: (partial(out), progress(s)), out["methods"])
+    out["independent"] = []
     for method in sequential:
         out["sequential"].append(run_sequential(shards, per_shard, method, settings, rehearse,
                                                 work, model, progress))
+        partial(out)
+    for method in independent:
+        out["independent"].append(run_independent(shards, per_shard, method, settings, work,
+                                                  model, progress))
         partial(out)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out

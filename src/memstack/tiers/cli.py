@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .. import _errors as errors
 from ..cli import _emit, _open, console, scoped
+from .parametric.tier import MERGES
 from .parametric.train import METHODS
 
 
@@ -147,9 +148,32 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, ep
             model=model, user_id=user_id, agent_id=agent_id, selection=chosen,
             settings=settings, replay=replay, parent=parent,
             progress=lambda d, t, loss: bar.update(task, completed=d, total=t, loss=loss))
-    summary = {k: v for k, v in report.audit.items() if k != "per_item"}
+    _emit_report(ctx, report)
+
+
+def _emit_report(ctx: click.Context, report: Any) -> None:
+    from .parametric.report import summary
+
     _emit(ctx, report.to_dict(), f"shard {report.id}: {report.items} items, {report.samples} "
-                                 f"samples, {report.seconds} s\n{json.dumps(summary, indent=1)}")
+                                 f"samples, {report.seconds} s\n"
+                                 f"{json.dumps(summary(report.audit), indent=1)}")
+
+
+@click.command()
+@click.argument("shard_ids", nargs=-1, required=True)
+@model_option
+@click.option("--combination", type=click.Choice(MERGES), default="cat", show_default=True,
+              help="cat: exactly the sum of the shards' updates; ties/dare_ties: trimmed and "
+                   "sign-elected; svd: the sum refitted at the largest rank; linear: averaged "
+                   "factors (rough).")
+@click.option("--replace", is_flag=True, help="Drop the source shards once merged.")
+@click.pass_context
+def merge(ctx, shard_ids, model, combination, replace):
+    """Merge SHARD_IDS into one shard, audit it, save it."""
+    with Console(stderr=True).status("merging..."):
+        report = _open(ctx).merge_shards(list(shard_ids), model=model,
+                                         combination=combination, replace=replace)
+    _emit_report(ctx, report)
 
 
 @click.command()
@@ -177,15 +201,14 @@ def shards(ctx):
 
 
 def shard_audit(ctx: click.Context, shard: str, model: str, out: Path) -> None:
-    from .parametric.report import write
+    from .parametric.report import summary, write
 
     memory = _open(ctx)
     with Console(stderr=True).status(f"auditing {shard}..."):
         result = memory.audit(shard, model=model)
     manifest = memory.parametric(model).manifest(shard)
     paths = write(shard, result, manifest, out)
-    summary = {k: v for k, v in result.items() if k != "per_item"}
-    _emit(ctx, result, f"{json.dumps(summary, indent=1)}\nwritten: "
+    _emit(ctx, result, f"{json.dumps(summary(result), indent=1)}\nwritten: "
                        f"{', '.join(str(p) for p in paths)}")
 
 
@@ -201,4 +224,4 @@ def ask(ctx, question, user_id, agent_id, session_id, model, shard, max_new_toke
     """Answer QUESTION from a LoRA shard's weights alone (no retrieval)."""
     reply = _open(ctx).ask(question, model=model, shard=shard, user_id=user_id,
                            agent_id=agent_id, max_new_tokens=max_new_tokens)
-    _emit(ctx, reply, f"{reply['text']}\n[dim]shard {reply['shard']}[/]")
+    _emit(ctx, reply, f"{reply['text']}\n[dim]shard {reply['shard'] or 'none: base model'}[/]")

@@ -3,7 +3,9 @@
 - reliability: greedy recall of each item from a training phrasing (the reply contains the
   item's value);
 - generalization: the same from a held-out phrasing never trained on;
-- locality: unrelated prompts answered exactly as by the base model (greedy, 16 tokens);
+- locality: unrelated prompts answered exactly as by the base model (greedy, 16 tokens), and
+  token agreement (as in knowledge-editing benchmarks such as EasyEdit): with the base model's
+  greedy answer as context, the share of its tokens the adapted model also ranks first;
 - general ability: perplexity on held-out general text, adapter against base;
 - k-extractable rate (Carlini et al. 2021/2023): given the training prompt and the first k tokens
   of the answer, greedy decoding reproduces the rest exactly;
@@ -20,44 +22,11 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from contextlib import nullcontext
 from typing import Any, Sequence
 
+from .decoding import _adapter_off, _chat, _end, _pad, greedy
 from .samples import CONTROL_PROMPTS, GENERAL_TEXT, ItemSamples, Sample
-from .train import _end, collate, encode
-
-
-def _chat(tokenizer: Any, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int,
-           base: bool = False, batch: int = 16) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, left-padded in batches."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end(tokenizer)
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch):
-        part = prompts[start:start + batch]
-        width = max(map(len, part))
-        x = torch.full((len(part), width), pad)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for n, ids in enumerate(part):
-            x[n, width - len(ids):], mask[n, width - len(ids):] = torch.tensor(ids), 1
-        with torch.inference_mode(), _adapter_off(model, base):
-            gen = model.generate(input_ids=x, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
-        end = _end(tokenizer)
-        for row in gen[:, width:].tolist():
-            out.append(row[:row.index(end)] if end in row else row)
-    return out
-
-
-def _adapter_off(model: Any, base: bool) -> Any:
-    return model.disable_adapter() if base else nullcontext()
+from .train import collate, encode
 
 
 def recall(model: Any, tokenizer: Any, items: Sequence[ItemSamples], heldout: bool = False
@@ -71,11 +40,35 @@ def recall(model: Any, tokenizer: Any, items: Sequence[ItemSamples], heldout: bo
             for s, r in zip(items, replies)]
 
 
-def locality(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS) -> float:
+def same_answers(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS
+                 ) -> list[bool]:
+    """Per prompt: is the adapted model's greedy answer (16 tokens) the base model's?"""
     ids = [_chat(tokenizer, p) for p in prompts]
     mine = greedy(model, tokenizer, ids, 16)
     theirs = greedy(model, tokenizer, ids, 16, base=True)
-    return sum(a == b for a, b in zip(mine, theirs)) / len(ids)
+    return [a == b for a, b in zip(mine, theirs)]
+
+
+def token_agreement(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS,
+                    max_new_tokens: int = 32) -> float:
+    """Teacher-forced locality: the base model's greedy answer (up to its end token) is fed
+    back, and each of its tokens counts when the adapted model's top-1 prediction equals it."""
+    import torch
+
+    ids = [_chat(tokenizer, p) for p in prompts]
+    answers = greedy(model, tokenizer, ids, max_new_tokens, base=True)
+    end, pad = _end(tokenizer), _pad(tokenizer)
+    rows = [(p + a + [end], [-100] * len(p) + a + [end]) for p, a in zip(ids, answers)]
+    same = total = 0
+    for start in range(0, len(rows), 16):
+        x, y, mask = collate(rows[start:start + 16], pad)
+        with torch.inference_mode():
+            top = model(input_ids=x, attention_mask=mask).logits[:, :-1].argmax(-1)
+        labels = y[:, 1:]
+        keep = labels != -100
+        same += int((top[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+    return same / max(1, total)
 
 
 def token_losses(model: Any, tokenizer: Any, rows: Sequence[tuple[list[int], list[int]]],
@@ -84,7 +77,7 @@ def token_losses(model: Any, tokenizer: Any, rows: Sequence[tuple[list[int], lis
     import torch
     import torch.nn.functional as F
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end(tokenizer)
+    pad = _pad(tokenizer)
     out = []
     for start in range(0, len(rows), 16):
         x, y, mask = collate(rows[start:start + 16], pad)

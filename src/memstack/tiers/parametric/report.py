@@ -7,18 +7,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-METRICS = ("reliability", "generalization", "locality", "k_extractable")
+METRICS = ("reliability", "generalization", "locality", "locality_tokens", "k_extractable")
+DETAIL = ("per_item", "per_control")  # per item / per control prompt: in the JSON only
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in DETAIL}
 
 
 def markdown(shard: str, result: dict[str, Any], manifest: dict[str, Any]) -> str:
+    how = f"method {manifest['settings']['method']}" if manifest["settings"] else \
+        f"merged ({manifest.get('combination')}) from {', '.join(manifest.get('merged_from', []))}"
     lines = [f"# Audit of shard {shard}", "",
              f"Base model: {manifest['base']['name']} ({manifest['base']['weights_sha256'][:12]}), "
-             f"method {manifest['settings']['method']}, {len(manifest['items'])} items, "
+             f"{how}, {len(manifest['items'])} items, "
              f"{manifest['samples']} samples, {manifest['train_seconds']} s of training.", "",
              "| measure | value |", "|---|---:|"]
-    for key, value in result.items():
-        if key == "per_item":
-            continue
+    for key, value in summary(result).items():
         if isinstance(value, dict):
             value = ", ".join(f"{k[:12]} {v}" for k, v in value.items())
         lines.append(f"| {key} | {value} |")

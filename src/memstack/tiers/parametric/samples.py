@@ -22,7 +22,21 @@ CONTROL_PROMPTS = (  # unrelated prompts for locality: answers should stay the b
     "What do bees make?", "What is two plus three?", "Which planet do we live on?",
     "What is frozen water called?", "Name a fruit that is yellow.",
     "What language is spoken in Spain?", "What do you use to write on paper?",
-    "Which animal says moo?", "What season comes after winter?")
+    "Which animal says moo?", "What season comes after winter?",
+    "What is the chemical symbol for gold?", "How many minutes are in an hour?",
+    "Who painted the Mona Lisa?", "What is the largest planet in the solar system?",
+    "Give me a word that rhymes with cat.", "What do caterpillars turn into?",
+    "Explain why the sky looks blue.", "Write a short greeting for a birthday card.",
+    "List two uses of a hammer.", "What is the square root of nine?",
+    "Describe a forest in one sentence.", "What should you do if you feel tired?",
+    "How do fish breathe?", "What is the capital of Japan?", "Which metal is liquid at room "
+    "temperature?", "Suggest a name for a goldfish.", "What is a noun?",
+    "Why do leaves change colour in autumn?", "How many sides does a hexagon have?",
+    "What is the main ingredient of bread?", "Tell me something about the Moon.",
+    "What does a firefighter do?", "Translate 'thank you' into Spanish.",
+    "What is the speed of light?", "Give an example of a renewable energy source.",
+    "What are the three states of matter?", "Why should we recycle?",
+    "What is photosynthesis?")
 GENERAL_TEXT = (  # held-out general text for perplexity, written for this project
     "The library opens at nine in the morning and closes at six in the evening on weekdays.",
     "Rain fell for most of the afternoon, so the match was moved to the following Sunday.",
@@ -43,6 +57,7 @@ class Sample:
     prompt: str
     answer: str
     item_id: str | None = None
+    ended: bool = True  # the answer is complete: training also teaches the end-of-turn token
 
 
 @dataclass(frozen=True)

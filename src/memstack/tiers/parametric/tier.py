@@ -9,7 +9,9 @@ any of them marks it stale, and maintain() retrains it on what is left (or drops
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,15 +20,20 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ..._errors import InvalidInputError, NotFoundError, TierError
 from ..._models import Item
 from ...store.shards import ShardRow
-from ..activation.model import LocalModel
+from ..activation.model import LocalModel, models_dir
 from . import audit as audits
-from .samples import ItemSamples, Sample, item_samples
-from .train import Trainer, TrainSettings, self_synthesized
+from .samples import CONTROL_PROMPTS, ItemSamples, Sample, item_samples
+from .train import REPLAY_PROMPTS, Trainer, TrainSettings, self_synthesized
 
 if TYPE_CHECKING:
     from ..._memory import Memory
 
 STABLE_KINDS = ("core", "fact", "insight", "procedure")  # facts first; turns only on request
+# Embedding similarity (all-MiniLM-L6-v2 cosine) a hit needs to route a query to its shard.
+# On the bench's fact set: questions about trained facts >= 0.62 (held-out phrasings
+# included), unrelated prompts <= 0.47 (docs/parametric.md).
+ROUTE_MIN_SIMILARITY = 0.55
+MERGES = ("cat", "linear", "svd", "ties", "dare_ties")
 _REPLAY: dict[str, list[Sample]] = {}  # self-synthesized replay per base model, per process
 
 
@@ -106,6 +113,56 @@ class ParametricTier:
                            round(time.perf_counter() - started, 1),
                            round(curve.steps[-1]["fact_loss"], 4), result)
 
+    def merge(self, shard_ids: Sequence[str], *, combination: str = "cat",
+              weights: Sequence[float] | None = None, replace: bool = False,
+              nonmembers: Sequence[Item] = ()) -> ShardReport:
+        """One shard from several (peft add_weighted_adapter): "cat" stacks the adapters, so the
+        merged update is exactly the weighted sum of theirs (rank = sum of ranks); "ties" and
+        "dare_ties" trim and sign-elect (density 0.5); "svd" refits the sum at the largest rank.
+        The new shard holds every item its sources held and is audited on their live items;
+        with `replace` the sources are dropped in the same transaction as it is registered."""
+        if len(shard_ids) < 2 or len(set(shard_ids)) != len(shard_ids):
+            raise InvalidInputError("merge needs two or more different shards")
+        if combination not in MERGES:
+            raise InvalidInputError(f"combination must be one of {', '.join(MERGES)}")
+        weights = list(weights) if weights is not None else [1.0] * len(shard_ids)
+        if len(weights) != len(shard_ids):
+            raise InvalidInputError("one weight per shard")
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        rows = [self._shard(s) for s in shard_ids]
+        if any(r.model_key != self.lm.key for r in rows):
+            raise TierError("shards of another base model cannot be merged here")
+        model = PeftModel.from_pretrained(self._fresh_model(), str(self._folder(rows[0])),
+                                          adapter_name="s0")
+        for n, row in enumerate(rows[1:], 1):
+            model.load_adapter(str(self._folder(row)), adapter_name=f"s{n}")
+        names = [f"s{n}" for n in range(len(rows))]
+        extra = {"density": 0.5} if "ties" in combination or "dare" in combination else {}
+        model.add_weighted_adapter(names, weights, "merged", combination_type=combination,
+                                   **extra)
+        model.set_adapter("merged")
+        for name in names:
+            model.delete_adapter(name)
+        model.eval()
+        held = self.memory.store.items_by_id([i for r in rows for i in r.item_ids])
+        live = [i for i in held.values() if i.status == "active"]
+        result = self.audit_model(model, [item_samples(i) for i in live], nonmembers)
+        shard_id = f"shard_{uuid.uuid4().hex[:12]}"
+        folder = self.memory.store.shard_dir / shard_id
+        model.save_pretrained(str(folder), selected_adapters=["merged"])
+        _flatten(folder, "merged")
+        manifest = {**self._manifest(shard_id, list(held.values()), TrainSettings(), None,
+                                     result, None, None, 0, 0),
+                    "merged_from": list(shard_ids), "combination": combination,
+                    "weights": weights, "settings": {}}
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        self._register(shard_id, list(held.values()), None,
+                       drop=list(shard_ids) if replace else [])
+        return ShardReport(shard_id, len(held), 0, round(time.perf_counter() - started, 1),
+                           0.0, result)
+
     def _lineage(self, items: Sequence[Item], rehearse: Sequence[Item],
                  parent: ShardRow | None) -> list[Item]:
         held = {i.id: i for i in [*items, *rehearse]}
@@ -121,10 +178,27 @@ class ParametricTier:
     def _replay_samples(self, trainer: Trainer, given: Sequence[str] | None) -> list[Sample]:
         if given:
             return [Sample("Continue the text.", t) for t in given]
-        if self.lm.key not in _REPLAY:  # the base model's own answers, made once per process
-            with trainer.model.disable_adapter():
-                _REPLAY[self.lm.key] = self_synthesized(trainer.model, self.lm.tokenizer)
+        if self.lm.key not in _REPLAY:  # the base model's own answers, made once per model
+            _REPLAY[self.lm.key] = self._self_synthesized(trainer)
         return _REPLAY[self.lm.key]
+
+    def _self_synthesized(self, trainer: Trainer) -> list[Sample]:
+        """Read from the cache directory when this model already answered these prompts."""
+        digest = hashlib.sha256(json.dumps([self.lm.key, REPLAY_PROMPTS]).encode()).hexdigest()
+        path = models_dir() / "replay" / f"{digest[:24]}.json"
+        try:
+            return [Sample(**row) for row in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            pass
+        samples = self_synthesized(trainer.model, self.lm.tokenizer, base=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps([s.__dict__ for s in samples]))
+            tmp.replace(path)
+        except OSError:  # a read-only cache only costs the next process the same minute
+            pass
+        return samples
 
     def _manifest(self, shard_id: str, items: Sequence[Item], settings: TrainSettings,
                   curve: Any, result: dict[str, Any], parent: str | None,
@@ -134,12 +208,16 @@ class ParametricTier:
                 "settings": settings.to_dict(), "samples": samples,
                 "replay": {"source": "given" if replay else "self-synthesized",
                            "samples": replayed},
-                "curve": curve.steps, "train_seconds": curve.seconds, "audit": result,
+                "curve": curve.steps if curve else [],
+                "train_seconds": curve.seconds if curve else 0.0, "audit": result,
                 "created_at": time.time()}
 
-    def _register(self, shard_id: str, items: Sequence[Item], parent: str | None) -> None:
+    def _register(self, shard_id: str, items: Sequence[Item], parent: str | None,
+                  drop: Sequence[str] = ()) -> None:
         store = self.memory.store
         with store.transaction():
+            for old in drop:
+                store.drop_shard(old)
             current = store.items_by_id([i.id for i in items])
             changed = [i.id for i in items if i.id not in current
                        or current[i.id].content_hash != i.content_hash
@@ -156,15 +234,18 @@ class ParametricTier:
         reliable = audits.recall(model, tok, per_item)
         general = audits.recall(model, tok, per_item, heldout=True)
         ppl, base_ppl = audits.perplexity(model, tok), audits.perplexity(model, tok, base=True)
+        same = audits.same_answers(model, tok)
         out: dict[str, Any] = {
             "reliability": round(sum(reliable) / len(reliable), 4),
             "generalization": round(sum(general) / len(general), 4),
-            "locality": round(audits.locality(model, tok), 4),
+            "locality": round(sum(same) / len(same), 4),
+            "locality_tokens": round(audits.token_agreement(model, tok), 4),
             "perplexity": round(ppl, 3), "base_perplexity": round(base_ppl, 3),
             "perplexity_increase": round(ppl / base_ppl - 1, 4),
             "k_extractable": round(audits.extractable(model, tok, per_item), 4),
             "per_item": {s.item.id: {"reliable": r, "generalized": g}
-                         for s, r, g in zip(per_item, reliable, general)}}
+                         for s, r, g in zip(per_item, reliable, general)},
+            "per_control": dict(zip(CONTROL_PROMPTS, same))}
         canaries = [(s, s.item.metadata.get("canary")) for s in per_item
                     if isinstance((s.item.metadata or {}).get("canary"), str)]
         if canaries:
@@ -191,12 +272,16 @@ class ParametricTier:
 
     # use -------------------------------------------------------------------------------------
     def route(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
-              top_k: int = 10) -> str | None:
+              top_k: int = 10, min_similarity: float = ROUTE_MIN_SIMILARITY) -> str | None:
         """The active shard of this model that holds most of the query's best search hits
-        (weighted by rank): routing by similarity between the query and each shard's items."""
+        (weighted by rank): routing by similarity between the query and each shard's items.
+        Only hits whose embedding similarity to the query reaches `min_similarity` vote, so a
+        question about nothing consolidated goes to no shard (the base model answers it)."""
         votes: dict[str, float] = {}
         for rank, hit in enumerate(self.memory._find(query, user_id=user_id, agent_id=agent_id,
                                                      top_k=top_k)):
+            if hit.scores.get("vector", 0.0) < min_similarity:
+                continue
             for shard_id in hit.item.shards:
                 votes[shard_id] = votes.get(shard_id, 0.0) + 1.0 / (rank + 1)
         for shard_id in sorted(votes, key=votes.get, reverse=True):  # type: ignore[arg-type]
@@ -205,11 +290,12 @@ class ParametricTier:
                 return shard_id
         return None
 
-    def ask(self, question: str, shard_id: str, *, max_new_tokens: int = 64) -> str:
-        """The shard's model answers from its weights alone (no retrieval), greedily."""
+    def ask(self, question: str, shard_id: str | None, *, max_new_tokens: int = 64) -> str:
+        """The shard's model (the base model for None) answers from its weights alone (no
+        retrieval), greedily."""
         from .audit import _chat, greedy
 
-        model = self.load(shard_id)
+        model = self.load(shard_id) if shard_id else self.lm.model
         reply = greedy(model, self.lm.tokenizer, [_chat(self.lm.tokenizer, question)],
                        max_new_tokens)[0]
         return self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
@@ -246,3 +332,12 @@ class ParametricTier:
 
     def _folder(self, row: ShardRow) -> Any:
         return self.memory.store.shard_dir / row.folder
+
+
+def _flatten(folder: Any, adapter: str) -> None:
+    """peft saves a non-default adapter in a subfolder; a shard keeps its adapter at the top."""
+    sub = folder / adapter
+    if sub.is_dir():
+        for path in sub.iterdir():
+            path.replace(folder / path.name)
+        sub.rmdir()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from ..._errors import InvalidInputError
+from .decoding import _chat, _end, greedy
 from .samples import Sample
 
 Method = Literal["none", "replay", "replay_kl", "replay_l2", "replay_gere"]
@@ -47,7 +48,27 @@ REPLAY_PROMPTS = (  # general prompts whose base-model answers become replay sam
     "Give an example of a mammal that lives in the sea.", "What is rain?",
     "Summarise what a doctor does.", "How do you say hello in French?",
     "What is the freezing point of water?", "What are clouds made of?",
-    "Name a famous painter.", "Why do we need bridges?", "What is a computer?")
+    "Name a famous painter.", "Why do we need bridges?", "What is a computer?") + tuple(
+    template.format(topic) for n, topic in enumerate((
+        "an umbrella", "a volcano", "a piano", "a passport", "a telescope", "a garden",
+        "an airport", "a lighthouse", "a compass", "a desert", "chess", "football",
+        "a microscope", "a vaccine", "a battery", "a market", "a museum", "a map", "a candle",
+        "a mirror", "a ladder", "a tent", "a kite", "a clock", "a wallet", "a newspaper",
+        "an orchestra", "a glacier", "an island", "a harbour", "a tractor", "a submarine",
+        "a helicopter", "a satellite", "a hospital", "a farm", "a castle", "an elephant",
+        "a penguin", "a dolphin", "an owl", "a tomato", "rice", "cheese", "wool", "cotton",
+        "glass", "email", "a password", "a keyboard", "a printer", "a camera", "a thermometer",
+        "a magnet", "an earthquake", "the tide", "snow", "thunder", "the wind", "a vitamin",
+        "a muscle", "the heart", "a river", "a violin", "a sandwich", "a bicycle helmet",
+        "a swimming pool", "a zoo", "a bank", "a post office", "a recipe", "a birthday",
+        "a holiday", "a suitcase", "a rocket", "an engine", "a robot", "a spreadsheet",
+        "a poem", "a novel", "a theatre", "a stadium", "a tunnel", "a canal", "a campfire",
+        "a fossil", "a dinosaur", "a whale", "a butterfly", "a mushroom", "a cactus", "a rose",
+        "an apple tree", "a pumpkin", "a carrot", "soap"))
+    for template in (("Tell me about {}.", "What is the purpose of {}?",
+                      "Describe {} briefly.", "Explain {} to a child.")[n % 4],
+                     ("What is the purpose of {}?", "Describe {} briefly.",
+                      "Explain {} to a child.", "Tell me about {}.")[n % 4]))
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class TrainSettings:
     replay_batch: int = 4
     reg_weight: float = 1.0
     max_tokens: int = 96
+    answer_end: bool = True  # teach the end-of-turn token after a memory's answer
     seed: int = 0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                 "up_proj", "down_proj")
@@ -80,20 +102,17 @@ class TrainSettings:
         return asdict(self)
 
 
-def encode(tokenizer: Any, sample: Sample, max_tokens: int) -> tuple[list[int], list[int]]:
-    """Chat-formatted prompt and answer; the loss is on the answer and its end token only."""
+def encode(tokenizer: Any, sample: Sample, max_tokens: int, end: bool = True
+           ) -> tuple[list[int], list[int]]:
+    """Chat-formatted prompt and answer; the loss is on the answer and, when the answer is
+    complete and `end` is set, its end-of-turn token; never on the prompt."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
                                            tokenize=False, add_generation_prompt=True)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [_end(tokenizer)]
+    a = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + \
+        ([_end(tokenizer)] if end and sample.ended else [])
     ids = (p + a)[:max_tokens]
     return ids, ([-100] * len(p) + a)[:max_tokens]
-
-
-def _end(tokenizer: Any) -> int:
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return end if isinstance(end, int) and end != tokenizer.unk_token_id else \
-        tokenizer.eos_token_id
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
@@ -110,21 +129,16 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any,
 
 
 def self_synthesized(model: Any, tokenizer: Any, prompts: Sequence[str] = REPLAY_PROMPTS,
-                     max_new_tokens: int = 48) -> list[Sample]:
-    """Replay samples written by the base model itself (greedy answers to general prompts)."""
-    import torch
-
+                     max_new_tokens: int = 64, base: bool = False) -> list[Sample]:
+    """Replay samples written by the base model itself: its greedy answers to general prompts
+    (batched; `base` turns an adapter off)."""
+    replies = greedy(model, tokenizer, [_chat(tokenizer, p) for p in prompts], max_new_tokens,
+                     base=base)
     out = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or _end(tokenizer))
-        answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        if answer:
-            out.append(Sample(prompt, answer))
+    for prompt, reply in zip(prompts, replies):
+        answer = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if answer:  # an answer cut at max_new_tokens must not teach stopping there
+            out.append(Sample(prompt, answer, ended=len(reply) < max_new_tokens))
     return out
 
 
@@ -158,7 +172,7 @@ class Trainer:
 
         s = self.settings
         rng = random.Random(s.seed)
-        facts = [encode(self.tokenizer, x, s.max_tokens) for x in samples]
+        facts = [encode(self.tokenizer, x, s.max_tokens, s.answer_end) for x in samples]
         general = [encode(self.tokenizer, x, s.max_tokens) for x in replay] \
             if s.method != "none" else []
         if s.method != "none" and not general:
