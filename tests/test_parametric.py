@@ -129,7 +129,7 @@ def test_a_shard_continued_from_another_is_stale_when_an_inherited_item_goes(db_
 
 def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_path, embedder,
                                                                         tmp_path):
-    rows = fact_set(8)
+    rows = fact_set(10)
     with Memory(db_path, embedder=embedder) as m:
         for user, part in (("ann", rows[:4]), ("bob", rows[4:])):
             for r in part:
@@ -144,12 +144,15 @@ def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_pat
         assert set(row.item_ids) == set(m.store.shard(a.id).item_ids) | \
             set(m.store.shard(b.id).item_ids)
         model = tier.load(merged.id)
-        model.load_adapter(str(m.store.shard_dir / a.id), adapter_name="a")
-        model.load_adapter(str(m.store.shard_dir / b.id), adapter_name="b")
+        model.load_adapter(str(m.store.shard_dir / a.id), adapter_name="one")
+        model.load_adapter(str(m.store.shard_dir / b.id), adapter_name="two")
         layer = model.base_model.model.model.layers[3].self_attn.v_proj
-        total = layer.get_delta_weight("a") + layer.get_delta_weight("b")
+        total = layer.get_delta_weight("one") + layer.get_delta_weight("two")
         assert float((layer.get_delta_weight("default") - total).abs().max()) < 1e-5
         assert merged.audit["reliability"] > 0  # audited on the union of the items
+        # bob's facts were never trained into a: membership inference uses them by default
+        assert set(m.audit(a.id, model="smollm2")["membership_auc"]) == \
+            {"loss", "zlib", "min_k", "reference"}
         runner = CliRunner()
         out = runner.invoke(cli, ["--db", str(db_path), "--json", "merge", a.id, b.id,
                                   "--combination", "ties", "--replace"])

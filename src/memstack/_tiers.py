@@ -80,10 +80,11 @@ class TiersMixin:
                                 **({"progress": progress} if progress else {}))
 
     def audit(self, shard_id: str, *, model: "LocalModel | str | Path",
-              nonmembers: Sequence[Any] = ()) -> dict[str, Any]:
+              nonmembers: Sequence[Any] | None = None) -> dict[str, Any]:
         """Audit a shard again on its items as they are now (reliability, generalization,
-        locality, perplexity, extractability, canary exposure, membership inference when
-        `nonmembers` items are given)."""
+        locality, perplexity, extractability, canary exposure, membership inference).
+        Membership inference needs items never trained into the shard: by default up to as many
+        active facts of the same cube outside the shard (skipped below 5); `()` skips it."""
         from .tiers.parametric.samples import item_samples
 
         tier = self.parametric(model)
@@ -92,6 +93,10 @@ class TiersMixin:
                 if i.status == "active"]
         if not live:
             raise InvalidInputError(f"shard {shard_id} holds no active item; run maintain")
+        if nonmembers is None:
+            held = set(row.item_ids)
+            outside = [i for i in tier.select(cube=live[0].cube) if i.id not in held]
+            nonmembers = outside[-len(live):] if len(outside) >= 5 else ()
         return tier.audit_model(tier.load(shard_id), [item_samples(i) for i in live], nonmembers)
 
     def ask(self, question: str, *, model: "LocalModel | str | Path", shard: str = "auto",

@@ -5,7 +5,8 @@ Methods (each measured against the others by `memstack bench consolidate`):
 - "replay": facts plus general samples by plain next-token loss (rehearsal). The samples are
   the base model's own answers to general prompts (self-synthesized rehearsal) or texts given.
 - "replay_kl": replay plus KL(base || adapted) on the replay tokens' next-token distributions.
-- "replay_l2": replay plus the squared distance between adapted and base final hidden states.
+- "replay_l2": replay plus the squared distance between adapted and base final hidden states
+  (averaged over dimensions, like the GeRe term, so one weight means the same for both).
 - "replay_gere": replay plus GeRe's threshold-margin loss (Zhang et al. 2025, "GeRe: Towards
   Efficient Anti-Forgetting in Continual Learning of LLM via General Samples Replay"): per
   dimension of the final hidden state, bands mean +- one standard deviation computed with the
@@ -234,7 +235,7 @@ class Trainer:
         h = out.hidden_states[-1]  # (B, T, D), after the final norm
         base_h = _gather(anchors["hidden"], picked, h.shape)
         if method == "replay_l2":
-            return ((h - base_h) ** 2).sum(-1)[valid].mean()
+            return ((h - base_h) ** 2).mean(-1)[valid].mean()
         low, high = anchors["mean"] - anchors["std"], anchors["mean"] + anchors["std"]
         band = _gather(anchors["band"], picked, h.shape)  # 0 low, 1 middle, 2 high
         over = torch.where(band == 0, F.relu(h - low),
