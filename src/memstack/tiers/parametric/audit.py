@@ -58,7 +58,10 @@ def token_agreement(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL
     ids = [_chat(tokenizer, p) for p in prompts]
     answers = greedy(model, tokenizer, ids, max_new_tokens, base=True)
     end, pad = _end(tokenizer), _pad(tokenizer)
-    rows = [(p + a + [end], [-100] * len(p) + a + [end]) for p, a in zip(ids, answers)]
+    rows = []
+    for p, a in zip(ids, answers):
+        a = a + [end] if len(a) < max_new_tokens else a  # the end token only where it came
+        rows.append((p + a, [-100] * len(p) + a))
     same = total = 0
     for start in range(0, len(rows), 16):
         x, y, mask = collate(rows[start:start + 16], pad)
