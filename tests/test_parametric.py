@@ -161,3 +161,22 @@ def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_pat
         assert a.id not in left and b.id not in left and json.loads(out.output)["id"] in left
         bad = runner.invoke(cli, ["--db", str(db_path), "merge", merged.id])
         assert bad.exit_code == 2 and "two or more" in bad.output
+
+
+def test_bench_consolidate_runs_small_and_writes_its_json(tmp_path):
+    args = ["--json", "bench", "consolidate", "--facts", "4", "--method", "none", "--epochs", "1",
+            "--independent", "none", "--shards", "2", "--per-shard", "4", "--calibrate",
+            "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data == json.loads((tmp_path / "out" / "consolidate.json").read_text())
+    row = data["methods"][0]
+    assert row["method"] == "none" and 0 <= row["locality_tokens"] <= 1
+    assert set(row["routed"]) >= {"reliability", "generalization", "locality", "controls_routed"}
+    assert row["routed"]["controls_routed"] == 0  # unrelated prompts reach no shard
+    calibration = data["locality_calibration"]
+    assert calibration[0]["scale"] == 0 and calibration[0]["locality"] == 1.0 \
+        and calibration[0]["locality_tokens"] == 1.0  # an adapter of zeros is the base model
+    independent = data["independent"][0]
+    assert len(independent["routing"]["matrix"]) == 2 == len(independent["merged"]["matrix"])

@@ -343,6 +343,9 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--independent", multiple=True,
               help="Also train independent shards with this method and compare routing among "
                    "them with merging them (repeat the option).")
+@click.option("--calibrate", is_flag=True,
+              help="Also measure the locality of untrained (random) adapters: how strict the "
+                   "measures are.")
 @click.option("--answer-end/--no-answer-end", default=True, show_default=True,
               help="Teach the end-of-turn token after each fact's answer.")
 @click.option("--shards", default=4, show_default=True, type=int)
@@ -354,7 +357,7 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
-                      independent, answer_end, shards, per_shard, rehearse, out, workdir):
+                      independent, calibrate, answer_end, shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
     from . import consolidate as bench_module
@@ -368,7 +371,7 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
     target = Path(out) / "consolidate.json"
     with console.status("consolidating...") as status:
         data = bench_module.run(facts, methods if facts else (), settings, sequential,
-                                independent, shards, per_shard, rehearse, model, workdir,
+                                independent, calibrate, shards, per_shard, rehearse, model, workdir,
                                 progress=lambda s: status.update(s),
                                 partial=lambda d: target.write_text(json.dumps(d, indent=2)))
     target.write_text(json.dumps(data, indent=2))
@@ -389,6 +392,12 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
                       f"{sum(exposure.values()) / max(1, len(exposure)):.1f}",
                       f"{mia.get('loss', '-')}/{mia.get('reference', '-')}", str(row["seconds"]))
     _emit(ctx, data, table)
+    if ctx.obj["json"]:
+        return
+    for row in data.get("locality_calibration", []):
+        console.print(f"untrained adapter, B ~ N(0, {row['scale']}): locality {row['locality']}, "
+                      f"tokens {row['locality_tokens']}, perplexity "
+                      f"{row['perplexity_increase']:+.2%}")
     for seq in data["sequential"]:
         console.print(f"sequential {seq['method']}: ACC {seq['acc']}, BWT {seq['bwt']}, "
                       f"forgetting {seq['forgetting']}; matrix {seq['matrix']}; "

@@ -213,6 +213,39 @@ def run_independent(shards: int, per_shard: int, method: str, settings: dict[str
             "merged": {"matrix": merged_m, **continual_scores(merged_m)}}
 
 
+def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3, 3e-3, 1e-2)
+                         ) -> list[dict[str, float]]:
+    """How strict the locality measures are: LoRA adapters that learned nothing (B drawn from
+    N(0, scale), seeded) against the base model. Perplexity barely moves while exact 16-token
+    answers already differ, because near-tied greedy choices flip."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ..tiers.activation.model import LocalModel
+    from ..tiers.parametric import TrainSettings
+    from ..tiers.parametric.audit import perplexity, same_answers, token_agreement
+
+    lm = LocalModel.load(model)
+    fresh = LocalModel.load(lm.folder).model  # peft wraps the module it is given
+    settings = TrainSettings()
+    adapted = get_peft_model(fresh, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                               target_modules=list(settings.targets),
+                                               task_type="CAUSAL_LM")).eval()
+    out = []
+    for scale in scales:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, scale) if scale else p.zero_()
+        same = same_answers(adapted, lm.tokenizer)
+        ppl = perplexity(adapted, lm.tokenizer) / perplexity(adapted, lm.tokenizer, base=True)
+        out.append({"scale": scale, "locality": round(sum(same) / len(same), 4),
+                    "locality_tokens": round(token_agreement(adapted, lm.tokenizer), 4),
+                    "perplexity_increase": round(ppl - 1, 4)})
+    return out
+
+
 def continual_scores(a: list[list[float]]) -> dict[str, float]:
     """ACC (mean final accuracy), BWT (mean final minus just-learned accuracy of earlier tasks;
     negative means forgetting) and forgetting (mean drop from each earlier task's best)."""
@@ -228,7 +261,8 @@ def continual_scores(a: list[list[float]]) -> dict[str, float]:
 def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl", "replay_l2",
                                                      "replay_gere"),
         settings: dict[str, Any] | None = None, sequential: Sequence[str] = (),
-        independent: Sequence[str] = (), shards: int = 4, per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
+        independent: Sequence[str] = (), calibrate: bool = False, shards: int = 4,
+        per_shard: int = 50, rehearse: float = 0.2, model: str = "smollm2",
         workdir: str | Path | None = None,
         progress: Callable[[str], None] = lambda s: None,
         partial: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
@@ -241,6 +275,9 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
                            "settings": settings,
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     out["methods"], out["sequential"] = [], []
+    if calibrate:
+        progress("locality calibration")
+        out["locality_calibration"] = locality_calibration(model)
     run_methods(facts, methods, settings, work, model,
                 lambda s: (partial(out), progress(s)), out["methods"])
     out["independent"] = []
