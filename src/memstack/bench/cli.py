@@ -357,7 +357,8 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
-                      independent, calibrate, answer_end, shards, per_shard, rehearse, out, workdir):
+                      independent, calibrate, answer_end, shards, per_shard, rehearse, out,
+                      workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
     from . import consolidate as bench_module
