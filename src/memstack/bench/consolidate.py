@@ -180,6 +180,13 @@ def run_independent(shards: int, per_shard: int, method: str, settings: dict[str
         tier = memory.parametric(model)
         ids: list[str] = []
         routed_m, merged_m, routed_right = [], [], []
+        loaded: dict[str, Any] = {}
+
+        def shard(shard_id: str) -> Any:  # shards never change once trained: load each once
+            if shard_id not in loaded:
+                loaded[shard_id] = tier.load(shard_id)
+            return loaded[shard_id]
+
         for j, task in enumerate(tasks):
             progress(f"{method} independent: shard {j + 1}/{shards}")
             ids.append(tier.consolidate(task, TrainSettings(method=method, **settings)).id)
@@ -189,7 +196,7 @@ def run_independent(shards: int, per_shard: int, method: str, settings: dict[str
                                     []).append(item)
             right = {}
             for shard_id, group in by_shard.items():
-                used = tier.load(shard_id) if shard_id else tier.lm.model
+                used = shard(shard_id) if shard_id else tier.lm.model
                 for item, ok in zip(group, recall(used, tier.lm.tokenizer,
                                                   [item_samples(i) for i in group])):
                     right[item.id] = ok
@@ -199,7 +206,7 @@ def run_independent(shards: int, per_shard: int, method: str, settings: dict[str
                                           for sid, g in by_shard.items() for i in g)
                                       / sum(map(len, tasks[:j + 1])), 4))
             merged = tier.merge(ids, combination=combination) if j else None
-            used = tier.load(merged.id if merged else ids[0])
+            used = tier.load(merged.id) if merged else shard(ids[0])
             merged_m.append([round(sum(recall(used, tier.lm.tokenizer,
                                               [item_samples(i) for i in t])) / len(t), 4)
                              for t in tasks])
@@ -223,14 +230,15 @@ def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3,
 
     from ..tiers.activation.model import LocalModel
     from ..tiers.parametric import TrainSettings
-    from ..tiers.parametric.audit import perplexity, same_answers, token_agreement
+    from ..tiers.parametric.audit import base_answers, perplexity, same_answers, token_agreement
 
-    lm = LocalModel.load(model)
-    fresh = LocalModel.load(lm.folder).model  # peft wraps the module it is given
+    lm = LocalModel.load(model)  # a model of its own: peft wraps the module it is given
     settings = TrainSettings()
-    adapted = get_peft_model(fresh, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
-                                               target_modules=list(settings.targets),
-                                               task_type="CAUSAL_LM")).eval()
+    adapted = get_peft_model(lm.model, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                                  target_modules=list(settings.targets),
+                                                  task_type="CAUSAL_LM")).eval()
+    reference = base_answers(adapted, lm.tokenizer)
+    base_ppl = perplexity(adapted, lm.tokenizer, base=True)
     out = []
     for scale in scales:
         torch.manual_seed(0)
@@ -238,10 +246,11 @@ def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3,
             for name, p in adapted.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, scale) if scale else p.zero_()
-        same = same_answers(adapted, lm.tokenizer)
-        ppl = perplexity(adapted, lm.tokenizer) / perplexity(adapted, lm.tokenizer, base=True)
+        same = same_answers(adapted, lm.tokenizer, reference=reference)
+        ppl = perplexity(adapted, lm.tokenizer) / base_ppl
+        agree = token_agreement(adapted, lm.tokenizer, reference=reference)
         out.append({"scale": scale, "locality": round(sum(same) / len(same), 4),
-                    "locality_tokens": round(token_agreement(adapted, lm.tokenizer), 4),
+                    "locality_tokens": round(agree, 4),
                     "perplexity_increase": round(ppl - 1, 4)})
     return out
 

@@ -40,23 +40,33 @@ def recall(model: Any, tokenizer: Any, items: Sequence[ItemSamples], heldout: bo
             for s, r in zip(items, replies)]
 
 
-def same_answers(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS
-                 ) -> list[bool]:
-    """Per prompt: is the adapted model's greedy answer (16 tokens) the base model's?"""
-    ids = [_chat(tokenizer, p) for p in prompts]
-    mine = greedy(model, tokenizer, ids, 16)
-    theirs = greedy(model, tokenizer, ids, 16, base=True)
-    return [a == b for a, b in zip(mine, theirs)]
+def base_answers(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS,
+                 max_new_tokens: int = 32) -> list[list[int]]:
+    """The base model's greedy answers (adapter off), cut at the end token: the reference of
+    both locality measures. They depend on the base model only, so callers keep them."""
+    return greedy(model, tokenizer, [_chat(tokenizer, p) for p in prompts], max_new_tokens,
+                  base=True)
+
+
+def same_answers(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS,
+                 reference: Sequence[list[int]] | None = None) -> list[bool]:
+    """Per prompt: is the adapted model's greedy answer (16 tokens) the base model's?
+    `reference`: base_answers of these prompts (greedy is greedy: their first 16 tokens are
+    the base model's 16-token answer)."""
+    mine = greedy(model, tokenizer, [_chat(tokenizer, p) for p in prompts], 16)
+    theirs = reference or base_answers(model, tokenizer, prompts, 16)
+    return [a == b[:16] for a, b in zip(mine, theirs)]
 
 
 def token_agreement(model: Any, tokenizer: Any, prompts: Sequence[str] = CONTROL_PROMPTS,
-                    max_new_tokens: int = 32) -> float:
+                    max_new_tokens: int = 32,
+                    reference: Sequence[list[int]] | None = None) -> float:
     """Teacher-forced locality: the base model's greedy answer (up to its end token) is fed
     back, and each of its tokens counts when the adapted model's top-1 prediction equals it."""
     import torch
 
     ids = [_chat(tokenizer, p) for p in prompts]
-    answers = greedy(model, tokenizer, ids, max_new_tokens, base=True)
+    answers = reference or base_answers(model, tokenizer, prompts, max_new_tokens)
     end, pad = _end(tokenizer), _pad(tokenizer)
     rows = []
     for p, a in zip(ids, answers):

@@ -35,6 +35,7 @@ STABLE_KINDS = ("core", "fact", "insight", "procedure")  # facts first; turns on
 ROUTE_MIN_SIMILARITY = 0.55
 MERGES = ("cat", "linear", "svd", "ties", "dare_ties")
 _REPLAY: dict[str, list[Sample]] = {}  # self-synthesized replay per base model, per process
+_BASE: dict[str, dict[str, Any]] = {}  # the base model's side of every audit, per process
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,10 @@ class ParametricTier:
         folder = self.memory.store.shard_dir / shard_id
         model.save_pretrained(str(folder), selected_adapters=["merged"])
         _flatten(folder, "merged")
-        manifest = {**self._manifest(shard_id, list(held.values()), TrainSettings(), None,
-                                     result, None, None, 0, 0),
+        manifest = {**self._manifest(shard_id, list(held.values()), None, None, result, None,
+                                     None, 0, 0),
                     "merged_from": list(shard_ids), "combination": combination,
-                    "weights": weights, "settings": {}}
+                    "weights": weights}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         self._register(shard_id, list(held.values()), None,
                        drop=list(shard_ids) if replace else [])
@@ -200,12 +201,12 @@ class ParametricTier:
             pass
         return samples
 
-    def _manifest(self, shard_id: str, items: Sequence[Item], settings: TrainSettings,
+    def _manifest(self, shard_id: str, items: Sequence[Item], settings: TrainSettings | None,
                   curve: Any, result: dict[str, Any], parent: str | None,
                   replay: Sequence[str] | None, replayed: int, samples: int) -> dict[str, Any]:
         return {"id": shard_id, "base": self.lm.identity, "parent": parent,
                 "items": [{"id": i.id, "content_hash": i.content_hash} for i in items],
-                "settings": settings.to_dict(), "samples": samples,
+                "settings": settings.to_dict() if settings else {}, "samples": samples,
                 "replay": {"source": "given" if replay else "self-synthesized",
                            "samples": replayed},
                 "curve": curve.steps if curve else [],
@@ -233,13 +234,18 @@ class ParametricTier:
         tok = self.lm.tokenizer
         reliable = audits.recall(model, tok, per_item)
         general = audits.recall(model, tok, per_item, heldout=True)
-        ppl, base_ppl = audits.perplexity(model, tok), audits.perplexity(model, tok, base=True)
-        same = audits.same_answers(model, tok)
+        if self.lm.key not in _BASE:  # adapter off: the same for every shard of this model
+            _BASE[self.lm.key] = {"answers": audits.base_answers(model, tok),
+                                  "perplexity": audits.perplexity(model, tok, base=True)}
+        base = _BASE[self.lm.key]
+        ppl, base_ppl = audits.perplexity(model, tok), base["perplexity"]
+        same = audits.same_answers(model, tok, reference=base["answers"])
         out: dict[str, Any] = {
             "reliability": round(sum(reliable) / len(reliable), 4),
             "generalization": round(sum(general) / len(general), 4),
             "locality": round(sum(same) / len(same), 4),
-            "locality_tokens": round(audits.token_agreement(model, tok), 4),
+            "locality_tokens": round(audits.token_agreement(model, tok,
+                                                            reference=base["answers"]), 4),
             "perplexity": round(ppl, 3), "base_perplexity": round(base_ppl, 3),
             "perplexity_increase": round(ppl / base_ppl - 1, 4),
             "k_extractable": round(audits.extractable(model, tok, per_item), 4),
