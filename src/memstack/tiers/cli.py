@@ -123,17 +123,19 @@ def _train_progress(description: str) -> Any:
 @click.option("--selection", default="facts", show_default=True,
               help="'facts' (core, fact, insight, procedure), 'all' (turns too), or item ids "
                    "separated by commas.")
-@click.option("--method", type=click.Choice(METHODS), default="replay_gere",
+@click.option("--method", type=click.Choice(METHODS), default="replay_kl",
               show_default=True, help="Guard against forgetting.")
-@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--reg-weight", default=3.0, show_default=True, type=float,
+              help="Weight of the KL, L2 or GeRe term.")
+@click.option("--epochs", default=5, show_default=True, type=int)
 @click.option("--rank", default=16, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
 @click.option("--replay-file", type=click.File("r"),
               help="General texts to replay, one per line (default: the base model's own).")
 @click.option("--parent", help="Continue from this shard (sequential consolidation).")
 @click.pass_context
-def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, epochs, rank, lr,
-                replay_file, parent):
+def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, reg_weight, epochs,
+                rank, lr, replay_file, parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
     from .parametric import TrainSettings
 
@@ -141,7 +143,8 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, ep
     chosen = selection if selection in ("facts", "all") else \
         [s.strip() for s in selection.split(",") if s.strip()]
     replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
-    settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr)
+    settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr,
+                             reg_weight=reg_weight)
     with _train_progress("consolidating") as bar:
         task = bar.add_task("train", total=None, loss=0.0)
         report = memory.consolidate(
