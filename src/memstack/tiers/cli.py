@@ -15,7 +15,7 @@ from rich.table import Table
 from .. import _errors as errors
 from ..cli import _emit, _open, console, scoped
 from .parametric.tier import MERGES
-from .parametric.train import METHODS
+from .parametric.train import METHODS, TrainSettings
 
 
 model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2",
@@ -123,13 +123,13 @@ def _train_progress(description: str) -> Any:
 @click.option("--selection", default="facts", show_default=True,
               help="'facts' (core, fact, insight, procedure), 'all' (turns too), or item ids "
                    "separated by commas.")
-@click.option("--method", type=click.Choice(METHODS), default="replay_kl",
+@click.option("--method", type=click.Choice(METHODS), default=TrainSettings.method,
               show_default=True, help="Guard against forgetting.")
-@click.option("--reg-weight", default=3.0, show_default=True, type=float,
+@click.option("--reg-weight", default=TrainSettings.reg_weight, show_default=True, type=float,
               help="Weight of the KL, L2 or GeRe term.")
-@click.option("--epochs", default=5, show_default=True, type=int)
-@click.option("--rank", default=16, show_default=True, type=int)
-@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--epochs", default=TrainSettings.epochs, show_default=True, type=int)
+@click.option("--rank", default=TrainSettings.rank, show_default=True, type=int)
+@click.option("--lr", default=TrainSettings.lr, show_default=True, type=float)
 @click.option("--replay-file", type=click.File("r"),
               help="General texts to replay, one per line (default: the base model's own).")
 @click.option("--parent", help="Continue from this shard (sequential consolidation).")
@@ -137,7 +137,6 @@ def _train_progress(description: str) -> Any:
 def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, reg_weight, epochs,
                 rank, lr, replay_file, parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
-    from .parametric import TrainSettings
 
     memory = _open(ctx)
     chosen = selection if selection in ("facts", "all") else \
