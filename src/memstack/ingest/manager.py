@@ -168,7 +168,8 @@ class FactManager:
         best: dict[str, tuple[float, Item]] = {}
         for candidate in candidates:
             hits = self.memory._find(candidate.text, cube=cube.name, kinds=FACT_KINDS,
-                                     top_k=self.settings.neighbours, **scope)
+                                     top_k=self.settings.neighbours,
+                                     exact=("user_id", "agent_id"), **scope)
             for rank, hit in enumerate(hits):
                 score = best.get(hit.item.id, (1e9, hit.item))[0]
                 best[hit.item.id] = (min(score, rank), hit.item)

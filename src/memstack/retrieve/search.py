@@ -26,6 +26,9 @@ SESSION_WEIGHT = 0.3  # share of a session's evidence added to each of its turns
 SESSION_TOP = 3
 SPEAKER_BOOST = 2.0  # items said by a speaker the query names ("what did Ann say...")
 RRF_K = 10.0
+# a session is its whole scope: two users' sessions with the same id are two sessions
+SESSION_KEY = ("CASE WHEN session_id IS NULL THEN NULL "
+               "ELSE json_array(cube_id, user_id, agent_id, session_id) END")
 WEIGHTS = {"bm25": 2.0, "vector": 1.0, "bm25_context": 2.0, "vector_context": 1.5}
 
 
@@ -56,7 +59,7 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
                  for r, s in fused.items()}
     if SESSION_WEIGHT:
         with store.lock:
-            fused = _session_boost(fused, store.item_values(list(fused), "cube_id || '/' || session_id"))
+            fused = _session_boost(fused, store.item_values(list(fused), SESSION_KEY))
     if query.time_range is not None:
         with store.lock:
             times = store.item_values(list(fused), "observed_at")

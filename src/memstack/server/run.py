@@ -6,10 +6,12 @@ import contextlib
 import ipaddress
 import json
 import os
+import sys
 from typing import Any
 
 from .._errors import InvalidInputError, MissingExtraError
 from .._memory import Memory
+from .._repair import summary
 from .auth import Keys
 
 
@@ -102,6 +104,8 @@ def worker_app() -> Any:
     llm = from_options(os.environ.get("MEMSTACK_LLM_URL"), os.environ.get("MEMSTACK_LLM_MODEL"),
                        os.environ.get("MEMSTACK_LLM_API_KEY"))
     memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm)
+    for report in memory.repaired:
+        print(f"memstack: {memory.path}: {summary(report)}", file=sys.stderr)
     return build(memory, **config)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _V1 = """
 CREATE TABLE cubes (
@@ -158,5 +158,21 @@ CREATE TABLE shards (
 );
 """
 
+# v6: a session is its whole scope (cube, user, agent, session id). Stores written before this
+# may hold sessions whose turns mix users or agents that chose the same session id; the
+# `split_sessions` repair (it needs the embedder, so Memory runs it when it opens the store)
+# splits them and rebuilds their turns' context keys. `repairs` records what ran and what changed.
+_V6 = """
+DROP INDEX items_session;
+CREATE INDEX items_session ON items (cube_id, session_id, kind, user_id, agent_id);
+CREATE TABLE repairs (
+  name TEXT PRIMARY KEY,
+  state TEXT NOT NULL CHECK (state IN ('pending','done')),
+  done_at REAL,
+  detail TEXT NOT NULL DEFAULT '{}'
+);
+INSERT INTO repairs (name, state) VALUES ('split_sessions', 'pending');
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}

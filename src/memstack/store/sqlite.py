@@ -304,6 +304,29 @@ class SQLiteStore(KVBlockRows, ShardRows):
             "WHERE s.value IN (SELECT value FROM json_each(?)))", (cube_id, wanted))
         return [r[0] for r in rows]
 
+    # repairs: data migrations that need more than SQL (schema.py, v6) ---------------------------
+    def pending_repairs(self) -> list[str]:
+        return [name for (name,) in self.conn.execute(
+            "SELECT name FROM repairs WHERE state = 'pending' ORDER BY name")]
+
+    def finish_repair(self, name: str, detail: dict[str, Any]) -> None:
+        self.conn.execute("UPDATE repairs SET state = 'done', done_at = ?, detail = ? "
+                          "WHERE name = ?", (time.time(), json.dumps(detail), name))
+
+    def repairs(self) -> list[dict[str, Any]]:
+        return [{"name": n, "state": s, "done_at": t, "detail": json.loads(d)}
+                for n, s, t, d in self.conn.execute(
+                    "SELECT name, state, done_at, detail FROM repairs ORDER BY name")]
+
+    def mixed_sessions(self) -> list[tuple[int, Item]]:
+        """Session items whose live turns belong to another user or agent (written before a
+        session was its whole scope)."""
+        rowids = [r for (r,) in self.conn.execute(
+            "SELECT DISTINCT s.rowid FROM items s JOIN items t ON t.parent_id = s.id "
+            "WHERE s.kind = 'session' AND t.kind = 'turn' AND t.status != 'deleted' AND "
+            "(t.user_id IS NOT s.user_id OR t.agent_id IS NOT s.agent_id) ORDER BY s.rowid")]
+        return sorted(self.items_by_rowid(rowids).items())
+
     def touch(self, uses: dict[str, tuple[int, float]]) -> None:
         """Record use: {item id: (times used, last time)}. Access statistics feed the tier
         scheduler."""

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import _errors as errors
-from ..cli import _emit, _open, console, scoped
+from ..cli import _emit, _open, console, err, scoped
 from .parametric.tier import MERGES
 from .parametric.train import METHODS, TrainSettings
 
@@ -51,7 +51,7 @@ def generate(ctx, query, user_id, agent_id, session_id, model, top_k, max_new_to
         sys.stdout.flush()
     result = stream.result
     sys.stdout.write("\n")
-    Console(stderr=True).print(
+    err.print(
         f"[dim]{len(result.memory_ids)} memories, {len(result.block_ids)} KV blocks "
         f"({result.cached_tokens} cached tokens, {result.prefilled_tokens} read), first token "
         f"{result.ttft_seconds * 1e3:.0f} ms, {result.seconds:.2f} s[/]")

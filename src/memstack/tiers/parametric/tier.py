@@ -292,9 +292,18 @@ class ParametricTier:
                 votes[shard_id] = votes.get(shard_id, 0.0) + 1.0 / (rank + 1)
         for shard_id in sorted(votes, key=votes.get, reverse=True):  # type: ignore[arg-type]
             row = self.memory.store.shard(shard_id)
-            if row and row.status == "active" and row.model_key == self.lm.key:
+            if row and row.status == "active" and row.model_key == self.lm.key and \
+                    self._within(row.item_ids, user_id, agent_id):
                 return shard_id
         return None
+
+    def _within(self, item_ids: Sequence[str], user_id: str | None, agent_id: str | None
+                ) -> bool:
+        """A shard answers a scoped question only if everything in its weights is of that
+        scope: a shard trained on a whole cube also holds other users' memories."""
+        items = self.memory.store.items_by_id(item_ids).values()
+        return all((user_id is None or i.user_id == user_id) and
+                   (agent_id is None or i.agent_id == agent_id) for i in items)
 
     def ask(self, question: str, shard_id: str | None, *, max_new_tokens: int = 64) -> str:
         """The shard's model (the base model for None) answers from its weights alone (no
