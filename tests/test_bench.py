@@ -114,3 +114,57 @@ def test_bench_locomo_on_one_real_conversation(tmp_path):
     combined = data["metrics"]["1-4 combined"]
     assert combined["count"] > 100
     assert combined["recall_any@10"] > 0.7  # far above chance on 419 turns; 0.80+ measured
+
+
+def _tiny_beam(root: Path) -> None:
+    """Two chats in BEAM's layout, with evidence written the ways the real files write it."""
+    import gzip
+
+    for n in (1, 2):
+        folder = root / "500K" / str(n)
+        folder.mkdir(parents=True)
+        batches = [
+            {"batch_number": 1, "time_anchor": "January-05-2024", "turns": [
+                [{"role": "user", "id": 0, "content": "I want to deploy my chat app by March 1."},
+                 {"role": "assistant", "id": 1, "content": "Then plan the load tests first."}],
+                [{"role": "user", "id": 2, "content": "Always give me code examples, please."},
+                 {"role": "assistant", "id": 3, "content": "Sure, here is one: print('hi')"}]]},
+            {"batch_number": 2, "turns": [
+                [{"role": "user", "id": 4, "time_anchor": "February-10-2024",
+                  "content": "My Redis instance now uses 200MB after scaling."},
+                 {"role": "assistant", "id": 5, "content": "That is fine for 15,000 keys."}]]}]
+        probes = {
+            "information_extraction": [{"question": "When do I want to deploy my chat app?",
+                                        "source_chat_ids": "[0]"}],
+            "knowledge_update": [{"question": "How much memory does my Redis use?",
+                                  "source_chat_ids": "{'original': [4], 'updated': [5]}"}],
+            "event_ordering": [{"question": "In what order did deployment and Redis come up?",
+                                "source_chat_ids": ["[0, 2]", "[4]"]}],
+            "abstention": [{"question": "What is my cat called?"}]}
+        for name, data in (("chat.json.gz", batches), ("probing_questions.json.gz", probes)):
+            with gzip.open(folder / name, "wt", encoding="utf-8") as f:
+                json.dump(data, f)
+
+
+def test_beam_is_read_in_its_own_format_and_benchmarked(tmp_path):
+    _tiny_beam(tmp_path / "beam")
+    [chat, _] = datasets.convert_beam(tmp_path / "beam")
+    assert [s["id"] for s in chat["sessions"]] == ["1", "2"]
+    turns = {t["id"]: t for s in chat["sessions"] for t in s["turns"]}
+    assert turns["1:3"]["timestamp"] == "2024-01-05" and turns["2:4"]["timestamp"] == "2024-02-10"
+    assert turns["1:1"]["role"] == "assistant"
+    evidence = {q["category"]: q["evidence"] for q in chat["questions"]}
+    assert evidence == {"information_extraction": ["1:0"], "knowledge_update": ["2:4", "2:5"],
+                        "event_ordering": ["1:0", "1:2", "2:4"], "abstention": []}
+    result = CliRunner().invoke(cli, ["--json", "bench", "beam", "--data", str(tmp_path / "beam"),
+                                      "--limit", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "beam.json").read_text())
+    assert data["chats"] == 1 and data["turns"] == 6 and data["questions_without_evidence"] == 1
+    assert data["metrics"]["all"]["count"] == 3
+    assert data["metrics"]["information_extraction"]["recall_any@5"] == 1.0
+
+
+def test_beam_refuses_a_folder_without_chats(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "beam", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no BEAM chats" in result.output

@@ -183,6 +183,25 @@ def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, conte
                    context_vectors, plot, top_k, {})
 
 
+@bench.command("beam")
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              default="../shared/data/beam", show_default=True,
+              help="BEAM's folder (500K/<n>/chat.json.gz + probing_questions.json.gz).")
+@click.option("--limit", type=int, help="Only the first N chats (a quick run).")
+@click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
+@click.option("--top-k", default=50, show_default=True, type=int)
+@bench_options
+@click.pass_context
+def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors):
+    """Retrieval on BEAM: long user-assistant chats, a batch is a session; questions without
+    evidence (abstention) are counted apart."""
+    from . import datasets
+
+    conversations = datasets.convert_beam(data, limit)
+    _run_retrieval(ctx, conversations, "beam", out, workdir, embed_cache, context_vectors, plot,
+                   top_k, {"chats": len(conversations)})
+
+
 @bench.command("convert-locomo")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--output", type=click.File("w"), required=True)

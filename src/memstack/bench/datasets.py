@@ -6,8 +6,11 @@ Only turns are converted: never the dataset's observation, event or session summ
 
 from __future__ import annotations
 
+import ast
+import gzip
 import json
 import re
+from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +94,86 @@ def _locomo_sessions(conv: dict[str, Any]) -> list[dict[str, Any]]:
             turns.append({"id": turn["dia_id"], "speaker": turn["speaker"], "text": text})
         sessions.append({"id": str(n), "date": conv[f"session_{n}_date_time"], "turns": turns})
     return sessions
+
+
+# BEAM (the 500K split; ../shared/data/beam/README.md): chats of 10 batches of user-assistant
+# exchanges, and probing questions whose evidence is message ids. A batch is a session.
+BEAM_ABSTENTION = "abstention"
+
+
+def convert_beam(folder: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """BEAM chats (`<folder>/<n>/chat.json.gz` + `probing_questions.json.gz`, n = 1, 2, ...)
+    in the conversation format: turn ids "<batch>:<message id>", so a batch is a session."""
+    root = Path(folder)
+    root = root / "500K" if (root / "500K").is_dir() else root
+    chats = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()),
+                   key=lambda p: int(p.name)) if root.is_dir() else []
+    if not chats:
+        raise InvalidInputError(f"{folder} holds no BEAM chats (expected <n>/chat.json.gz "
+                                "folders, or a 500K/ folder of them)")
+    return [_beam_chat(path) for path in chats[:limit]]
+
+
+def _beam_chat(path: Path) -> dict[str, Any]:
+    batches = _gzip_json(path / "chat.json.gz")
+    probes = _gzip_json(path / "probing_questions.json.gz")
+    if not isinstance(batches, list) or not isinstance(probes, dict):
+        raise InvalidInputError(f"{path} is not a BEAM chat: chat.json.gz must be a list of "
+                                "batches and probing_questions.json.gz an object")
+    sessions, ids, anchor = [], {}, None
+    for number, batch in enumerate(batches, 1):
+        turns = []
+        anchor = _beam_date(batch.get("time_anchor")) or anchor
+        for message in (m for exchange in batch["turns"] for m in exchange):
+            anchor = _beam_date(message.get("time_anchor")) or anchor
+            turn_id = f"{batch.get('batch_number', number)}:{message['id']}"
+            ids[str(message["id"])] = turn_id
+            turns.append({"id": turn_id, "speaker": message["role"], "role": message["role"],
+                          "text": message["content"],
+                          **({"timestamp": anchor} if anchor else {})})
+        sessions.append({"id": str(batch.get("batch_number", number)),
+                         "date": turns[0].get("timestamp") if turns else None, "turns": turns})
+    questions = [{"id": f"beam{path.name}-{kind}-{n}", "question": q["question"],
+                  "evidence": [ids[i] for i in _beam_evidence(q) if i in ids],
+                  "category": kind}
+                 for kind, items in probes.items() for n, q in enumerate(items)]
+    return {"id": f"beam{path.name}", "sessions": sessions, "questions": questions}
+
+
+def _gzip_json(path: Path) -> Any:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise InvalidInputError(f"no such file: {path}") from exc
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path} is not a gzipped JSON file: {exc}") from exc
+
+
+def _beam_date(anchor: Any) -> str | None:
+    """'January-05-2024' -> '2024-01-05'."""
+    try:
+        return datetime.strptime(str(anchor), "%B-%d-%Y").date().isoformat() if anchor else None
+    except ValueError:
+        return None
+
+
+def _beam_evidence(question: dict[str, Any]) -> list[str]:
+    """source_chat_ids: a list, a dict of lists (union), or either written as Python text,
+    down to lists of such texts ("['[0, 4]', '[16, 18]']")."""
+    return list(dict.fromkeys(_ids(question.get("source_chat_ids"))))
+
+
+def _ids(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        try:
+            raw = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return re.findall(r"\d+", raw)
+        if isinstance(raw, str):
+            return re.findall(r"\d+", raw)
+    if isinstance(raw, dict):
+        return [i for part in raw.values() for i in _ids(part)]
+    if isinstance(raw, (list, tuple)):
+        return [i for part in raw for i in _ids(part)]
+    return [str(raw)] if isinstance(raw, int) else []

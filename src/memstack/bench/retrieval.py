@@ -49,7 +49,7 @@ class RetrievalReport:
                 continue
             groups[q.category].append(q)
             if q.category != ADVERSARIAL:
-                groups["1-4 combined"].append(q)
+                groups["1-4 combined" if self.dataset == "locomo" else "all"].append(q)
         return {name: _aggregate(qs) for name, qs in sorted(groups.items())}
 
     def latency(self) -> dict[str, float]:
