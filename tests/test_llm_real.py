@@ -28,7 +28,7 @@ def test_extraction_through_a_real_server(db_path, embedder, llm):
                         user_id="ann", session_id="s1", observed_at="2024-05-01")
         assert first.extraction.ok, first.extraction.error
         assert 1 <= first.extraction.llm_calls <= 3 and first.extraction.prompt_tokens > 0
-        assert llm.structured == "json_object"  # llama-cpp-python has no json_schema type
+        assert llm.structured == "json_schema"  # llama.cpp's own server constrains by schema
         second = mem.add([{"role": "user", "name": "Ann",
                            "content": "I moved to Berlin last week and now work as a teacher."}],
                          user_id="ann", session_id="s2", observed_at="2024-09-01")

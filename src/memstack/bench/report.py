@@ -12,10 +12,22 @@ from rich.table import Table
 from .retrieval import KS, METRICS
 
 
+# the columns of a table by category, when there are too many categories to be columns
+SUMMARY = ("recall_any@5", "recall_any@10", "recall_all@10", "ndcg@10", "session_recall_any@5")
+
+
 def retrieval_table(result: dict[str, Any]) -> Table:
     metrics = result["metrics"]
     table = Table(title=f"{result['dataset']}: retrieval ({result['questions']} questions, "
                         f"{result['turns']} turns)")
+    if len(metrics) > 5:  # BEAM's ten question types: one row each (all metrics in the JSON)
+        table.add_column("category", no_wrap=True)
+        table.add_column("n", justify="right")
+        for key in SUMMARY:
+            table.add_column(key.replace("session_", "session "), justify="right")
+        for name, row in metrics.items():
+            table.add_row(name, str(row["count"]), *[f"{row[key]:.3f}" for key in SUMMARY])
+        return table
     table.add_column("metric", no_wrap=True)
     for name in metrics:
         table.add_column(f"{name}\nn={metrics[name]['count']}", justify="right")
