@@ -28,7 +28,7 @@ def test_sigkill_during_bulk_add(db_path, embedder):
         reader = threading.Thread(target=lambda: done.extend(child.stdout), daemon=True)
         reader.start()
         started = time.monotonic()
-        while not done and time.monotonic() - started < 600:  # wait out the model load (slow under load)
+        while not done and time.monotonic() - started < 600:  # the model load, slow under load
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 3.0))  # then kill at a random moment of the bulk add
         child.send_signal(signal.SIGKILL)
