@@ -57,6 +57,8 @@ def _split_one(memory: "Memory", cube: "CubeRow", session: Item, report: dict[st
     for rowid, turn in turns:
         if (turn.user_id, turn.agent_id) != (session.user_id, session.agent_id):
             groups.setdefault((turn.user_id, turn.agent_id), []).append((rowid, turn))
+    if not groups:  # another process split it since mixed_sessions() was read
+        return
     drafts = {key: memory._session_draft(
         {"user_id": key[0], "agent_id": key[1], "session_id": session.session_id},
         {"observed_at": members[0][1].observed_at, "speaker": members[0][1].speaker})
