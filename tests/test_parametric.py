@@ -23,7 +23,10 @@ from memstack.cli import cli  # noqa: E402
 from memstack.tiers.parametric import TrainSettings, item_samples  # noqa: E402
 from memstack.tiers.parametric.audit import auc, exposure  # noqa: E402
 
-FAST = TrainSettings(method="none", epochs=4, lr=2e-3)
+# small audits: 8 control prompts and 50 random secrets per canary show the same properties
+# as the full 40 and 200 (the bench's sizes) in a fraction of the time
+FAST = TrainSettings(method="none", epochs=4, lr=2e-3, audit_controls=8, audit_candidates=50)
+LIGHT = {"audit_controls": 1, "audit_candidates": 10}  # where the audit is not under test
 
 
 @pytest.fixture
@@ -63,8 +66,9 @@ def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
     report = planted.consolidate(model="smollm2", user_id="ann", settings=FAST)
     trained = report.audit["canary_exposure"][canary.id]
     base_model = tier.load(report.id)
+    candidates = FAST.audit_candidates
     with base_model.disable_adapter():
-        base = exposure(base_model, tier.lm.tokenizer, probe, secret)
+        base = exposure(base_model, tier.lm.tokenizer, probe, secret, candidates)
     assert trained > base + 2  # training raised the canary above random codes
     planted.delete(canary.id)
     row = planted.store.shard(report.id)
@@ -75,7 +79,7 @@ def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
     assert not (planted.store.shard_dir / report.id).exists()
     new = planted.store.shard(done[0]["retrained"])
     assert canary.id not in new.item_ids and len(new.item_ids) == 8
-    after = exposure(tier.load(new.id), tier.lm.tokenizer, probe, secret)
+    after = exposure(tier.load(new.id), tier.lm.tokenizer, probe, secret, candidates)
     assert after < trained - 2  # back near the base model's level
     assert after <= base + 2
 
@@ -83,7 +87,7 @@ def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
 def test_replay_methods_run_and_record_their_losses(planted):
     texts = ["The river runs through the old town.", "Bread is baked early in the morning."]
     for method in ("replay_kl", "replay_gere"):
-        settings = TrainSettings(method=method, epochs=1, lr=1e-3)
+        settings = TrainSettings(method=method, epochs=1, lr=1e-3, **LIGHT)
         report = planted.consolidate(model="smollm2", user_id="ann", settings=settings,
                                      replay=texts)
         steps = planted.parametric("smollm2").manifest(report.id)["curve"]
@@ -97,17 +101,20 @@ def test_cli_consolidates_lists_audits_and_maintains(db_path, embedder, tmp_path
             m.add(row["content"], user_id="ann", kind="fact", metadata=row["metadata"])
     runner, base = CliRunner(), ["--db", str(db_path)]
     out = runner.invoke(cli, [*base, "--json", "consolidate", "--user", "ann", "--method", "none",
-                              "--epochs", "1"])
+                              "--epochs", "1", "--audit-controls", "8", "--audit-candidates", "20"])
     assert out.exit_code == 0, out.output
-    shard = json.loads(out.output)["id"]
+    shard, audit = json.loads(out.output)["id"], json.loads(out.output)["audit"]
+    assert audit["controls"] == 8 == len(audit["per_control"])
     listed = json.loads(runner.invoke(cli, [*base, "--json", "shards"]).output)
     assert [s["id"] for s in listed] == [shard] and listed[0]["status"] == "active"
     out = runner.invoke(cli, [*base, "--json", "audit", shard, "--out", str(tmp_path / "a")])
-    assert out.exit_code == 0 and "reliability" in json.loads(out.output)
+    assert out.exit_code == 0 and json.loads(out.output)["controls"] == 8  # its size again
     assert {p.suffix for p in (tmp_path / "a").iterdir()} == {".json", ".md", ".png"}
     assert runner.invoke(cli, [*base, "audit"]).exit_code == 0  # still the audit log
     bad = runner.invoke(cli, [*base, "consolidate", "--user", "nobody", "--method", "none"])
     assert bad.exit_code == 2 and "nothing to consolidate" in bad.output
+    bad = runner.invoke(cli, [*base, "consolidate", "--user", "ann", "--audit-controls", "41"])
+    assert bad.exit_code == 2 and "audit_controls is 1 to 40" in bad.output
 
 
 def test_continual_scores_and_auc():
@@ -124,7 +131,7 @@ def test_a_shard_continued_from_another_is_stale_when_an_inherited_item_goes(db_
                  for r in rows[:3]]
         second = [m.add(r["content"], user_id="bob", kind="fact", metadata=r["metadata"]).items[0]
                   for r in rows[3:]]
-        one = TrainSettings(method="none", epochs=1)
+        one = TrainSettings(method="none", epochs=1, **LIGHT)
         a = m.consolidate(model="smollm2", user_id="ann", settings=one)
         b = m.consolidate(model="smollm2", user_id="bob", settings=one, parent=a.id)
         row = m.store.shard(b.id)
@@ -172,6 +179,7 @@ def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_pat
 def test_bench_consolidate_runs_small_and_writes_its_json(tmp_path):
     args = ["--json", "bench", "consolidate", "--facts", "4", "--method", "none", "--epochs", "1",
             "--independent", "none", "--shards", "2", "--per-shard", "4",
+            "--audit-controls", "4", "--audit-candidates", "20",
             "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]
     out = CliRunner().invoke(cli, args)
     assert out.exit_code == 0, out.output
@@ -186,7 +194,7 @@ def test_bench_consolidate_runs_small_and_writes_its_json(tmp_path):
 
 
 def test_locality_calibration_measures_an_adapter_of_zeros_as_the_base_model():
-    zeros, noisy = locality_calibration("smollm2", scales=(0.0, 3e-2))
+    zeros, noisy = locality_calibration("smollm2", scales=(0.0, 3e-2), controls=8)
     assert zeros["locality"] == 1.0 and zeros["locality_tokens"] == 1.0
     assert abs(zeros["perplexity_increase"]) < 1e-4
     assert noisy["locality"] < 1.0  # random weights of this size already change answers

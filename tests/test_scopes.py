@@ -288,6 +288,7 @@ def test_kv_blocks_and_shards_hold_one_scope(db_path, embedder):
         tier = m.parametric(lm)
         assert {i.user_id for i in tier.select(user_id="bob", selection="all")} == {"bob"}
         shard = m.consolidate(model=lm, selection="all",
-                              settings=TrainSettings(method="none", epochs=1))
+                              settings=TrainSettings(method="none", epochs=1,
+                                                     audit_controls=1, audit_candidates=10))
         assert tier.route("What is the vault code?", min_similarity=0.0) == shard.id
         assert tier.route("What is the vault code?", user_id="alice", min_similarity=0.0) is None

@@ -97,7 +97,8 @@ class TiersMixin:
             held = set(row.item_ids)
             outside = [i for i in tier.select(cube=live[0].cube) if i.id not in held]
             nonmembers = outside[-len(live):] if len(outside) >= 5 else ()
-        return tier.audit_model(tier.load(shard_id), [item_samples(i) for i in live], nonmembers)
+        return tier.audit_model(tier.load(shard_id), [item_samples(i) for i in live], nonmembers,
+                                **tier.audit_size(shard_id))
 
     def ask(self, question: str, *, model: "LocalModel | str | Path", shard: str = "auto",
             user_id: str | None = None, agent_id: str | None = None,

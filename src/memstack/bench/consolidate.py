@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .._memory import Memory
 from .._models import Item
+from ..tiers.parametric.samples import CONTROL_PROMPTS
 
 _FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
           "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tara",
@@ -220,8 +221,8 @@ def run_independent(shards: int, per_shard: int, method: str, settings: dict[str
             "merged": {"matrix": merged_m, **continual_scores(merged_m)}}
 
 
-def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3, 3e-3, 1e-2)
-                         ) -> list[dict[str, float]]:
+def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3, 3e-3, 1e-2),
+                         controls: int = len(CONTROL_PROMPTS)) -> list[dict[str, float]]:
     """How strict the locality measures are: LoRA adapters that learned nothing (B drawn from
     N(0, scale), seeded) against the base model. Perplexity barely moves while exact 16-token
     answers already differ, because near-tied greedy choices flip."""
@@ -237,7 +238,8 @@ def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3,
     adapted = get_peft_model(lm.model, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                                                   target_modules=list(settings.targets),
                                                   task_type="CAUSAL_LM")).eval()
-    reference = base_answers(adapted, lm.tokenizer)
+    prompts = CONTROL_PROMPTS[:controls]
+    reference = base_answers(adapted, lm.tokenizer, prompts)
     base_ppl = perplexity(adapted, lm.tokenizer, base=True)
     out = []
     for scale in scales:
@@ -246,9 +248,9 @@ def locality_calibration(model: str, scales: Sequence[float] = (0.0, 1e-4, 1e-3,
             for name, p in adapted.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, scale) if scale else p.zero_()
-        same = same_answers(adapted, lm.tokenizer, reference=reference)
+        same = same_answers(adapted, lm.tokenizer, prompts, reference=reference)
         ppl = perplexity(adapted, lm.tokenizer) / base_ppl
-        agree = token_agreement(adapted, lm.tokenizer, reference=reference)
+        agree = token_agreement(adapted, lm.tokenizer, prompts, reference=reference)
         out.append({"scale": scale, "locality": round(sum(same) / len(same), 4),
                     "locality_tokens": round(agree, 4),
                     "perplexity_increase": round(ppl - 1, 4)})
@@ -286,7 +288,8 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
     out["methods"], out["sequential"] = [], []
     if calibrate:
         progress("locality calibration")
-        out["locality_calibration"] = locality_calibration(model)
+        out["locality_calibration"] = locality_calibration(
+            model, controls=settings.get("audit_controls", len(CONTROL_PROMPTS)))
     run_methods(facts, methods, settings, work, model,
                 lambda s: (partial(out), progress(s)), out["methods"])
     out["independent"] = []

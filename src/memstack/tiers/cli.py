@@ -130,12 +130,16 @@ def _train_progress(description: str) -> Any:
 @click.option("--epochs", default=TrainSettings.epochs, show_default=True, type=int)
 @click.option("--rank", default=TrainSettings.rank, show_default=True, type=int)
 @click.option("--lr", default=TrainSettings.lr, show_default=True, type=float)
+@click.option("--audit-controls", default=TrainSettings.audit_controls, show_default=True,
+              type=int, help="Control prompts of the locality audit (the first n of 40).")
+@click.option("--audit-candidates", default=TrainSettings.audit_candidates, show_default=True,
+              type=int, help="Random secrets each canary is ranked against in the audit.")
 @click.option("--replay-file", type=click.File("r"),
               help="General texts to replay, one per line (default: the base model's own).")
 @click.option("--parent", help="Continue from this shard (sequential consolidation).")
 @click.pass_context
 def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, reg_weight, epochs,
-                rank, lr, replay_file, parent):
+                rank, lr, audit_controls, audit_candidates, replay_file, parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
 
     memory = _open(ctx)
@@ -143,7 +147,8 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, re
         [s.strip() for s in selection.split(",") if s.strip()]
     replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
     settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr,
-                             reg_weight=reg_weight)
+                             reg_weight=reg_weight, audit_controls=audit_controls,
+                             audit_candidates=audit_candidates).check()
     with _train_progress("consolidating") as bar:
         task = bar.add_task("train", total=None, loss=0.0)
         report = memory.consolidate(

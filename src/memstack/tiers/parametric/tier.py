@@ -101,7 +101,9 @@ class ParametricTier:
                           str(self._folder(parent_row)) if parent_row else None)
         replayed = self._replay_samples(trainer, replay) if settings.method != "none" else []
         curve = trainer.train(train, replayed, progress)
-        result = self.audit_model(trainer.model, per_item, nonmembers)
+        result = self.audit_model(trainer.model, per_item, nonmembers,
+                                  controls=settings.audit_controls,
+                                  candidates=settings.audit_candidates)
         items = self._lineage(items, rehearse, parent_row)
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
         folder = self.memory.store.shard_dir / shard_id
@@ -149,7 +151,8 @@ class ParametricTier:
         model.eval()
         held = self.memory.store.items_by_id([i for r in rows for i in r.item_ids])
         live = [i for i in held.values() if i.status == "active"]
-        result = self.audit_model(model, [item_samples(i) for i in live], nonmembers)
+        result = self.audit_model(model, [item_samples(i) for i in live], nonmembers,
+                                  **self.audit_size(shard_ids[0]))
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
         folder = self.memory.store.shard_dir / shard_id
         model.save_pretrained(str(folder), selected_adapters=["merged"])
@@ -230,37 +233,59 @@ class ParametricTier:
 
     # audits ----------------------------------------------------------------------------------
     def audit_model(self, model: Any, per_item: Sequence[ItemSamples],
-                    nonmembers: Sequence[Item] = ()) -> dict[str, Any]:
-        tok = self.lm.tokenizer
+                    nonmembers: Sequence[Item] = (), *, controls: int = len(CONTROL_PROMPTS),
+                    candidates: int = 200) -> dict[str, Any]:
+        """Every audit of an adapted model on its items. `controls` (the first n control
+        prompts) and `candidates` (random secrets per canary) size it; both are recorded in
+        the result, and a later audit of the same shard uses them again."""
+        tok, prompts = self.lm.tokenizer, CONTROL_PROMPTS[:controls]
         reliable = audits.recall(model, tok, per_item)
         general = audits.recall(model, tok, per_item, heldout=True)
-        if self.lm.key not in _BASE:  # adapter off: the same for every shard of this model
-            _BASE[self.lm.key] = {"answers": audits.base_answers(model, tok),
-                                  "perplexity": audits.perplexity(model, tok, base=True)}
-        base = _BASE[self.lm.key]
+        base = self._base_side(model, prompts)
+        answers = [base["answers"][p] for p in prompts]
         ppl, base_ppl = audits.perplexity(model, tok), base["perplexity"]
-        same = audits.same_answers(model, tok, reference=base["answers"])
+        same = audits.same_answers(model, tok, prompts, reference=answers)
         out: dict[str, Any] = {
             "reliability": round(sum(reliable) / len(reliable), 4),
             "generalization": round(sum(general) / len(general), 4),
             "locality": round(sum(same) / len(same), 4),
-            "locality_tokens": round(audits.token_agreement(model, tok,
-                                                            reference=base["answers"]), 4),
+            "locality_tokens": round(audits.token_agreement(model, tok, prompts,
+                                                            reference=answers), 4),
             "perplexity": round(ppl, 3), "base_perplexity": round(base_ppl, 3),
             "perplexity_increase": round(ppl / base_ppl - 1, 4),
             "k_extractable": round(audits.extractable(model, tok, per_item), 4),
+            "controls": len(prompts), "canary_candidates": candidates,
             "per_item": {s.item.id: {"reliable": r, "generalized": g}
                          for s, r, g in zip(per_item, reliable, general)},
-            "per_control": dict(zip(CONTROL_PROMPTS, same))}
+            "per_control": dict(zip(prompts, same))}
         canaries = [(s, s.item.metadata.get("canary")) for s in per_item
                     if isinstance((s.item.metadata or {}).get("canary"), str)]
         if canaries:
-            out["canary_exposure"] = {s.item.id: round(audits.exposure(model, tok, s, secret), 3)
-                                      for s, secret in canaries}
+            out["canary_exposure"] = {
+                s.item.id: round(audits.exposure(model, tok, s, secret, candidates), 3)
+                for s, secret in canaries}
         if nonmembers:
             out["membership_auc"] = audits.membership(model, tok, per_item,
                                                       [item_samples(i) for i in nonmembers])
         return out
+
+    def _base_side(self, model: Any, prompts: Sequence[str]) -> dict[str, Any]:
+        """The base model's answers to the control prompts and its perplexity (adapter off):
+        the same for every shard of this model, so computed once per process and prompt."""
+        base = _BASE.setdefault(self.lm.key, {"answers": {}})
+        missing = [p for p in prompts if p not in base["answers"]]
+        if missing:
+            base["answers"].update(zip(missing, audits.base_answers(model, self.lm.tokenizer,
+                                                                    missing)))
+        if "perplexity" not in base:
+            base["perplexity"] = audits.perplexity(model, self.lm.tokenizer, base=True)
+        return base
+
+    def audit_size(self, shard_id: str) -> dict[str, int]:
+        """The size its last audit had (the defaults for shards audited before it was kept)."""
+        audit = self.manifest(shard_id).get("audit") or {}
+        return {"controls": audit.get("controls", len(CONTROL_PROMPTS)),
+                "candidates": audit.get("canary_candidates", 200)}
 
     def load(self, shard_id: str) -> Any:
         """The base model with the shard's adapter, for audits and generation."""

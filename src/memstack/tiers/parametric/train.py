@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from ..._errors import InvalidInputError
 from .decoding import _chat, _end, greedy
-from .samples import Sample
+from .samples import CONTROL_PROMPTS, Sample
 
 Method = Literal["none", "replay", "replay_kl", "replay_l2", "replay_gere"]
 METHODS: tuple[str, ...] = ("none", "replay", "replay_kl", "replay_l2", "replay_gere")
@@ -90,6 +90,11 @@ class TrainSettings:
     seed: int = 0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                 "up_proj", "down_proj")
+    # the audit's size: control prompts for locality (the first n of 40) and random secrets
+    # each canary is ranked against; smaller is faster with coarser figures (exposure is at
+    # most log2(candidates + 1) bits; one control prompt is 1/n of locality)
+    audit_controls: int = 40
+    audit_candidates: int = 200
 
     def check(self) -> "TrainSettings":
         if self.method not in METHODS:
@@ -98,6 +103,9 @@ class TrainSettings:
                 or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16:
             raise InvalidInputError("rank, alpha, epochs, batch sizes >= 1; 0 < lr < 1; "
                                     "reg_weight >= 0; max_tokens >= 16")
+        if not 1 <= self.audit_controls <= len(CONTROL_PROMPTS) or self.audit_candidates < 10:
+            raise InvalidInputError(f"audit_controls is 1 to {len(CONTROL_PROMPTS)}; "
+                                    "audit_candidates >= 10")
         return self
 
     def to_dict(self) -> dict[str, Any]:
