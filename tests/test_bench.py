@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from memstack import SearchSettings
 from memstack.bench import datasets
 from memstack.bench.retrieval import QuestionRun, question_metrics
 from memstack.cli import cli
@@ -168,3 +169,109 @@ def test_beam_is_read_in_its_own_format_and_benchmarked(tmp_path):
 def test_beam_refuses_a_folder_without_chats(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "beam", "--data", str(tmp_path)])
     assert result.exit_code == 2 and "holds no BEAM chats" in result.output
+
+
+def test_search_settings_are_set_per_run_and_recorded(tmp_path):
+    source = tmp_path / "locomo.json"
+    _tiny_locomo(source)
+    base = ["--json", "bench", "locomo", "--data", str(source), "--workdir", str(tmp_path / "w")]
+    runner = CliRunner()
+    plain = runner.invoke(cli, [*base, "--out", str(tmp_path / "a"), "--set", "bm25=0",
+                                "--set", "bm25_context=0", "--set", "session_weight=0",
+                                "--context-window", "none"], catch_exceptions=False)
+    data = json.loads(plain.output)
+    assert data["search_settings"]["bm25"] == 0.0 and data["context_window"] is None
+    assert data["search_settings"]["rrf_k"] == SearchSettings().rrf_k  # the rest: defaults
+    for bad, message in ((["--set", "bm25"], "name=value"), (["--set", "nope=1"], "name=value"),
+                         (["--set", "rrf_k=x"], "not a number"),
+                         (["--set", "rrf_k=0"], "rrf_k"),
+                         (["--context-window", "2"], "BEFORE,AFTER")):
+        result = runner.invoke(cli, [*base, "--out", str(tmp_path / "b"), *bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_search_settings_change_what_search_ranks(db_path, embedder):
+    from memstack import Memory
+
+    texts = ["the harbour ferry leaves at noon", "we talked about boats and ships all day"]
+    only_words = SearchSettings(vector=0, vector_context=0, bm25_context=0, session_weight=0)
+    only_vectors = SearchSettings(bm25=0, bm25_context=0, vector_context=0, session_weight=0)
+    with Memory(db_path, embedder=embedder, search_settings=only_words) as m:
+        for text in texts:
+            m.add(text, user_id="ann")
+        hits = m.search("ferry", user_id="ann")
+        assert [h.item.content for h in hits] == [texts[0]]  # BM25 alone: the word must match
+        assert set(hits[0].ranks) == {"bm25"}
+    with Memory(db_path, embedder=embedder, search_settings=only_vectors) as m:
+        hits = m.search("ferry", user_id="ann")
+        assert len(hits) == 2 and all(set(h.ranks) == {"vector"} for h in hits)
+
+
+def _tiny_longmemeval(path: Path) -> None:
+    """Three questions in LongMemEval's official format (fields as in its README)."""
+    def turn(role, content, answer=False):
+        return {"role": role, "content": content, **({"has_answer": True} if answer else {})}
+
+    def haystack(*answers):
+        return {
+            "haystack_session_ids": ["sharegpt_a_0", "answer_x_1", "answer_x_2"],
+            "haystack_dates": ["2023/05/20 (Sat) 02:21", "2023/05/22 (Mon) 10:00",
+                               "2023/05/25 (Thu) 18:30"],
+            "haystack_sessions": [
+                [turn("user", "How do I bake sourdough bread?"),
+                 turn("assistant", "Feed the starter, mix flour and water, proof overnight.")],
+                [turn("user", "I adopted a greyhound called Biscuit last week.", 1 in answers),
+                 turn("assistant", "Congratulations on adopting Biscuit!")],
+                [turn("user", "My commute to the office takes 45 minutes by tram.",
+                      2 in answers),
+                 turn("assistant", "That is a long ride; podcasts help.")]]}
+
+    path.write_text(json.dumps([
+        {"question_id": "q1", "question_type": "single-session-user",
+         "question": "What is the name of the dog I adopted?", "answer": "Biscuit",
+         "question_date": "2023/05/30 (Tue) 09:00", "answer_session_ids": ["answer_x_1"],
+         **haystack(1)},
+        {"question_id": "q2", "question_type": "multi-session",
+         "question": "How long is my commute, and what pet did I adopt?", "answer": "45 min",
+         "question_date": "2023/05/30 (Tue) 09:00",
+         "answer_session_ids": ["answer_x_1", "answer_x_2"], **haystack(1, 2)},
+        {"question_id": "q3_abs", "question_type": "single-session-user",
+         "question": "What is the name of my cat?", "answer": "not mentioned",
+         "question_date": "2023/05/30 (Tue) 09:00", "answer_session_ids": [], **haystack()}]))
+
+
+def test_longmemeval_is_read_in_its_official_format_and_benchmarked(tmp_path):
+    source = tmp_path / "longmemeval_s_cleaned.json"
+    _tiny_longmemeval(source)
+    [one, two, abstain] = datasets.convert_longmemeval(source)
+    assert [s["id"] for s in one["sessions"]] == ["sharegpt_a_0", "answer_x_1", "answer_x_2"]
+    assert one["sessions"][1]["turns"][0]["timestamp"] == "2023-05-22T10:00:00"
+    assert one["questions"][0]["evidence"] == ["answer_x_1:0"]
+    assert one["questions"][0]["evidence_sessions"] == ["answer_x_1"]
+    assert two["questions"][0]["evidence"] == ["answer_x_1:0", "answer_x_2:0"]
+    assert two["questions"][0]["evidence_sessions"] == ["answer_x_1", "answer_x_2"]
+    assert abstain["questions"][0] == {**abstain["questions"][0], "category": "abstention",
+                                       "evidence": [], "evidence_sessions": []}
+    result = CliRunner().invoke(cli, ["--json", "bench", "longmemeval", "--data", str(source),
+                                      "--out", str(tmp_path / "out"), "--plot"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "longmemeval.json").read_text())
+    assert data["questions"] == 3 and data["questions_without_evidence"] == 1
+    assert set(data["metrics"]) == {"all", "single-session-user", "multi-session"}
+    assert data["metrics"]["all"]["count"] == 2
+    assert data["metrics"]["multi-session"]["session_recall_all@5"] == 1.0  # 3 sessions in all
+    assert data["metrics"]["single-session-user"]["session_recall_any@1"] == 1.0
+    assert (tmp_path / "out" / "longmemeval-recall.png").exists()
+
+
+def test_longmemeval_refuses_what_is_not_its_format(tmp_path):
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"question": "hi"}]))
+    result = CliRunner().invoke(cli, ["bench", "longmemeval", "--data", str(wrong)])
+    assert result.exit_code == 2 and "is not a LongMemEval file" in result.output
+    assert str(wrong) in result.output
+    cut = tmp_path / "cut.json"
+    _tiny_longmemeval(cut)
+    cut.write_text(cut.read_text()[:200])  # truncated
+    result = CliRunner().invoke(cli, ["bench", "longmemeval", "--data", str(cut)])
+    assert result.exit_code == 2 and "is not a UTF-8 JSON file" in result.output

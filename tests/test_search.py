@@ -113,3 +113,31 @@ def test_several_cubes_and_unknown_filter(mem):
     assert both == {"work", "home"}
     with pytest.raises(InvalidFilterError, match="metadata.<key>"):
         mem.search("note", cube="work", filters={"topic": "x"})
+
+
+def test_a_role_is_not_a_speaker_name(mem):
+    mem.add([{"role": "user", "content": "I need help with the user login page."},
+             {"role": "assistant", "content": "The user login page needs a session cookie."}],
+            user_id="ann", session_id="s")
+    hits = mem.search("user login page session cookie", user_id="ann")
+    assert hits[0].item.role == "assistant"  # "user" in the query boosts no role's turns
+    assert hits[0].score > hits[1].score
+
+
+def test_first_person_questions_can_favour_the_users_own_turns(db_path, embedder):
+    from memstack import Memory, SearchSettings
+
+    turns = [{"role": "user", "content": "I keep my bike in the garage."},
+             {"role": "assistant", "content": "Bikes are usually kept in a garage or a shed."}]
+    scores = {}
+    for boost in (1.0, 3.0):
+        with Memory(db_path.with_name(f"b{boost}.db"), embedder=embedder,
+                    search_settings=SearchSettings(user_boost=boost, session_weight=0)) as m:
+            m.add(turns, user_id="ann", session_id="s")
+            mine = m.search("where do I keep my bike", user_id="ann")
+            plain = m.search("where are bikes kept", user_id="ann")
+            scores[boost] = ({h.item.role: h.score for h in mine},
+                             {h.item.role: h.score for h in plain})
+    assert scores[3.0][0]["user"] / scores[3.0][0]["assistant"] == pytest.approx(
+        3 * scores[1.0][0]["user"] / scores[1.0][0]["assistant"])
+    assert scores[3.0][1] == scores[1.0][1]  # not in the first person: no boost

@@ -23,6 +23,7 @@ from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, G
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
 from .ingest.manager import ExtractionSettings
 from .llm import ChatModel, Completion, OpenAIChat, Usage
+from .retrieve.search import SearchSettings
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "Extraction", "FactOp", "Answer", "Generation",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
     "ChatModel", "OpenAIChat", "Completion", "Usage", "ExtractionSettings",
+    "SearchSettings",
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",

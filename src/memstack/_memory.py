@@ -26,6 +26,7 @@ from ._validate import metadata as _metadata
 from ._validate import name as _name
 from ._validate import scope as _scope
 from .embed import Embedder, LocalEmbedder
+from .embed.base import embed_query
 from .index import HnswIndex
 from .llm import ChatModel
 from .ingest.manager import ExtractionSettings, FactManager
@@ -54,7 +55,8 @@ class Memory(TiersMixin):
     (recorded in the audit log), `track_access` (count gets and search hits),
     `context_window=(before, after)` (a turn is also indexed with that many neighbours; None turns
     it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
-    ingest; see docs/benchmarks.md).
+    ingest; see docs/benchmarks.md), `search_settings` (SearchSettings: fusion weights and
+    boosts of search).
 
     With `llm` (an OpenAIChat or any ChatModel), add() also extracts facts, preferences and
     procedures and keeps them current (ADD / UPDATE / DELETE / NOOP, superseding instead of
@@ -66,7 +68,8 @@ class Memory(TiersMixin):
                  track_access: bool = True,
                  context_window: tuple[int, int] | None = (2, 1),
                  context_vectors: bool = False, llm: ChatModel | None = None,
-                 extraction: ExtractionSettings | None = None) -> None:
+                 extraction: ExtractionSettings | None = None,
+                 search_settings: _search.SearchSettings | None = None) -> None:
         self.path = Path(path)
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
@@ -74,6 +77,7 @@ class Memory(TiersMixin):
         self.track_access = track_access
         self.context_window = context_window
         self.context_vectors = context_vectors
+        self.search_settings = search_settings or _search.SearchSettings()
         self.llm = llm
         self.facts = FactManager(self, llm, extraction) if llm else None
         self.store = SQLiteStore(self.path)
@@ -673,14 +677,15 @@ class Memory(TiersMixin):
         scope = _scope(user_id, agent_id, session_id)
         where, params = self._where(cube_rows, scope, kinds, filters, since, until, as_of_t,
                                     exact=exact)
-        qvec = self.embedder.embed([query_obj.text])[0]  # outside the lock: the slow part
+        qvec = embed_query(self.embedder, query_obj.text)  # outside the lock: the slow part
         narrow = any(scope.values()) or bool(filters) or since is not None or until is not None
         with self.store.lock:  # one connection and index, shared by threads (the server)
             indexes = [self._index(c) for c in cube_rows]
             others = self.store.cube_count() > len(cube_rows)
             return _search.hybrid(self.store, indexes, query_obj, qvec, where, params, top_k,
                                   scope=scope_match([c.id for c in cube_rows], scope,
-                                                    other_cubes=others), narrow=narrow)
+                                                    other_cubes=others), narrow=narrow,
+                                  settings=self.search_settings)
 
     def answer(self, question: str, *, user_id: str | None = None,
                agent_id: str | None = None, session_id: str | None = None,

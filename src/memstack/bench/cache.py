@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,10 +27,19 @@ class CachedEmbedder:
         return self.base.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        return self._cached(texts, self.base.embed, "")
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        """Queries through the model's own query encoding, cached apart from passages."""
+        own = getattr(self.base, "embed_query", None)
+        return self._cached(texts, own, "query:") if callable(own) else self.embed(texts)
+
+    def _cached(self, texts: list[str], encode: Callable[[list[str]], np.ndarray],
+                prefix: str) -> np.ndarray:
+        keys = [hashlib.sha1((prefix + t).encode()).hexdigest() for t in texts]
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in self._cache}.items())
         if todo:
-            vectors = self.base.embed([t for _, t in todo])
+            vectors = encode([t for _, t in todo])
             self._cache.update(zip([k for k, _ in todo], vectors))
             self._new += len(todo)
         if not texts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -27,6 +28,13 @@ _bench_options = [
     click.option("--embed-cache", type=click.Path(file_okay=False),
                  help="Reuse embeddings between runs (kept by text hash in this folder)."),
     click.option("--context-vectors", is_flag=True, help="Embed context keys too."),
+    click.option("--context-window", default="2,1", show_default=True,
+                 help="Neighbours indexed with each turn: BEFORE,AFTER ('none': no context "
+                      "keys)."),
+    click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+                 help="A search setting for this run (repeat): bm25, vector, bm25_context, "
+                      "vector_context, rrf_k, speaker_boost, user_boost, session_weight, "
+                      "session_top, time_boost (memstack.SearchSettings)."),
 ]
 
 
@@ -43,21 +51,43 @@ def _bench_embedder(embed_cache: str | None):
     return CachedEmbedder(LocalEmbedder(), embed_cache) if embed_cache else LocalEmbedder()
 
 
-def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, context_vectors,
-                   plot, top_k, notes):
+def memory_options(context_vectors: bool, context_window: str, settings: tuple[str, ...]
+                   ) -> dict[str, Any]:
+    """Memory options of a retrieval run from the shared bench options (checked first)."""
+    from ..retrieve.search import SearchSettings
+
+    window: tuple[int, int] | None = None
+    if context_window.strip().lower() != "none":
+        try:
+            before, after = (int(v) for v in context_window.split(","))
+        except ValueError:
+            raise InvalidInputError("--context-window is BEFORE,AFTER (two integers) or "
+                                    f"'none'; got {context_window!r}") from None
+        if min(before, after) < 0:
+            raise InvalidInputError("--context-window counts are >= 0")
+        window = (before, after)
+    return {"context_vectors": context_vectors, "context_window": window,
+            "search_settings": SearchSettings.parse(settings)}
+
+
+def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, options, plot, top_k,
+                   notes):
     from rich.progress import Progress
 
     from . import report, retrieval
 
     embedder = _bench_embedder(embed_cache)
+    notes = {**notes, "search_settings": options["search_settings"].__dict__,
+             "context_window": options["context_window"],
+             "context_vectors": options["context_vectors"]}
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{dataset}: ingest and ask", total=None)
         result = retrieval.run(conversations, dataset=dataset, embedder=embedder, top_k=top_k,
-                               workdir=workdir, memory_options={"context_vectors": context_vectors},
+                               workdir=workdir, memory_options=options,
                                progress=lambda d, t: bar.update(task, completed=d, total=t))
     if embed_cache:
         embedder.save()
-    data = {**result.to_dict(), **notes, "context_vectors": context_vectors, "top_k": top_k}
+    data = {**result.to_dict(), **notes, "top_k": top_k}
     paths = report.save(data, Path(out), dataset, report.retrieval_markdown(data))
     if plot:
         paths.append(report.plot_recall(data, Path(out) / f"{dataset}-recall.png"))
@@ -103,13 +133,15 @@ def qa_options(fn):
 @bench_options
 @qa_options
 @click.pass_context
-def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors, qa,
+def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors,
+                 context_window, settings, qa,
                  answer_url, answer_model, judge_url, judge_model, use_judge, extract,
                  per_category, max_context_tokens):
     """Retrieval (or with --qa, answers) on LoCoMo: turns only, each session's date as its
     turns' time."""
     from . import datasets
 
+    options = memory_options(context_vectors, context_window, settings)
     converted = datasets.convert_locomo(data)
     conversations = converted.conversations[:limit] if limit else converted.conversations
     if qa:
@@ -119,8 +151,8 @@ def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, conte
         return
     notes = {"evidence_ids_dropped": converted.dropped_evidence,
              "evidence_ids_normalised": converted.malformed_evidence}
-    _run_retrieval(ctx, conversations, "locomo", out, workdir, embed_cache, context_vectors,
-                   plot, top_k or 50, notes)
+    _run_retrieval(ctx, conversations, "locomo", out, workdir, embed_cache, options, plot,
+                   top_k or 50, notes)
 
 
 def _endpoint(ctx, url: str | None, model: str | None):
@@ -174,13 +206,15 @@ def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_c
 @click.option("--top-k", default=50, show_default=True, type=int)
 @bench_options
 @click.pass_context
-def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, context_vectors):
+def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, context_vectors,
+                        context_window, settings):
     """The same retrieval metrics on any dataset in the conversation format."""
     from . import datasets
 
+    options = memory_options(context_vectors, context_window, settings)
     conversations = datasets.load_conversations(data)
-    _run_retrieval(ctx, conversations, Path(data).stem, out, workdir, embed_cache,
-                   context_vectors, plot, top_k, {})
+    _run_retrieval(ctx, conversations, Path(data).stem, out, workdir, embed_cache, options,
+                   plot, top_k, {})
 
 
 @bench.command("beam")
@@ -192,14 +226,38 @@ def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, conte
 @click.option("--top-k", default=50, show_default=True, type=int)
 @bench_options
 @click.pass_context
-def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors):
+def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors,
+               context_window, settings):
     """Retrieval on BEAM: long user-assistant chats, a batch is a session; questions without
     evidence (abstention) are counted apart."""
     from . import datasets
 
+    options = memory_options(context_vectors, context_window, settings)
     conversations = datasets.convert_beam(data, limit)
-    _run_retrieval(ctx, conversations, "beam", out, workdir, embed_cache, context_vectors, plot,
+    _run_retrieval(ctx, conversations, "beam", out, workdir, embed_cache, options, plot,
                    top_k, {"chats": len(conversations)})
+
+
+@bench.command("longmemeval")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="longmemeval_s_cleaned.json, longmemeval_m_cleaned.json or "
+                   "longmemeval_oracle.json (the official release; not shipped).")
+@click.option("--limit", type=int, help="Only the first N questions (a quick run).")
+@click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
+@click.option("--top-k", default=50, show_default=True, type=int)
+@bench_options
+@click.pass_context
+def bench_longmemeval(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors,
+                      context_window, settings):
+    """Retrieval on LongMemEval: each question searches its own haystack of sessions; turn
+    metrics on the turns marked has_answer, session metrics on answer_session_ids, per
+    question type (abstention apart)."""
+    from . import datasets
+
+    options = memory_options(context_vectors, context_window, settings)
+    conversations = datasets.convert_longmemeval(data, limit)
+    _run_retrieval(ctx, conversations, "longmemeval", out, workdir, embed_cache, options, plot,
+                   top_k, {"source": Path(data).name})
 
 
 @bench.command("convert-locomo")
@@ -224,12 +282,14 @@ def bench_convert_locomo(data, output):
                    "instead of ingesting again (the ingest figures are the earlier run's).")
 @bench_options
 @click.pass_context
-def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, context_vectors):
+def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, context_vectors,
+                context_window, settings):
     """Ingest rate, search latency (query embedding included), disk and memory at scale."""
     from rich.progress import Progress
 
     from . import speed
 
+    options = memory_options(context_vectors, context_window, settings)
     embedder = _bench_embedder(embed_cache)
     table = Table(title="memstack speed")
     for name in ("items", "ingest items/s", "p50 ms", "p95 ms", "p99 ms", "disk MB", "peak RSS MB"):
@@ -239,7 +299,7 @@ def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, con
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"ingest {n:,} items", total=n)
             result = speed.run(n, embedder=embedder, workdir=workdir, queries_count=queries_count,
-                               memory_options={"context_vectors": context_vectors},
+                               memory_options=options,
                                progress=lambda d, t: bar.update(task, completed=d), reuse=reuse)
         previous = Path(out) / f"speed-{n}.json"
         if result["ingest_seconds"] is None and previous.exists():
@@ -393,6 +453,10 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
                    "measures are.")
 @click.option("--answer-end/--no-answer-end", default=True, show_default=True,
               help="Teach the end-of-turn token after each fact's answer.")
+@click.option("--audit-controls", default=40, show_default=True, type=int,
+              help="Control prompts of each locality audit (the first n of 40).")
+@click.option("--audit-candidates", default=200, show_default=True, type=int,
+              help="Random secrets each canary is ranked against.")
 @click.option("--shards", default=4, show_default=True, type=int)
 @click.option("--per-shard", default=50, show_default=True, type=int)
 @click.option("--rehearse", default=0.2, show_default=True, type=float,
@@ -402,8 +466,8 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
-                      independent, calibrate, answer_end, shards, per_shard, rehearse, out,
-                      workdir):
+                      independent, calibrate, answer_end, audit_controls, audit_candidates,
+                      shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
     from . import consolidate as bench_module
@@ -412,7 +476,8 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
         raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
                                 "0 <= --rehearse <= 1")
     settings = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": 2 * rank,
-                "reg_weight": reg_weight, "answer_end": answer_end}
+                "reg_weight": reg_weight, "answer_end": answer_end,
+                "audit_controls": audit_controls, "audit_candidates": audit_candidates}
     Path(out).mkdir(parents=True, exist_ok=True)
     target = Path(out) / "consolidate.json"
     with console.status("consolidating...") as status:

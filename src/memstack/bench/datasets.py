@@ -177,3 +177,65 @@ def _ids(raw: Any) -> list[str]:
     if isinstance(raw, (list, tuple)):
         return [i for part in raw for i in _ids(part)]
     return [str(raw)] if isinstance(raw, int) else []
+
+
+LONGMEMEVAL_ABSTENTION = "abstention"
+_LME_FIELDS = ("question_id", "question", "haystack_sessions", "haystack_session_ids")
+
+
+def convert_longmemeval(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """LongMemEval (longmemeval_s_cleaned.json, _m_cleaned or _oracle: a list of questions, each
+    with its own haystack) in the conversation format: one conversation per question, turn ids
+    "<session id>:<n>". Evidence: the turns marked has_answer, and the answer sessions
+    (answer_session_ids) for the session-level metrics. Questions whose id ends in "_abs" are
+    abstention questions: counted apart, like BEAM's."""
+    data = load_json(path)
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict) \
+            or any(f not in data[0] for f in _LME_FIELDS):
+        raise InvalidInputError(f"{path} is not a LongMemEval file: expected a list of "
+                                f"questions with {', '.join(_LME_FIELDS)}")
+    return [_lme_question(n, entry, path) for n, entry in enumerate(data[:limit])]
+
+
+def _lme_question(n: int, entry: Any, path: str | Path) -> dict[str, Any]:
+    try:
+        sessions_in = list(zip(entry["haystack_session_ids"], entry["haystack_sessions"],
+                               entry.get("haystack_dates") or [None] * len(
+                                   entry["haystack_sessions"]), strict=True))
+        qid = str(entry["question_id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"question {n} of {path}: haystack_session_ids, "
+                                "haystack_sessions and haystack_dates must be lists of one "
+                                f"length ({exc})") from None
+    sessions, evidence = [], []
+    for session_id, turns, date in sessions_in:
+        when = _lme_date(date)
+        out = []
+        for t, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                raise InvalidInputError(f"question {qid} of {path}: a turn of session "
+                                        f"{session_id} needs role and content")
+            turn_id = f"{session_id}:{t}"
+            if turn.get("has_answer"):
+                evidence.append(turn_id)
+            out.append({"id": turn_id, "speaker": turn.get("role", "user"),
+                        "role": turn.get("role", "user"), "text": turn["content"],
+                        **({"timestamp": when} if when else {})})
+        sessions.append({"id": str(session_id), "date": when, "turns": out})
+    abstention = qid.endswith("_abs")
+    question = {"id": qid, "question": str(entry["question"]),
+                "category": LONGMEMEVAL_ABSTENTION if abstention else
+                str(entry.get("question_type", "all")),
+                "evidence": [] if abstention else evidence,
+                "evidence_sessions": [] if abstention else
+                [str(s) for s in entry.get("answer_session_ids") or []]}
+    return {"id": f"lme-{qid}", "sessions": sessions, "questions": [question]}
+
+
+def _lme_date(raw: Any) -> str | None:
+    """'2023/05/20 (Sat) 02:21' -> '2023-05-20T02:21:00'."""
+    try:
+        return datetime.strptime(re.sub(r"\s*\(\w+\)", "", str(raw)), "%Y/%m/%d %H:%M"
+                                 ).isoformat() if raw else None
+    except ValueError:
+        return None

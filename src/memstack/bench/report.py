@@ -26,7 +26,8 @@ def retrieval_table(result: dict[str, Any]) -> Table:
         for key in SUMMARY:
             table.add_column(key.replace("session_", "session "), justify="right")
         for name, row in metrics.items():
-            table.add_row(name, str(row["count"]), *[f"{row[key]:.3f}" for key in SUMMARY])
+            table.add_row(name, str(row["count"]), *[_cell(row.get(key), "{:.3f}")
+                                                     for key in SUMMARY])
         return table
     table.add_column("metric", no_wrap=True)
     for name in metrics:
@@ -34,7 +35,7 @@ def retrieval_table(result: dict[str, Any]) -> Table:
     for metric in METRICS:
         for k in KS:
             key = f"{metric}@{k}"
-            table.add_row(key, *[f"{metrics[c][key]:.3f}" for c in metrics])
+            table.add_row(key, *[_cell(metrics[c].get(key), "{:.3f}") for c in metrics])
     return table
 
 
@@ -47,7 +48,8 @@ def retrieval_markdown(result: dict[str, Any]) -> str:
     for metric in METRICS:
         for k in KS:
             key = f"{metric}@{k}"
-            lines.append(f"| {key} | " + " | ".join(f"{metrics[n][key]:.3f}" for n in names) + " |")
+            lines.append(f"| {key} | " + " | ".join(_cell(metrics[n].get(key), "{:.3f}")
+                                                    for n in names) + " |")
     lat = result["search_latency"]
     lines += ["", f"Ingest: {result['turns']} turns in {result['ingest_seconds']} s "
                   f"({result['ingest_turns_per_second']} turns/s). Search latency: "
@@ -121,10 +123,12 @@ def plot_recall(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    turns = all("recall_any@1" in v for v in result["metrics"].values())
+    metric = "recall_any" if turns else "session_recall_any"  # LongMemEval may name sessions only
     for name, values in result["metrics"].items():
-        ax.plot(KS, [values[f"recall_any@{k}"] for k in KS], marker="o", label=name)
+        ax.plot(KS, [values[f"{metric}@{k}"] for k in KS], marker="o", label=name)
     ax.set_xlabel("k")
-    ax.set_ylabel("turn recall_any@k")
+    ax.set_ylabel(f"{'turn' if turns else 'session'} recall_any@k")
     ax.set_xticks(list(KS))
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

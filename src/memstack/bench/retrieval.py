@@ -21,7 +21,8 @@ from .._memory import Memory
 from ..embed import Embedder
 
 KS = (1, 5, 10, 20)
-METRICS = ("recall_any", "recall_all", "ndcg", "session_recall_any")
+METRICS = ("recall_any", "recall_all", "ndcg", "session_recall_any", "session_recall_all",
+           "session_ndcg")
 ADVERSARIAL = "adversarial"
 
 
@@ -32,6 +33,11 @@ class QuestionRun:
     evidence: list[str]
     retrieved: list[str]
     latency_ms: float
+    evidence_sessions: list[str] = field(default_factory=list)  # else the evidence turns'
+
+    @property
+    def wanted_sessions(self) -> set[str]:
+        return set(self.evidence_sessions) or {session_of(t) for t in self.evidence}
 
 
 @dataclass
@@ -45,7 +51,7 @@ class RetrievalReport:
     def metrics(self) -> dict[str, dict[str, float]]:
         groups: dict[str, list[QuestionRun]] = defaultdict(list)
         for q in self.questions:
-            if not q.evidence:
+            if not q.evidence and not q.evidence_sessions:
                 continue
             groups[q.category].append(q)
             if q.category != ADVERSARIAL:
@@ -96,7 +102,7 @@ def _ask(memory: Memory, cube: str, question: dict[str, Any], top_k: int) -> Que
     retrieved = list(dict.fromkeys(h.item.metadata.get("turn_id") for h in hits))
     return QuestionRun(str(question["id"]), str(question.get("category", "all")),
                        list(question.get("evidence", [])), [r for r in retrieved if r],
-                       latency)
+                       latency, [str(s) for s in question.get("evidence_sessions") or []])
 
 
 def session_of(turn_id: str) -> str:
@@ -105,25 +111,36 @@ def session_of(turn_id: str) -> str:
 
 
 def question_metrics(q: QuestionRun) -> dict[str, float]:
-    evidence = set(q.evidence)
+    """Turn metrics when the question names evidence turns; session metrics (over the
+    sessions of the retrieved turns, in order) when it names turns or sessions."""
+    evidence, wanted = set(q.evidence), q.wanted_sessions
     sessions = list(dict.fromkeys(session_of(t) for t in q.retrieved))
-    wanted_sessions = {session_of(t) for t in evidence}
     out = {}
     for k in KS:
-        top = q.retrieved[:k]
-        found = evidence & set(top)
-        out[f"recall_any@{k}"] = float(bool(found))
-        out[f"recall_all@{k}"] = float(found == evidence)
-        dcg = sum(1 / math.log2(i + 2) for i, t in enumerate(top) if t in evidence)
-        ideal = sum(1 / math.log2(i + 2) for i in range(min(len(evidence), k)))
-        out[f"ndcg@{k}"] = dcg / ideal
-        out[f"session_recall_any@{k}"] = float(bool(wanted_sessions & set(sessions[:k])))
+        if evidence:
+            top = q.retrieved[:k]
+            found = evidence & set(top)
+            out[f"recall_any@{k}"] = float(bool(found))
+            out[f"recall_all@{k}"] = float(found == evidence)
+            out[f"ndcg@{k}"] = _ndcg(top, evidence, k)
+        if wanted:
+            top_sessions = set(sessions[:k])
+            out[f"session_recall_any@{k}"] = float(bool(wanted & top_sessions))
+            out[f"session_recall_all@{k}"] = float(wanted <= top_sessions)
+            out[f"session_ndcg@{k}"] = _ndcg(sessions[:k], wanted, k)
     return out
+
+
+def _ndcg(ranked: list[str], relevant: set[str], k: int) -> float:
+    dcg = sum(1 / math.log2(i + 2) for i, t in enumerate(ranked) if t in relevant)
+    return dcg / sum(1 / math.log2(i + 2) for i in range(min(len(relevant), k)))
 
 
 def _aggregate(questions: list[QuestionRun]) -> dict[str, float]:
     rows = [question_metrics(q) for q in questions]
-    out = {name: round(statistics.fmean(r[name] for r in rows), 4) for name in rows[0]}
+    names = list(dict.fromkeys(name for r in rows for name in r))
+    out: dict[str, float] = {name: round(statistics.fmean(r[name] for r in rows if name in r), 4)
+                             for name in names}
     out["count"] = len(rows)
     return out
 

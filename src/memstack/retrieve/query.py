@@ -24,11 +24,15 @@ ll re ve
 """.split())
 
 
+FIRST_PERSON = frozenset({"i", "me", "my", "mine", "myself"})
+
+
 @dataclass(frozen=True)
 class Query:
     text: str
     words: tuple[str, ...]
     time_range: tuple[datetime, datetime] | None
+    first_person: bool = False  # asks about the asker's own life ("I", "my", "me")
 
     @property
     def fts(self) -> str | None:
@@ -56,4 +60,4 @@ def analyse(text: object, now: datetime) -> Query:
     # one-letter pieces of contractions ("that's" -> that, s) would match every contraction
     content = [w for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())] or words
     unique = tuple(dict.fromkeys(content))
-    return Query(text, unique, query_time_range(text, now))
+    return Query(text, unique, query_time_range(text, now), bool(FIRST_PERSON & set(words)))

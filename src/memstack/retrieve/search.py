@@ -7,29 +7,82 @@ whose time matches a time cue in the query ("last May") get a boost.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from .._errors import InvalidInputError
 from .._models import Hit
 from ..index import HnswIndex
 from ..store.sqlite import SQLiteStore
 from .fusion import rrf
 from .query import Query, analyse
 
-__all__ = ["analyse", "hybrid"]
+__all__ = ["SearchSettings", "analyse", "hybrid"]
 
-# Chosen on LoCoMo and checked on its two halves separately (docs/benchmarks.md, "what each
-# technique gained"): the gains held on both. A small k trusts the head of each ranking.
-TIME_BOOST = 1.3
-SESSION_WEIGHT = 0.3  # share of a session's evidence added to each of its turns
-SESSION_TOP = 3
-SPEAKER_BOOST = 2.0  # items said by a speaker the query names ("what did Ann say...")
-RRF_K = 10.0
+ROLES = frozenset({"user", "assistant", "system", "tool"})  # roles, not names of speakers
 # a session is its whole scope: two users' sessions with the same id are two sessions
 SESSION_KEY = ("CASE WHEN session_id IS NULL THEN NULL "
                "ELSE json_array(cube_id, user_id, agent_id, session_id) END")
-WEIGHTS = {"bm25": 2.0, "vector": 1.0, "bm25_context": 2.0, "vector_context": 1.5}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How hybrid search fuses its rankings and boosts the result. Each setting is measured on
+    LoCoMo and BEAM side by side (docs/benchmarks.md, "retrieval settings across datasets").
+
+    Rankings (weights of reciprocal rank fusion; 0 leaves one out): `bm25` and `vector` over an
+    item's own keys, `bm25_context` and `vector_context` over a turn with its neighbours.
+    `rrf_k`: a small k trusts the head of each ranking. `speaker_boost`: items said by a
+    speaker the query names ("what did Ann say..."; a role such as "user" is not a name).
+    `user_boost`: the user's own turns (role "user") when the query is in the first person
+    ("what did I say..."). `session_weight`: share of a session's
+    evidence (its best `session_top` candidates) added to each of its turns. `time_boost`:
+    items whose time matches a time cue in the query ("last May")."""
+
+    bm25: float = 2.0
+    vector: float = 1.0
+    bm25_context: float = 2.0
+    vector_context: float = 1.5
+    rrf_k: float = 10.0
+    speaker_boost: float = 2.0
+    user_boost: float = 1.0
+    session_weight: float = 0.3
+    session_top: int = 3
+    time_boost: float = 1.3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or (f.name in ("rrf_k", "session_top") and value < 1) \
+                    or (f.name.endswith("_boost") and value < 1):
+                raise InvalidInputError(
+                    f"search setting {f.name} must be a number >= 0 (rrf_k, session_top and "
+                    f"boosts >= 1), got {value!r}")
+
+    def weights(self) -> dict[str, float]:
+        return {"bm25": self.bm25, "vector": self.vector, "bm25_context": self.bm25_context,
+                "vector_context": self.vector_context}
+
+    @classmethod
+    def parse(cls, pairs: Sequence[str], base: "SearchSettings | None" = None
+              ) -> "SearchSettings":
+        """From "name=value" strings (the CLI's --set), on top of `base` (the defaults)."""
+        names = {f.name: f.type for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names:
+                raise InvalidInputError(f"--set takes name=value with a name among "
+                                        f"{', '.join(names)}; got {pair!r}")
+            try:
+                changes[name] = int(value) if name == "session_top" else float(value)
+            except ValueError:
+                raise InvalidInputError(f"--set {name}: {value!r} is not a number") from None
+        return replace(base or cls(), **changes)
 
 
 def candidates_needed(top_k: int) -> int:
@@ -37,8 +90,8 @@ def candidates_needed(top_k: int) -> int:
 
 
 def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec: np.ndarray,
-           where: str, params: Sequence[Any], top_k: int, *, scope: str | None, narrow: bool
-           ) -> list[Hit]:
+           where: str, params: Sequence[Any], top_k: int, *, scope: str | None, narrow: bool,
+           settings: SearchSettings = SearchSettings()) -> list[Hit]:
     """`scope` is the FTS5 scope expression; `narrow` says the filters select a small part of
     the cubes (a user, a session...), so the vector search filters from the start."""
     n = candidates_needed(top_k)
@@ -48,30 +101,50 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
         vector = _vector(store, indexes, qvec, where, params, n, narrow)
     lists = {"bm25": bm25[False], "bm25_context": bm25[True], "vector": vector[False],
              "vector_context": vector[True]}
-    rankings = {name: [r for r, _ in ranked] for name, ranked in lists.items() if ranked}
-    raw = {name: dict(ranked) for name, ranked in lists.items()}
-    fused = rrf(rankings, k=RRF_K, weights=WEIGHTS)
-    if SPEAKER_BOOST != 1.0 and fused:
-        with store.lock:
-            speakers = store.item_values(list(fused), "speaker")
-        named = {sp for sp in set(speakers.values()) if sp and sp.lower() in query.words}
-        fused = {r: s * (SPEAKER_BOOST if speakers.get(r) in named else 1.0)
-                 for r, s in fused.items()}
-    if SESSION_WEIGHT:
-        with store.lock:
-            fused = _session_boost(fused, store.item_values(list(fused), SESSION_KEY))
-    if query.time_range is not None:
-        with store.lock:
-            times = store.item_values(list(fused), "observed_at")
-            resolved = store.item_values(list(fused), "json_extract(metadata, '$.resolved_dates')")
-        fused = {r: s * (TIME_BOOST if _in_range(times[r], resolved[r], query.time_range) else 1.0)
-                 for r, s in fused.items()}
+    weights = settings.weights()  # a ranking of weight 0 is left out, also from the hits' ranks
+    rankings = {name: [r for r, _ in ranked] for name, ranked in lists.items()
+                if ranked and weights[name]}
+    raw = {name: dict(ranked) for name, ranked in lists.items()}  # similarities: all of them
+    fused = rrf(rankings, k=settings.rrf_k, weights=weights)
+    fused = _boosted(store, fused, query, settings)
     order = sorted(fused, key=lambda r: (-fused[r], r))[:top_k]
     with store.lock:
         items = store.items_by_rowid(order)
     ranks = {name: {r: n for n, r in enumerate(ranked, 1)} for name, ranked in rankings.items()}
     return [Hit(items[r], fused[r], {k: v[r] for k, v in ranks.items() if r in v},
                 {k: v[r] for k, v in raw.items() if r in v}) for r in order]
+
+
+def _boosted(store: SQLiteStore, fused: dict[int, float], query: Query,
+             settings: SearchSettings) -> dict[int, float]:
+    """The fused scores after the speaker, session and time boosts."""
+    if not fused:
+        return fused
+    if settings.speaker_boost != 1.0:
+        with store.lock:
+            speakers = store.item_values(list(fused), "speaker")
+        named = {sp for sp in set(speakers.values())
+                 if sp and sp.lower() in query.words and sp.lower() not in ROLES}
+        boost = settings.speaker_boost
+        fused = {r: s * (boost if speakers.get(r) in named else 1.0)
+                 for r, s in fused.items()}
+    if settings.user_boost != 1.0 and query.first_person:
+        with store.lock:
+            roles = store.item_values(list(fused), "role")
+        fused = {r: s * (settings.user_boost if roles.get(r) == "user" else 1.0)
+                 for r, s in fused.items()}
+    if settings.session_weight:
+        with store.lock:
+            fused = _session_boost(fused, store.item_values(list(fused), SESSION_KEY),
+                                   settings.session_weight, settings.session_top)
+    if query.time_range is not None and settings.time_boost != 1.0:
+        with store.lock:
+            times = store.item_values(list(fused), "observed_at")
+            resolved = store.item_values(list(fused), "json_extract(metadata, '$.resolved_dates')")
+        fused = {r: s * (settings.time_boost if _in_range(times[r], resolved[r],
+                                                          query.time_range) else 1.0)
+                 for r, s in fused.items()}
+    return fused
 
 
 def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, where: str,
@@ -153,10 +226,11 @@ def _in_range(observed_at: float | None, resolved: str | None, window) -> bool:
     return False
 
 
-def _session_boost(fused: dict[int, float], sessions: dict[int, str | None]) -> dict[int, float]:
+def _session_boost(fused: dict[int, float], sessions: dict[int, str | None], weight: float,
+                   top: int) -> dict[int, float]:
     """Hierarchical evidence: a turn in a session with several strong candidates gains."""
     by_session: dict[str | None, list[float]] = {}
     for rowid, score in fused.items():
         by_session.setdefault(sessions.get(rowid), []).append(score)
-    strength = {s: sum(sorted(v, reverse=True)[:SESSION_TOP]) for s, v in by_session.items()}
-    return {r: score + SESSION_WEIGHT * strength[sessions.get(r)] for r, score in fused.items()}
+    strength = {s: sum(sorted(v, reverse=True)[:top]) for s, v in by_session.items()}
+    return {r: score + weight * strength[sessions.get(r)] for r, score in fused.items()}
