@@ -275,3 +275,36 @@ def test_longmemeval_refuses_what_is_not_its_format(tmp_path):
     cut.write_text(cut.read_text()[:200])  # truncated
     result = CliRunner().invoke(cli, ["bench", "longmemeval", "--data", str(cut)])
     assert result.exit_code == 2 and "is not a UTF-8 JSON file" in result.output
+
+
+def test_embedding_cache_keeps_passages_and_queries_apart_and_saves_as_it_goes(tmp_path,
+                                                                              monkeypatch):
+    import numpy as np
+
+    from memstack.bench import cache
+
+    class Counting:
+        name, dim = "counting", 2
+
+        def __init__(self):
+            self.calls = []
+
+        def embed(self, texts):
+            self.calls.append(("embed", list(texts)))
+            return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+        def embed_query(self, texts):
+            self.calls.append(("query", list(texts)))
+            return np.array([[1.0, len(t)] for t in texts], np.float32)
+
+    monkeypatch.setattr(cache, "SAVE_EVERY", 2)
+    base = Counting()
+    cached = cache.CachedEmbedder(base, tmp_path)
+    cached.embed(["ab", "abc"])
+    assert list(tmp_path.glob("*.npz"))  # two new vectors: saved without waiting for save()
+    assert cached.embed_query(["ab"])[0].tolist() == [1.0, 2.0]  # not the passage's vector
+    assert cached.embed(["abc", "ab"]).tolist() == [[3.0, 1.0], [2.0, 1.0]]
+    assert [(k, sorted(t)) for k, t in base.calls] == [("embed", ["ab", "abc"]), ("query", ["ab"])]
+    cached.save()
+    again = cache.CachedEmbedder(Counting(), tmp_path)
+    assert again.embed_query(["ab"]).tolist() == [[1.0, 2.0]] and not again.base.calls

@@ -11,6 +11,9 @@ import numpy as np
 from ..embed import Embedder
 
 
+SAVE_EVERY = 10_000  # new vectors between saves
+
+
 class CachedEmbedder:
     def __init__(self, base: Embedder, folder: str | Path) -> None:
         self.base, self.name = base, base.name
@@ -42,6 +45,8 @@ class CachedEmbedder:
             vectors = encode([t for _, t in todo])
             self._cache.update(zip([k for k, _ in todo], vectors))
             self._new += len(todo)
+            if self._new >= SAVE_EVERY:  # a long first run keeps what it embedded if cut off
+                self.save()
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self._cache[k] for k in keys])
@@ -51,5 +56,8 @@ class CachedEmbedder:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         keys = np.array(list(self._cache))
-        np.savez(self._file, keys=keys, vectors=np.stack(list(self._cache.values())))
+        tmp = self._file.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:  # written whole, then renamed: never half a cache
+            np.savez(fh, keys=keys, vectors=np.stack(list(self._cache.values())))
+        tmp.replace(self._file)
         self._new = 0
