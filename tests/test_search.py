@@ -74,7 +74,10 @@ def test_since_until(filled):
     assert [h.item.content for h in hits] == ["I play the cello in an orchestra."]
 
 
-def test_time_cue_in_query_boosts_items_of_that_time(mem):
+def test_time_cue_in_query_boosts_items_of_that_time(db_path, embedder):
+    from memstack import Memory, SearchSettings
+
+    mem = Memory(db_path, embedder=embedder, search_settings=SearchSettings(time_boost=1.3))
     mem.add("We had a picnic by the lake.", user_id="ann", observed_at="2024-05-10")
     mem.add("We had a picnic in the park.", user_id="ann", observed_at="2024-08-10")
     for query, expected in (("picnic in May 2024", "lake"), ("picnic in August 2024", "park"),
@@ -82,6 +85,7 @@ def test_time_cue_in_query_boosts_items_of_that_time(mem):
         hits = mem.search(query, user_id="ann", as_of="2024-08-24")  # relative to as_of
         assert expected in hits[0].item.content, query
         assert hits[0].score > hits[1].score
+    mem.close()
 
 
 @pytest.mark.parametrize("query", ['"Berlin', 'Berlin*', 'Berlin NEAR Lisbon', 'Berlin AND -job',

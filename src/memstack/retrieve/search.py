@@ -1,7 +1,8 @@
 """Hybrid search: BM25 candidates from FTS5 and vector candidates from the ANN index, fused.
 
-Each retriever ranks items (an item's best key counts). Fusion is reciprocal rank fusion; items
-whose time matches a time cue in the query ("last May") get a boost.
+Each retriever ranks items (an item's best key counts). Fusion is reciprocal rank fusion, then
+boosts (SearchSettings): a named speaker's turns, the user's own words for first-person
+questions, strong sessions, and (an option) items whose time matches a time cue ("last May").
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .query import Query, analyse
 __all__ = ["SearchSettings", "analyse", "hybrid"]
 
 ROLES = frozenset({"user", "assistant", "system", "tool"})  # roles, not names of speakers
+NOT_THE_USER = ROLES - {"user"}
 # a session is its whole scope: two users' sessions with the same id are two sessions
 SESSION_KEY = ("CASE WHEN session_id IS NULL THEN NULL "
                "ELSE json_array(cube_id, user_id, agent_id, session_id) END")
@@ -36,8 +38,9 @@ class SearchSettings:
     item's own keys, `bm25_context` and `vector_context` over a turn with its neighbours.
     `rrf_k`: a small k trusts the head of each ranking. `speaker_boost`: items said by a
     speaker the query names ("what did Ann say..."; a role such as "user" is not a name).
-    `user_boost`: the user's own turns (role "user") when the query is in the first person
-    ("what did I say..."). `session_weight`: share of a session's
+    `user_boost`: when the query is in the first person ("what did I say..."), everything but
+    the assistant's (system's, tool's) turns: the user's words and the facts drawn from them.
+    `session_weight`: share of a session's
     evidence (its best `session_top` candidates) added to each of its turns. `time_boost`:
     items whose time matches a time cue in the query ("last May")."""
 
@@ -47,10 +50,10 @@ class SearchSettings:
     vector_context: float = 1.5
     rrf_k: float = 10.0
     speaker_boost: float = 2.0
-    user_boost: float = 1.0
+    user_boost: float = 2.0
     session_weight: float = 0.3
     session_top: int = 3
-    time_boost: float = 1.3
+    time_boost: float = 1.0  # an option: +0.0007 on LoCoMo, 0 on BEAM (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -131,7 +134,7 @@ def _boosted(store: SQLiteStore, fused: dict[int, float], query: Query,
     if settings.user_boost != 1.0 and query.first_person:
         with store.lock:
             roles = store.item_values(list(fused), "role")
-        fused = {r: s * (settings.user_boost if roles.get(r) == "user" else 1.0)
+        fused = {r: s * (1.0 if roles.get(r) in NOT_THE_USER else settings.user_boost)
                  for r, s in fused.items()}
     if settings.session_weight:
         with store.lock:
