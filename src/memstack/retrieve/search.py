@@ -40,9 +40,9 @@ class SearchSettings:
     speaker the query names ("what did Ann say..."; a role such as "user" is not a name).
     `user_boost`: when the query is in the first person ("what did I say..."), everything but
     the assistant's (system's, tool's) turns: the user's words and the facts drawn from them.
-    `session_weight`: share of a session's
-    evidence (its best `session_top` candidates) added to each of its turns. `time_boost`:
-    items whose time matches a time cue in the query ("last May")."""
+    `session_weight`: share of a session's evidence (its best `session_top` candidates) added
+    to each of its turns. `time_boost`: items whose time matches a time cue in the query
+    ("last May")."""
 
     bm25: float = 2.0
     vector: float = 1.0
@@ -120,7 +120,7 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
 
 def _boosted(store: SQLiteStore, fused: dict[int, float], query: Query,
              settings: SearchSettings) -> dict[int, float]:
-    """The fused scores after the speaker, session and time boosts."""
+    """The fused scores after the speaker, user, session and time boosts."""
     if not fused:
         return fused
     if settings.speaker_boost != 1.0:
