@@ -47,6 +47,13 @@ _bench_options = [
 ]
 
 
+def ranked_options(fn):
+    """--plot and --top-k of the retrieval benches that read a dataset file or folder."""
+    fn = click.option("--top-k", default=50, show_default=True, type=int,
+                      help="Hits retrieved per question.")(fn)
+    return click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")(fn)
+
+
 def bench_options(fn):
     for option in reversed(_bench_options):
         fn = option(fn)
@@ -219,8 +226,7 @@ def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_c
 @bench.command("conversations")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True,
               help="A conversation file (docs/conversations.md).")
-@click.option("--plot", is_flag=True)
-@click.option("--top-k", default=50, show_default=True, type=int)
+@ranked_options
 @bench_options
 @click.pass_context
 def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, context_vectors,
@@ -239,8 +245,7 @@ def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, conte
               default="../shared/data/beam", show_default=True,
               help="BEAM's folder (500K/<n>/chat.json.gz + probing_questions.json.gz).")
 @click.option("--limit", type=int, help="Only the first N chats (a quick run).")
-@click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
-@click.option("--top-k", default=50, show_default=True, type=int)
+@ranked_options
 @bench_options
 @click.pass_context
 def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors,
@@ -260,8 +265,7 @@ def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context
               help="longmemeval_s_cleaned.json, longmemeval_m_cleaned.json or "
                    "longmemeval_oracle.json (the official release; not shipped).")
 @click.option("--limit", type=int, help="Only the first N questions (a quick run).")
-@click.option("--plot", is_flag=True, help="Also draw recall against k (PNG).")
-@click.option("--top-k", default=50, show_default=True, type=int)
+@ranked_options
 @bench_options
 @click.pass_context
 def bench_longmemeval(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context_vectors,
