@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from memstack import SearchSettings
+from memstack import Memory, SearchSettings
 from memstack.bench import datasets
 from memstack.bench.retrieval import QuestionRun, question_metrics
 from memstack.cli import cli
@@ -104,6 +104,23 @@ def test_bench_speed_small(tmp_path):
     assert 0 < data["search_latency_ms"]["p50"] <= data["search_latency_ms"]["p99"]
     assert data["disk_bytes"] > 0 and data["peak_rss_mb"] > 0
     assert (tmp_path / "out" / "speed-300.md").exists()
+    assert data["chat"] is None
+
+
+def test_bench_speed_times_the_chat_pattern(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "speed", "--items", "200", "--queries", "5",
+                                      "--chat", "40", "--out", str(tmp_path / "out"),
+                                      "--workdir", str(tmp_path / "w")], catch_exceptions=False)
+    assert "chat pattern" in result.output and "p99.9 ms" in result.output
+    data = json.loads((tmp_path / "out" / "speed-200.json").read_text())
+    chat = data["chat"]
+    assert chat["messages"] == 40 and chat["messages_per_second"] > 0
+    for call in ("add_ms", "search_ms"):
+        t = chat[call]
+        assert 0 < t["p50"] <= t["p95"] <= t["p99"] <= t["p99.9"] <= t["max"]
+    with Memory(tmp_path / "w" / "speed-200.db") as memory:
+        assert memory.stats()["items"]["turn:active"] == 240  # 200 loaded + 40 chatted
+    assert "Chat pattern: 40 messages" in (tmp_path / "out" / "speed-200.md").read_text()
 
 
 @pytest.mark.skipif(not LOCOMO.exists(), reason="LoCoMo is not beside the repository")

@@ -1,12 +1,16 @@
 """The store as the source of truth: schema versions, damage, index repair, embedders, threads."""
 
+import gc
+import json
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from memstack import (EmbeddingMismatchError, Memory, SchemaVersionError, StoreCorruptError)
+from memstack.index import HnswIndex
 from memstack.store.schema import SCHEMA_VERSION
 
 
@@ -157,3 +161,47 @@ def test_concurrent_threads_share_one_memory(mem):
     assert errors == []
     for n in range(4):
         assert len(mem.get_all(user_id=f"u{n}", kinds=["turn"])) == 5
+
+
+def test_the_vector_index_is_saved_in_the_background_when_writes_pause(db_path, embedder,
+                                                                       monkeypatch):
+    from memstack.index import saver
+
+    monkeypatch.setattr(saver, "AUTOSAVE_SECONDS", 0.0)
+    monkeypatch.setattr(saver, "QUIET_SECONDS", 0.2)
+    mem = Memory(db_path, embedder=embedder)
+    mem.add("first memory about apples", user_id="ann")
+    mem.search("apples", user_id="ann")  # loads the index
+    saves = []
+    original = HnswIndex.save
+    monkeypatch.setattr(HnswIndex, "save", lambda index: (saves.append(
+        threading.current_thread().name), original(index)))
+    for n in range(3):
+        mem.add(f"memory {n} about pears", user_id="ann")
+    assert saves == []  # never inside add()
+    deadline = time.monotonic() + 10
+    while not saves and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert saves[0] == "memstack-index-saver"
+    index_file = next(db_path.parent.glob("*.vec/*.json"))
+    assert len(json.loads(index_file.read_text())["live"]) == len(mem.store.live_keys(1))
+    thread = mem._saver._thread
+    mem.close()
+    assert not thread.is_alive()
+
+
+def test_an_unclosed_memory_does_not_keep_its_saver_thread(db_path, embedder, monkeypatch):
+    from memstack.index import saver
+
+    monkeypatch.setattr(saver, "QUIET_SECONDS", 0.1)
+    mem = Memory(db_path, embedder=embedder)
+    mem.add("a memory about figs", user_id="ann")
+    mem.search("figs", user_id="ann")
+    mem.add("another memory about figs", user_id="ann")
+    thread = mem._saver._thread
+    assert thread.is_alive()
+    mem.store.close()
+    del mem
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

@@ -6,7 +6,6 @@ limit = top_k, data = new text), so mem0 users can switch.
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from ._validate import scope as _scope
 from .embed import Embedder, LocalEmbedder
 from .embed.base import embed_query
 from .index import HnswIndex
+from .index.saver import IndexSaver
 from .llm import ChatModel
 from .ingest.manager import ExtractionSettings, FactManager
 from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
@@ -40,7 +40,6 @@ from ._repair import run_pending
 from ._tiers import TiersMixin
 
 MAX_TOP_K = 1000
-AUTOSAVE_SECONDS = 120.0
 
 
 class Memory(TiersMixin):
@@ -82,7 +81,8 @@ class Memory(TiersMixin):
         self.facts = FactManager(self, llm, extraction) if llm else None
         self.store = SQLiteStore(self.path)
         self._indexes: dict[int, HnswIndex] = {}
-        self._last_save = time.monotonic()
+        # saved in the background when writes pause, not inside add() (index/saver.py)
+        self._saver = IndexSaver(self.store.lock, lambda: list(self._indexes.values()))
         self._uses = UseCounter(self.store)  # access statistics, written once a second
         self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
         self._tiers: dict[str, Any] = {}
@@ -98,6 +98,7 @@ class Memory(TiersMixin):
 
     def close(self) -> None:
         """Save vector indexes and access statistics, and close the database."""
+        self._saver.stop()
         self._uses.flush()
         for index in self._indexes.values():
             index.save()
@@ -105,11 +106,12 @@ class Memory(TiersMixin):
 
     def flush(self) -> None:
         """Save vector indexes and access statistics now (otherwise at close, after deletes,
-        and every few minutes; access statistics every second)."""
+        and when writes pause, at most every two minutes; access statistics every second)."""
         self._uses.flush()
-        for index in self._indexes.values():
-            index.save()
-        self._last_save = time.monotonic()
+        with self.store.lock:
+            for index in self._indexes.values():
+                index.save()
+            self._saver.saved()
 
     # cubes ------------------------------------------------------------------------------------
     def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
@@ -177,11 +179,12 @@ class Memory(TiersMixin):
             raise
         if index.generation != -1:
             index.generation = generation
-        if save or time.monotonic() - self._last_save > AUTOSAVE_SECONDS:
-            if index.generation == -1:
-                index = self._index(self.store.cube(cube.name))
-            index.save()
-            self._last_save = time.monotonic()
+        if not save:
+            self._saver.wrote()  # saved later, off the write path
+            return
+        if index.generation == -1:
+            index = self._index(self.store.cube(cube.name))
+        index.save()
 
     # writes -----------------------------------------------------------------------------------
     def add(self, messages: Any, *, user_id: str | None = None, agent_id: str | None = None,

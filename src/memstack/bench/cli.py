@@ -301,10 +301,13 @@ def bench_convert_locomo(data, output):
 @click.option("--reuse", is_flag=True,
               help="Search a database of the same size left in --workdir by an earlier run "
                    "instead of ingesting again (the ingest figures are the earlier run's).")
+@click.option("--chat", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Then add this many messages one at a time, searching before each reply "
+                   "(the chat pattern): every call timed, to p99.9 and the maximum.")
 @bench_options
 @click.pass_context
-def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, context_vectors,
-                context_window, settings):
+def bench_speed(ctx, items, queries_count, reuse, chat, out, workdir, embed_cache,
+                context_vectors, context_window, settings):
     """Ingest rate, search latency (query embedding included), disk and memory at scale."""
     from rich.progress import Progress
 
@@ -321,7 +324,8 @@ def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, con
             task = bar.add_task(f"ingest {n:,} items", total=n)
             result = speed.run(n, embedder=embedder, workdir=workdir, queries_count=queries_count,
                                memory_options=options,
-                               progress=lambda d, t: bar.update(task, completed=d), reuse=reuse)
+                               progress=lambda d, t: bar.update(task, completed=d), reuse=reuse,
+                               chat=chat)
         previous = Path(out) / f"speed-{n}.json"
         if result["ingest_seconds"] is None and previous.exists():
             earlier = json.loads(previous.read_text())
@@ -338,6 +342,22 @@ def bench_speed(ctx, items, queries_count, reuse, out, workdir, embed_cache, con
                       str(lat["p95"]), str(lat["p99"]), f"{result['disk_bytes'] / 1e6:.1f}",
                       str(result["peak_rss_mb"]))
     _emit(ctx, results, table)
+    if chat and not ctx.obj["json"]:
+        console.print(_chat_table(results))
+
+
+def _chat_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="chat pattern: one add per message, a search before each reply")
+    for name in ("items", "call", "messages/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms",
+                 "max ms"):
+        table.add_column(name, justify="right")
+    for result in results:
+        chat = result["chat"]
+        for call, key in (("add", "add_ms"), ("search", "search_ms")):
+            t = chat[key]
+            table.add_row(f"{result['items']:,}", call, str(chat["messages_per_second"]),
+                          *(str(t[p]) for p in ("p50", "p95", "p99", "p99.9", "max")))
+    return table
 
 
 

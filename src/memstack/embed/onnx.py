@@ -20,6 +20,13 @@ from .._errors import EmbeddingError, MissingExtraError
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def available() -> bool:
+    """True when onnxruntime and onnx are installed (`memstack[server]`)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
 class OnnxEncoder:
     """Mean-pooled, normalised sentence embeddings of a BERT-style SentenceTransformer."""
 

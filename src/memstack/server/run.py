@@ -34,13 +34,10 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     except ImportError as exc:
         raise MissingExtraError("the server needs FastAPI and uvicorn: "
                                 "pip install 'memstack[server]'") from exc
-    from ..embed import LocalEmbedder
     from ..embed.batching import BatchingEmbedder
     from .app import create_app
     from .mcp import build_mcp
 
-    if isinstance(memory.embedder, LocalEmbedder) and _has_onnxruntime():
-        memory.embedder.small_batches = "onnx"  # queries 3x cheaper (embed/onnx.py)
     if not isinstance(memory.embedder, BatchingEmbedder):  # requests share forward passes
         memory.embedder = BatchingEmbedder(memory.embedder)
 
@@ -65,12 +62,6 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     app.router.lifespan_context = lifespan
     app.mount("/mcp", mcp_app)
     return app
-
-
-def _has_onnxruntime() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: Any) -> None:
