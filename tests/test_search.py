@@ -145,3 +145,48 @@ def test_first_person_questions_can_favour_the_users_own_turns(db_path, embedder
     assert scores[3.0][0]["user"] / scores[3.0][0]["assistant"] == pytest.approx(
         3 * scores[1.0][0]["user"] / scores[1.0][0]["assistant"])
     assert scores[3.0][1] == scores[1.0][1]  # not in the first person: no boost
+
+
+def test_directives_are_the_users_standing_preferences_and_instructions():
+    from memstack.ingest.rules import directives, item_keys
+
+    long = ("I'm setting up the chat backend this week. I prefer asynchronous saving with an "
+            "acknowledgement over blocking writes. Here is what I have so far, it is not much.")
+    assert directives("user", long) == ["I prefer asynchronous saving with an acknowledgement "
+                                        "over blocking writes."]
+    assert directives("Ann", "Never book me a window seat. Thanks!") == [
+        "Never book me a window seat."]
+    assert directives("assistant", long) == [] and directives("tool", long) == []
+    assert directives("user", "The build failed again this morning.") == []
+    texts, roles, _ = item_keys("turn", "user", long, None)
+    assert roles == ["body", "directive:0"] and texts[1].startswith("user: I prefer")
+    # a message that is one directive is its own key already; facts get no directive keys
+    assert item_keys("turn", "user", "Always answer in French.", None)[1] == ["body"]
+    assert item_keys("fact", None, long, None)[1] == ["body"]
+
+
+def test_a_preference_said_in_passing_is_found_and_can_be_favoured(db_path, embedder):
+    from memstack import Memory, SearchSettings
+
+    turns = [{"role": "user", "content": "I'm building a chat application with a Flask backend "
+              "and a React front end, deployed on a small VPS with Docker Compose and nginx in "
+              "front of it. I prefer asynchronous message saving with an acknowledgement over "
+              "blocking writes. The login flow uses JWT tokens that expire after an hour."},
+             {"role": "assistant", "content": "Message saving can be synchronous, which is "
+              "simpler: the request waits until the database has the message."},
+             {"role": "user", "content": "The nginx config now proxies the websocket too."}]
+    query = "how should message saving work in my chat app"
+    ratio = {}
+    for boost in (1.0, 2.0):
+        with Memory(db_path.with_name(f"d{boost}.db"), embedder=embedder,
+                    search_settings=SearchSettings(directive_boost=boost, session_weight=0,
+                                                   user_boost=1.0)) as m:
+            ids = m.add(turns, user_id="ann", session_id="s").ids
+            assert m.get(ids[0]).metadata["directive"] is True
+            assert "directive" not in m.get(ids[1]).metadata
+            hits = {h.item.id: h for h in m.search(query, user_id="ann")}
+            keys = m.store.conn.execute("SELECT k.role FROM keys k JOIN items i ON "
+                                        "i.rowid = k.item_rowid WHERE i.id = ?", (ids[0],))
+            assert "directive:0" in {r for (r,) in keys}
+            ratio[boost] = hits[ids[0]].score / hits[ids[1]].score
+    assert ratio[2.0] == pytest.approx(2 * ratio[1.0])

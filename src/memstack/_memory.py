@@ -30,7 +30,7 @@ from .index import HnswIndex
 from .index.saver import IndexSaver
 from .llm import ChatModel
 from .ingest.manager import ExtractionSettings, FactManager
-from .ingest.rules import (Draft, Message, clean_text, context_key, item_keys,
+from .ingest.rules import (Draft, Message, clean_text, context_key, directives, item_keys,
                            normalise_messages)
 from .retrieve import search as _search
 from .retrieve.filters import compile_filters
@@ -322,6 +322,8 @@ class Memory(TiersMixin):
         meta = {**metadata, **_metadata(msg.metadata)}
         if resolved:
             meta["resolved_dates"] = resolved
+        if kind == "turn" and directives(speaker, msg.content):
+            meta["directive"] = True  # states a preference or instruction (search can favour it)
         fields = {"id": uuid.uuid4().hex, "kind": kind, "content": msg.content,
                   "content_hash": content_hash(msg.content), "role": msg.role,
                   "speaker": speaker, **scope, "metadata": meta, "observed_at": observed,

@@ -43,7 +43,7 @@ _bench_options = [
     click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
                  help="A search setting for this run (repeat): bm25, vector, bm25_context, "
                       "vector_context, rrf_k, speaker_boost, user_boost, session_weight, "
-                      "session_top, time_boost (memstack.SearchSettings)."),
+                      "session_top, time_boost, directive_boost (memstack.SearchSettings)."),
 ]
 
 

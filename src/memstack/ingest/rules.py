@@ -20,6 +20,7 @@ MAX_CONTENT_BYTES = 1_000_000
 CHUNK_CHARS = 1200
 CHUNK_OVERLAP = 200
 ROLES = ("user", "assistant", "system", "tool")
+NOT_THE_USER = frozenset(ROLES) - {"user"}  # speakers whose words are not the user's own
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,47 @@ def chunks(text: str) -> list[str]:
     return out
 
 
+# A standing preference or instruction: what a later question relies on without repeating it
+# ("Always include a code example when I ask about async errors", "I prefer tabs").
+DIRECTIVE = re.compile(
+    r"\b(?:always|never|from now on|going forward|in (?:the )?future|every time|whenever (?:i|you)"
+    r"|make sure (?:to|you|that)|remember (?:to|that)|(?:do not|don't) forget"
+    r"|please (?:do not|don't|avoid|keep|use|include|stop)|(?:do not|don't) (?:ever|use|include)"
+    r"|prefer(?:s|red|ring|ence|ences)?|(?:would|'d) rather|my favou?rite"
+    r"|i (?:like|love|hate|dislike|want you|need you|avoid|stick)"
+    r"|i(?:'m| am) (?:allergic|vegan|vegetarian))\b", re.IGNORECASE)
+DIRECTIVE_CHARS = 400
+MAX_DIRECTIVES = 3
+CODE_BLOCK = re.compile(r"```.*?(?:```|$)", re.DOTALL)
+PROSE_KEYS = False
+
+
+def prose(content: str) -> str | None:
+    """A message's words with its fenced code blocks left out, when code is a good part of it:
+    a question about what was said or decided should not have to match the code around it."""
+    if "```" not in content:
+        return None
+    text = re.sub(r"[ \t]*\n\s*", "\n", CODE_BLOCK.sub(" ", content)).strip()
+    return text if text and len(text) < 0.8 * len(content) else None
+
+
+def directives(speaker: str | None, content: str) -> list[str]:
+    """The sentences of a user's message that state a standing preference or instruction
+    (at most MAX_DIRECTIVES); none for the assistant's, the system's or a tool's words."""
+    if speaker is not None and speaker.lower() in NOT_THE_USER:
+        return []
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", content))
+    found = [s for s in sentences if s and len(s) <= DIRECTIVE_CHARS and DIRECTIVE.search(s)]
+    return found[:MAX_DIRECTIVES]
+
+
 def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetime | None
               ) -> tuple[list[str], list[str], list[dict[str, str]]]:
     """Key texts for an item, their roles, and the relative dates resolved in it.
 
+    A turn of the user's that states a preference or instruction inside a longer message also
+    gets each such sentence as a key of its own (role "directive:n"), so a later question on
+    that topic finds it without the rest of the message diluting it.
     A pure function of the item, so keys can be rebuilt at any time (re-embedding, repair).
     """
     spans = find_time_spans(content, observed_at) if observed_at and kind != "session" else []
@@ -133,6 +171,16 @@ def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetim
     prefix = f"{speaker}: " if speaker and kind == "turn" else ""
     texts = [f"{prefix}{part}{suffix}" for part in parts]
     roles = ["body"] if len(parts) == 1 else [f"chunk:{n}" for n in range(len(parts))]
+    # a sentence that is most of its message is found as the message already
+    said = [s for s in (directives(speaker, content) if kind == "turn" else [])
+            if len(s) < 0.8 * len(content.strip())]
+    texts += [f"{prefix}{sentence}{suffix}" for sentence in said]
+    roles += [f"directive:{n}" for n in range(len(said))]
+    words = prose(content) if PROSE_KEYS and kind == "turn" else None
+    if words:
+        pieces = chunks(words)
+        texts += [f"{prefix}{piece}{suffix}" for piece in pieces]
+        roles += [f"prose:{n}" for n in range(len(pieces))]
     return texts, roles, resolved
 
 

@@ -42,7 +42,8 @@ class SearchSettings:
     the assistant's (system's, tool's) turns: the user's words and the facts drawn from them.
     `session_weight`: share of a session's evidence (its best `session_top` candidates) added
     to each of its turns. `time_boost`: items whose time matches a time cue in the query
-    ("last May")."""
+    ("last May"). `directive_boost`: the user's turns that state a preference or instruction
+    ("always...", "I prefer...": ingest/rules.py), which later questions rely on unsaid."""
 
     bm25: float = 2.0
     vector: float = 1.0
@@ -54,6 +55,7 @@ class SearchSettings:
     session_weight: float = 0.3
     session_top: int = 3
     time_boost: float = 1.0  # an option: +0.0007 on LoCoMo, 0 on BEAM (docs/benchmarks.md)
+    directive_boost: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -135,6 +137,11 @@ def _boosted(store: SQLiteStore, fused: dict[int, float], query: Query,
         with store.lock:
             roles = store.item_values(list(fused), "role")
         fused = {r: s * (1.0 if roles.get(r) in NOT_THE_USER else settings.user_boost)
+                 for r, s in fused.items()}
+    if settings.directive_boost != 1.0:
+        with store.lock:
+            said = store.item_values(list(fused), "json_extract(metadata, '$.directive')")
+        fused = {r: s * (settings.directive_boost if said.get(r) else 1.0)
                  for r, s in fused.items()}
     if settings.session_weight:
         with store.lock:
