@@ -190,3 +190,18 @@ def test_a_preference_said_in_passing_is_found_and_can_be_favoured(db_path, embe
             assert "directive:0" in {r for (r,) in keys}
             ratio[boost] = hits[ids[0]].score / hits[ids[1]].score
     assert ratio[2.0] == pytest.approx(2 * ratio[1.0])
+
+
+def test_a_message_mostly_code_is_also_keyed_by_its_words():
+    from memstack.ingest.rules import item_keys, prose
+
+    code = "```python\n" + "\n".join(f"value_{n} = compute({n})" for n in range(30)) + "\n```"
+    message = f"I need the first deployment live by March 1, 2024.\n{code}\nWhy does it fail?"
+    assert prose(message) == "I need the first deployment live by March 1, 2024.\nWhy does it fail?"
+    texts, roles, _ = item_keys("turn", "user", message, None)
+    assert roles == ["body", "prose:0"] and "compute" not in texts[1]
+    assert prose("No code here at all.") is None
+    words = "The deployment target moved twice this month, and the team agreed on March. " * 3
+    assert prose(words + "```\nx = 1\n```") is None  # the code is a small part of it
+    unclosed = "Here is the start:\n```js\n" + "let a = 1;\n" * 40
+    assert prose(unclosed) == "Here is the start:"
