@@ -205,3 +205,13 @@ def test_a_message_mostly_code_is_also_keyed_by_its_words():
     assert prose(words + "```\nx = 1\n```") is None  # the code is a small part of it
     unclosed = "Here is the start:\n```js\n" + "let a = 1;\n" * 40
     assert prose(unclosed) == "Here is the start:"
+
+
+def test_an_update_recomputes_whether_a_turn_states_a_preference(mem):
+    [item] = mem.add({"role": "user", "content": "The build failed again this morning."},
+                     user_id="ann", session_id="s").items
+    assert "directive" not in item.metadata
+    updated = mem.update(item.id, "From now on, always run the linter before the build.")
+    assert updated.metadata["directive"] is True
+    again = mem.update(updated.id, "The build passed.")
+    assert "directive" not in again.metadata

@@ -30,8 +30,8 @@ from .index import HnswIndex
 from .index.saver import IndexSaver
 from .llm import ChatModel
 from .ingest.manager import ExtractionSettings, FactManager
-from .ingest.rules import (Draft, Message, clean_text, context_key, directives, item_keys,
-                           normalise_messages)
+from .ingest.rules import (DERIVED_METADATA, Draft, Message, clean_text, context_key,
+                           derived_metadata, item_keys, normalise_messages)
 from .retrieve import search as _search
 from .retrieve.filters import compile_filters
 from .store.sqlite import CubeRow, SQLiteStore, content_hash, scope_match
@@ -319,11 +319,8 @@ class Memory(TiersMixin):
         speaker = msg.name or msg.role
         observed = msg.timestamp or when
         texts, roles, resolved = item_keys(kind, speaker, msg.content, observed)
-        meta = {**metadata, **_metadata(msg.metadata)}
-        if resolved:
-            meta["resolved_dates"] = resolved
-        if kind == "turn" and directives(speaker, msg.content):
-            meta["directive"] = True  # states a preference or instruction (search can favour it)
+        meta = {**metadata, **_metadata(msg.metadata),
+                **derived_metadata(kind, speaker, msg.content, resolved)}
         fields = {"id": uuid.uuid4().hex, "kind": kind, "content": msg.content,
                   "content_hash": content_hash(msg.content), "role": msg.role,
                   "speaker": speaker, **scope, "metadata": meta, "observed_at": observed,
@@ -455,10 +452,9 @@ class Memory(TiersMixin):
         cube = self._cube(item.cube)
         texts, roles, resolved = item_keys(item.kind, item.speaker, text, item.observed_at)
         vectors = self.embedder.embed(texts)
-        meta = {**item.metadata, **_metadata(metadata)}
-        meta.pop("resolved_dates", None)
-        if resolved:
-            meta["resolved_dates"] = resolved
+        meta = {k: v for k, v in {**item.metadata, **_metadata(metadata)}.items()
+                if k not in DERIVED_METADATA}
+        meta.update(derived_metadata(item.kind, item.speaker, text, resolved))
         with self.store.transaction():
             rowid, item = self._live(memory_id)
             removed = self.store.delete_keys(rowid)

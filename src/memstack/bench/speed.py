@@ -238,7 +238,8 @@ def _chat_markdown(chat: dict[str, Any]) -> str:
                    for name, key in (("add", "add_ms"), ("search", "search_ms")))
     return (f"\nChat pattern: {chat['messages']:,} messages one at a time, "
             f"{chat['messages_per_second']} messages/s\n\n"
-            "| call | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n"
+            "| call | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms |\n"
+            "|---|---:|---:|---:|---:|---:|\n"
             + rows)
 
 

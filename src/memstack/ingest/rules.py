@@ -151,6 +151,19 @@ def directives(speaker: str | None, content: str) -> list[str]:
     return found[:MAX_DIRECTIVES]
 
 
+DERIVED_METADATA = ("resolved_dates", "directive")  # metadata computed from an item's text
+
+
+def derived_metadata(kind: str, speaker: str | None, content: str,
+                     resolved: list[dict[str, str]]) -> dict[str, Any]:
+    """Metadata that follows from the text: the relative dates resolved in it (item_keys), and
+    whether the user states a preference or instruction in it (search can favour those)."""
+    out: dict[str, Any] = {"resolved_dates": resolved} if resolved else {}
+    if kind == "turn" and directives(speaker, content):
+        out["directive"] = True
+    return out
+
+
 def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetime | None
               ) -> tuple[list[str], list[str], list[dict[str, str]]]:
     """Key texts for an item, their roles, and the relative dates resolved in it.

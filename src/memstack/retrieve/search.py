@@ -16,14 +16,13 @@ import numpy as np
 from .._errors import InvalidInputError
 from .._models import Hit
 from ..index import HnswIndex
+from ..ingest.rules import NOT_THE_USER, ROLES  # roles, not names of speakers
 from ..store.sqlite import SQLiteStore
 from .fusion import rrf
 from .query import Query, analyse
 
 __all__ = ["SearchSettings", "analyse", "hybrid"]
 
-ROLES = frozenset({"user", "assistant", "system", "tool"})  # roles, not names of speakers
-NOT_THE_USER = ROLES - {"user"}
 # a session is its whole scope: two users' sessions with the same id are two sessions
 SESSION_KEY = ("CASE WHEN session_id IS NULL THEN NULL "
                "ELSE json_array(cube_id, user_id, agent_id, session_id) END")
