@@ -22,6 +22,7 @@ from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError,
                        StoreError)
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
+from .access import AccessRows
 from .kvblocks import KVBlockRows
 from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -110,7 +111,7 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore(KVBlockRows, ShardRows):
+class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
