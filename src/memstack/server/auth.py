@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
-import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from .._errors import AuthenticationError as AuthError
 from .._errors import InvalidInputError, NotFoundError
@@ -28,7 +26,7 @@ Access = Literal["read", "write"]
 PREFIX = "msk_"
 
 
-__all__ = ["AuthError", "ForbiddenError", "Keys", "Principal", "LOCAL_ADMIN", "NewKey"]
+__all__ = ["LOCAL_ADMIN", "AuthError", "ForbiddenError", "Keys", "NewKey", "Principal"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,10 @@ class Keys:
 
     # users and keys ------------------------------------------------------------------------
     def any_key(self) -> bool:
-        return self.store.conn.execute(
-            "SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
+        return self.store.any_active_key()
 
     def user(self, user_id: str) -> Role | None:
-        row = self.store.conn.execute("SELECT role FROM users WHERE id = ?", (user_id,)).fetchone()
-        return row[0] if row else None
+        return cast("Role | None", self.store.user_role(user_id))
 
     def ensure_user(self, user_id: str, role: Role | None = None) -> Role:
         """Create a user (role "user" unless given); an existing user keeps or changes role."""
@@ -83,15 +79,14 @@ class Keys:
         """ensure_user's write, inside the caller's transaction."""
         current = self.user(user_id)
         if current is None:
-            self.store.conn.execute("INSERT INTO users (id, role, created_at) VALUES (?, ?, ?)",
-                                    (user_id, role or "user", time.time()))
+            self.store.insert_user(user_id, role or "user")
         elif role is not None and role != current:
-            self.store.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user_id))
+            self.store.set_user_role(user_id, role)
         return role or current or "user"
 
     def users(self) -> list[dict]:
-        rows = self.store.conn.execute("SELECT id, role, created_at FROM users ORDER BY id")
-        return [{"id": r[0], "role": r[1], "created_at": r[2]} for r in rows]
+        return [{"id": r.id, "role": r.role, "created_at": r.created_at}
+                for r in self.store.user_rows()]
 
     def create_key(self, user_id: str, *, role: Role | None = None,
                    cubes: list[str] | None = None, label: str | None = None) -> NewKey:
@@ -105,30 +100,21 @@ class Keys:
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.store.transaction():
             role = self._ensure_user(user_id, role)
-            self.store.conn.execute(
-                "INSERT INTO api_keys (id, user_id, hash, cubes, label, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (key_id, user_id, _hash(secret),
-                                              json.dumps(cubes) if cubes is not None else None,
-                                              label, time.time()))
+            self.store.insert_key(key_id, user_id, _hash(secret), cubes, label)
             self.store.audit(f"user:{user_id}", "create_key", None, [], {"key_id": key_id})
         return NewKey(key_id, f"{PREFIX}{key_id}_{secret}", user_id, role)
 
     def keys(self, user_id: str | None = None) -> list[dict]:
-        sql = "SELECT id, user_id, cubes, label, created_at, last_used, revoked_at FROM api_keys"
-        rows = self.store.conn.execute(sql + (" WHERE user_id = ?" if user_id else "") +
-                                       " ORDER BY created_at", (user_id,) if user_id else ())
-        return [{"id": r[0], "user": r[1], "cubes": json.loads(r[2]) if r[2] else None,
-                 "label": r[3], "created_at": r[4], "last_used": r[5],
-                 "revoked": r[6] is not None} for r in rows]
+        return [{"id": r.id, "user": r.user_id, "cubes": r.cubes, "label": r.label,
+                 "created_at": r.created_at, "last_used": r.last_used,
+                 "revoked": r.revoked_at is not None} for r in self.store.key_rows(user_id)]
 
     def revoke(self, key_id: str, *, by: Principal | None = None) -> None:
         with self.store.transaction():
-            row = self.store.conn.execute("SELECT user_id FROM api_keys WHERE id = ?",
-                                          (key_id,)).fetchone()
-            if row is None or (by is not None and not by.admin and row[0] != by.user):
+            owner = self.store.key_owner(key_id)
+            if owner is None or (by is not None and not by.admin and owner != by.user):
                 raise NotFoundError(f"no key {key_id!r}")
-            self.store.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND "
-                                    "revoked_at IS NULL", (time.time(), key_id))
+            self.store.revoke_key(key_id)
             self.store.audit(by.user if by else "local", "revoke_key", None, [],
                              {"key_id": key_id})
 
@@ -139,13 +125,12 @@ class Keys:
         if not token.startswith(PREFIX) or token.count("_") < 2:
             raise AuthError("malformed API key")
         key_id, secret = token[len(PREFIX):].split("_", 1)
-        row = self.store.conn.execute(
-            "SELECT k.hash, k.user_id, u.role, k.cubes, k.revoked_at FROM api_keys k "
-            "JOIN users u ON u.id = k.user_id WHERE k.id = ?", (key_id,)).fetchone()
-        if row is None or not hmac.compare_digest(row[0], _hash(secret)) or row[4] is not None:
+        login = self.store.key_login(key_id)
+        if (login is None or not hmac.compare_digest(login.hash, _hash(secret))
+                or login.revoked_at is not None):
             raise AuthError("unknown or revoked API key")
-        cubes = tuple(json.loads(row[3])) if row[3] else None
-        return Principal(row[1], row[2], key_id, cubes)
+        cubes = tuple(login.cubes) if login.cubes is not None else None
+        return Principal(login.user_id, cast(Role, login.role), key_id, cubes)
 
     # grants --------------------------------------------------------------------------------
     def access(self, who: Principal, cube: CubeRow) -> Access | None:
@@ -154,9 +139,7 @@ class Keys:
             return None
         if who.admin or cube.owner == who.user:
             return "write"
-        row = self.store.conn.execute("SELECT access FROM grants WHERE cube_id = ? AND "
-                                      "user_id = ?", (cube.id, who.user)).fetchone()
-        return row[0] if row else None
+        return cast("Access | None", self.store.grant_access(cube.id, who.user))
 
     def require(self, who: Principal, cube: CubeRow, need: Access) -> None:
         have = self.access(who, cube)
@@ -178,20 +161,15 @@ class Keys:
         if self.user(user_id) is None:
             raise NotFoundError(f"no user {user_id!r}")
         with self.store.transaction():
-            self.store.conn.execute("DELETE FROM grants WHERE cube_id = ? AND user_id = ?",
-                                    (cube.id, user_id))
+            self.store.delete_grant(cube.id, user_id)
             if access is not None:
-                self.store.conn.execute(
-                    "INSERT INTO grants (cube_id, user_id, access, granted_by, granted_at) "
-                    "VALUES (?, ?, ?, ?, ?)", (cube.id, user_id, access, who.user, time.time()))
+                self.store.insert_grant(cube.id, user_id, access, who.user)
             self.store.audit(f"user:{who.user}", "grant", cube.name, [],
                              {"user": user_id, "access": access})
 
     def grants(self, cube: CubeRow) -> list[dict]:
-        rows = self.store.conn.execute("SELECT user_id, access, granted_by, granted_at FROM grants "
-                                       "WHERE cube_id = ? ORDER BY user_id", (cube.id,))
-        return [{"user": r[0], "access": r[1], "granted_by": r[2], "granted_at": r[3]}
-                for r in rows]
+        return [{"user": r.user_id, "access": r.access, "granted_by": r.granted_by,
+                 "granted_at": r.granted_at} for r in self.store.grant_rows(cube.id)]
 
 
 def _hash(secret: str) -> str:
