@@ -8,16 +8,14 @@ new connection pays, creation time, query latency within one cube).
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .._memory import Memory
 from ..embed import Embedder
-from ..store.sqlite import _driver
+from ..store.sqlite_fts_bench import time_fts_tables
 
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -57,39 +55,13 @@ def leak(embedder: Embedder, background: int = 2000, seed: int = 0) -> dict[str,
 def table_cost(cubes: int, docs: int = 20_000, queries: int = 200, seed: int = 0
                ) -> dict[str, Any]:
     """One FTS5 table per cube, `docs` short documents spread over them."""
-    db, rnd = _driver(), random.Random(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "fts.db")
-        conn = db.connect(path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        started = time.perf_counter()
-        conn.execute("BEGIN")
-        for k in range(cubes):
-            conn.execute(f"CREATE VIRTUAL TABLE f{k} USING fts5(text, tokenize='porter unicode61')")
-        conn.execute("COMMIT")
-        create = time.perf_counter() - started
-        conn.execute("BEGIN")
-        for i in range(docs):
-            conn.execute(f"INSERT INTO f{i % cubes} (text) VALUES (?)",
-                         (" ".join(rnd.choices(WORDS, k=15)),))
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        started = time.perf_counter()
-        conn = db.connect(path, isolation_level=None)
-        conn.execute("SELECT count(*) FROM f0").fetchone()  # parses the whole schema
-        connect = time.perf_counter() - started
-        latencies = []
-        for _ in range(queries):
-            query = " OR ".join(rnd.choices(WORDS, k=3))
-            started = time.perf_counter()
-            conn.execute("SELECT rowid, bm25(f0) FROM f0 WHERE f0 MATCH ? ORDER BY bm25(f0) "
-                         "LIMIT 50", (query,)).fetchall()
-            latencies.append(time.perf_counter() - started)
-        conn.close()
-    latencies.sort()
-    return {"cubes": cubes, "docs": docs, "create_s": round(create, 3),
-            "file_mb": round(size / 1e6, 2), "first_query_ms": round(connect * 1e3, 2),
+    rnd = random.Random(seed)
+    texts = [" ".join(rnd.choices(WORDS, k=15)) for _ in range(docs)]
+    terms = [" OR ".join(rnd.choices(WORDS, k=3)) for _ in range(queries)]
+    times = time_fts_tables(cubes, texts, terms)
+    latencies = sorted(times.query_seconds)
+    return {"cubes": cubes, "docs": docs, "create_s": round(times.create_seconds, 3),
+            "file_mb": round(times.file_bytes / 1e6, 2),
+            "first_query_ms": round(times.connect_seconds * 1e3, 2),
             "query_p50_ms": round(latencies[len(latencies) // 2] * 1e3, 3),
             "query_p95_ms": round(latencies[int(len(latencies) * 0.95)] * 1e3, 3)}

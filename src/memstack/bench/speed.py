@@ -169,8 +169,7 @@ def _has_corpus(db: Path, items: int, embedder: Embedder | None,
     if not db.exists():
         return False
     with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
-        count = memory.store.conn.execute("SELECT count(*) FROM items WHERE kind = 'turn' AND "
-                                          "status = 'active'").fetchone()[0]
+        count = memory.store.count_items(kind="turn", status="active")
     return count == items
 
 
