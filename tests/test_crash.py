@@ -61,7 +61,7 @@ def _check(db_path, embedder, acknowledged):
         fts = conn.execute("SELECT count(*) FROM keys_fts").fetchone()[0]
         assert fts == conn.execute("SELECT count(*) FROM keys").fetchone()[0]
         cube = mem.store.cube("default")
-        assert mem._index(cube).keys == mem.store.live_keys(cube.id)
+        assert mem.store.indexes.get(cube.id).keys == mem.store.live_keys(cube.id)
         last = acknowledged[-1] if acknowledged else None
         if last:
             # the last acknowledged add is searchable: its own text finds it (a neighbour whose

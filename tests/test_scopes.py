@@ -177,13 +177,20 @@ class PreFixMemory(Memory):
     """memstack's writer before the fix, kept only to make a store as it wrote them: it found a
     session by cube and session id alone."""
 
-    def _session(self, cube, scope):
-        if scope["session_id"] is None:
-            return None
-        rows = self.store.select_items("i.cube_id = ? AND i.session_id = ? AND "
-                                       "i.kind = 'session' AND i.status != 'deleted'",
-                                       (cube.id, scope["session_id"]), limit=1)
-        return rows[0] if rows else None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        store = self.store
+
+        def session_item(cube_id, scope):
+            if scope["session_id"] is None:
+                return None
+            rows = store.conn.execute("SELECT id FROM items WHERE cube_id = ? AND "
+                                      "session_id = ? AND kind = 'session' AND "
+                                      "status != 'deleted' ORDER BY rowid LIMIT 1",
+                                      (cube_id, scope["session_id"])).fetchall()
+            return store.item_by_id(rows[0][0]) if rows else None
+
+        store.session_item = session_item
 
 
 ALICE = ["The vault code is 4417-zebra.", "It opens the blue cabinet.",

@@ -99,7 +99,7 @@ def test_as_of_sees_superseded_state(mem):
     item = mem.add("Ann lives in Paris", user_id="ann", kind="fact",
                    observed_at="2020-01-01").items[0]
     # supersede by hand the way the LLM manager will: close the window, add the new fact
-    mem.store.update_item(mem._rowid(item.id), {"status": "superseded",
+    mem.store.update_item(mem.store.item_by_id(item.id)[0], {"status": "superseded",
                                                  "valid_to": __import__("memstack")._time.parse_time("2024-01-01")})
     mem.add("Ann lives in Berlin", user_id="ann", kind="fact", observed_at="2024-01-01")
     now = [h.item.content for h in mem.search("where does Ann live", user_id="ann")]

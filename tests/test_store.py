@@ -81,7 +81,7 @@ def test_foreign_and_garbage_files_are_refused(tmp_path, embedder):
 
 def _index_state(mem):
     cube = mem.store.cube("default")
-    return mem._index(cube).keys, mem.store.live_keys(cube.id)
+    return mem.store.indexes.get(cube.id).keys, mem.store.live_keys(cube.id)
 
 
 def test_damaged_index_is_rebuilt_from_the_store(db_path, embedder):
@@ -185,7 +185,7 @@ def test_the_vector_index_is_saved_in_the_background_when_writes_pause(db_path, 
     assert saves[0] == "memstack-index-saver"
     index_file = next(db_path.parent.glob("*.vec/*.json"))
     assert len(json.loads(index_file.read_text())["live"]) == len(mem.store.live_keys(1))
-    thread = mem._saver._thread
+    thread = mem.store.indexes.saver._thread
     mem.close()
     assert not thread.is_alive()
 
@@ -198,9 +198,9 @@ def test_an_unclosed_memory_does_not_keep_its_saver_thread(db_path, embedder, mo
     mem.add("a memory about figs", user_id="ann")
     mem.search("figs", user_id="ann")
     mem.add("another memory about figs", user_id="ann")
-    thread = mem._saver._thread
+    thread = mem.store.indexes.saver._thread
     assert thread.is_alive()
-    mem.store.close()
+    mem.store.conn.close()  # the file is released; the saver is left running
     del mem
     gc.collect()
     thread.join(timeout=5)

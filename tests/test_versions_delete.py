@@ -103,7 +103,7 @@ def test_vectors_of_deleted_items_are_not_in_the_index(mem):
         "SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid WHERE i.id = ?",
         (items[2].id,))}
     mem.delete(items[2].id)
-    index = next(iter(mem._indexes.values()))
+    index = mem.store.indexes.get(1)
     assert doomed and not doomed & index.keys
     assert index.keys == mem.store.live_keys(1) and len(index) == 4 + 1  # four turns + session
 
@@ -136,5 +136,5 @@ def test_neighbours_context_keys_forget_a_deleted_or_edited_turn(db_path, embedd
         keys = mem.store.conn.execute("SELECT count(*) FROM keys").fetchone()[0]
         assert keys == 1 + 2 + 2  # session header; two turns with body and context keys
         cube = mem.store.cube("default")
-        assert len(mem._index(cube).keys) == (5 if context_vectors else 3)
+        assert len(mem.store.indexes.get(cube.id).keys) == (5 if context_vectors else 3)
         assert [h.item.id for h in mem.search("cook tonight", user_id="ann")][0] == turns[0].id

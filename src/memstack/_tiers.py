@@ -48,7 +48,8 @@ class TiersMixin:
         tier = self._tiers.get(lm.key)
         merged = {**(tier.settings if tier else {}), **settings}
         if tier is None or merged != tier.settings:
-            tier = ActivationTier(self, lm, **merged)
+            tier = ActivationTier(self.store, lm, before_schedule=self._uses.flush,  # type: ignore[attr-defined]
+                                  **merged)
             self._tiers[lm.key] = tier
         return tier
 
@@ -59,7 +60,8 @@ class TiersMixin:
         lm = self.local_model(model)
         key = f"parametric:{lm.key}"
         if key not in self._tiers:
-            self._tiers[key] = ParametricTier(self, lm)  # type: ignore[assignment]
+            self._tiers[key] = ParametricTier(self.store, self.searcher,  # type: ignore[attr-defined]
+                                              lm)  # type: ignore[assignment]
         return self._tiers[key]  # type: ignore[return-value]
 
     def consolidate(self, *, model: "LocalModel | str | Path", user_id: str | None = None,

@@ -25,7 +25,7 @@ from rich.table import Table
 from . import _errors as errors
 from ._memory import Memory
 from ._models import AddResult
-from ._repair import summary
+from .write.repair import summary
 from .llm import OpenAIChat
 from .llm.client import from_options
 

@@ -20,20 +20,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .._errors import LLMError
 from .._models import Extraction, FactOp, Item, utcnow
 from ..llm import ChatModel, Completion
 from ..llm.structured import ask, schema_of
-from ..store.sqlite import CubeRow, content_hash
+from ..store.base import CubeRow, content_hash
 from .extract import (MAX_FACTS, PROMPT_VERSION, Candidate, Decision, Line, decide_messages,
                       decisions_model, normalise_fact, proposal_model, propose_messages,
                       read_decisions, strip_echo, support, useful)
 from .rules import Draft, item_keys
 
 if TYPE_CHECKING:
-    from .._memory import Memory
+    from ..retrieve.searcher import Searcher
+    from ..write.writer import Writer
 
 FACT_KINDS = ("fact", "procedure", "insight")
 CONTEXT_ROLES = ("assistant", "system", "tool")
@@ -89,9 +88,9 @@ class _Plan:
 class FactManager:
     """Extracts and maintains facts for a Memory through an LLM (see the module docstring)."""
 
-    def __init__(self, memory: "Memory", llm: ChatModel,
+    def __init__(self, writer: "Writer", searcher: "Searcher", llm: ChatModel,
                  settings: ExtractionSettings | None = None) -> None:
-        self.memory, self.llm = memory, llm
+        self.writer, self.searcher, self.store, self.llm = writer, searcher, writer.store, llm
         self.settings = settings or ExtractionSettings()
 
     @property
@@ -113,8 +112,8 @@ class FactManager:
         except LLMError as exc:
             run.completions += exc.completions
             error = f"{type(exc).__name__}: {exc}"
-            with self.memory.store.transaction():
-                self.memory.store.audit(self.memory.actor, "extract_failed", cube.name,
+            with self.store.transaction():
+                self.store.audit(self.writer.actor, "extract_failed", cube.name,
                                         [t.id for t in turns], {"error": error[:2000],
                                                                 "llm": self.llm.name})
             return run.result([], error)
@@ -155,11 +154,10 @@ class FactManager:
         """The turns just before this add in its session: context for pronouns and replies."""
         if not first.parent_id or not self.settings.context_turns:
             return []
-        rows = self.memory.store.select_items(
-            "i.parent_id = ? AND i.kind = 'turn' AND i.status = 'active' AND "
-            "i.rowid < (SELECT rowid FROM items WHERE id = ?)", (first.parent_id, first.id),
-            order="i.rowid DESC", limit=self.settings.context_turns)
-        return [item for _, item in reversed(rows)]
+        turns = self.writer.session_turns(first.parent_id)
+        ids = [item.id for _, item in turns]
+        end = ids.index(first.id) if first.id in ids else len(turns)
+        return [item for _, item in turns[max(0, end - self.settings.context_turns):end]]
 
     # existing facts and call 2 ----------------------------------------------------------------
     def _nearest(self, cube: CubeRow, scope: dict[str, str | None],
@@ -167,14 +165,14 @@ class FactManager:
         """The existing active facts nearest to any candidate, best first, at most max_existing."""
         best: dict[str, tuple[float, Item]] = {}
         for candidate in candidates:
-            hits = self.memory._find(candidate.text, cube=cube.name, kinds=FACT_KINDS,
+            hits = self.searcher.find(candidate.text, cube=cube.name, kinds=FACT_KINDS,
                                      top_k=self.settings.neighbours,
                                      exact=("user_id", "agent_id"), **scope)
             for rank, hit in enumerate(hits):
                 score = best.get(hit.item.id, (1e9, hit.item))[0]
                 best[hit.item.id] = (min(score, rank), hit.item)
         ordered = sorted(best.values(), key=lambda pair: pair[0])[:self.settings.max_existing]
-        found = [self.memory.store.item_by_id(item.id) for _, item in ordered]
+        found = [self.store.item_by_id(item.id) for _, item in ordered]
         return [row for row in found if row is not None]
 
     def _decide(self, candidates: list[Candidate], existing: list[tuple[int, Item]],
@@ -207,26 +205,23 @@ class FactManager:
     # writes -----------------------------------------------------------------------------------
     def _apply(self, cube: CubeRow, scope: dict[str, str | None], plans: list[_Plan],
                turns: list[Item]) -> list[FactOp]:
-        memory, store = self.memory, self.memory.store
+        store = self.store
         when = max((t.observed_at for t in turns if t.observed_at), default=utcnow())
         writes = [p for p in plans if p.event in ("ADD", "UPDATE")]
         drafts = [self._draft(p, scope, when, turns[0]) for p in writes]
-        vectors = memory._embed_drafts(drafts) if drafts else np.zeros((0, memory.embedder.dim))
+        vectors = self.writer.embed(drafts)
         with store.transaction():
             live = self._recheck(plans)  # writes stay writes, so drafts and vectors still line up
-            written = iter(memory._insert_all(cube, drafts, vectors))
-            ops, added = [], []
+            written = iter(self.writer.insert(cube, drafts, vectors))
+            ops = []
             for p in live:
                 new = next(written) if p.event in ("ADD", "UPDATE") else None
-                if new is not None:
-                    added.append(new[2])
                 ops.append(self._write(p, new[1] if new else None, when))
-            generation = store.bump_generation(cube.id)
-            store.audit(memory.actor, "extract", cube.name,
+            store.bump_generation(cube.id)
+            store.audit(self.writer.actor, "extract", cube.name,
                         [op.id or op.previous_id for op in ops if op.event != "NOOP"],
                         {"llm": self.llm.name, "operations": [op.event for op in ops],
                          "source_ids": [t.id for t in turns]})
-        memory._after_write(cube, generation, added=added)
         return ops
 
     def _recheck(self, plans: list[_Plan]) -> list[_Plan]:
@@ -237,7 +232,7 @@ class FactManager:
         live = []
         for p in plans:
             if p.target is not None:
-                found = self.memory.store.item_by_id(p.target[1].id)
+                found = self.store.item_by_id(p.target[1].id)
                 if not found or found[1].status != "active" or found[1].id in retired:
                     if p.event != "UPDATE":
                         continue
@@ -274,19 +269,9 @@ class FactManager:
         by = new.id if new is not None else plan.sources[-1]
         reason = (f"superseded by {by}" if plan.event == "UPDATE" else
                   f"retracted by turn {by}") + f" ({self.producer})"
-        self._supersede(rowid, old, by, when, reason, plan.sources)
+        self.writer.supersede(rowid, old, by, when, reason, plan.sources)
         return FactOp(plan.event, new.id if new else None, new.content if new else None,
                       old.id, old.content, plan.sources, old.kind)
-
-    def _supersede(self, rowid: int, old: Item, by: str, when: datetime, reason: str,
-                   sources: list[str]) -> None:
-        store = self.memory.store
-        valid_to = max(when, old.valid_from) if old.valid_from else when
-        store.update_item(rowid, {"status": "superseded", "valid_to": valid_to,
-                                  "superseded_by": by, "version": old.version + 1,
-                                  "updated_at": utcnow()})
-        store.add_version(rowid, store.items_by_rowid([rowid])[rowid], reason,
-                          self.memory.actor, sources)
 
 
 def fact_scope(turn: Item) -> dict[str, str | None]:

@@ -7,7 +7,6 @@ questions, strong sessions, and (an option) items whose time matches a time cue 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
@@ -15,18 +14,13 @@ import numpy as np
 
 from .._errors import InvalidInputError
 from .._models import Hit
-from ..index import HnswIndex
 from ..ingest.rules import NOT_THE_USER, ROLES  # roles, not names of speakers
-from ..store.sqlite import SQLiteStore
+from ..store.base import Store
+from ..store.selection import Selection
 from .fusion import rrf
 from .query import Query, analyse
 
 __all__ = ["SearchSettings", "analyse", "hybrid"]
-
-# a session is its whole scope: two users' sessions with the same id are two sessions
-SESSION_KEY = ("CASE WHEN session_id IS NULL THEN NULL "
-               "ELSE json_array(cube_id, user_id, agent_id, session_id) END")
-
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -93,16 +87,12 @@ def candidates_needed(top_k: int) -> int:
     return max(50, 4 * top_k)
 
 
-def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec: np.ndarray,
-           where: str, params: Sequence[Any], top_k: int, *, scope: str | None, narrow: bool,
+def hybrid(store: Store, query: Query, qvec: np.ndarray, sel: Selection, top_k: int,
            settings: SearchSettings = SearchSettings()) -> list[Hit]:
-    """`scope` is the FTS5 scope expression; `narrow` says the filters select a small part of
-    the cubes (a user, a session...), so the vector search filters from the start."""
+    """The `top_k` best items of the selection for a query and its embedding `qvec`."""
     n = candidates_needed(top_k)
-    with store.lock:
-        bm25 = store.fts(query.fts, scope, where, params, n) if query.fts else \
-            {False: [], True: []}
-        vector = _vector(store, indexes, qvec, where, params, n, narrow)
+    bm25 = store.fts(query.fts, sel, n) if query.fts else {False: [], True: []}
+    vector = store.vector_candidates(qvec, sel, n)
     lists = {"bm25": bm25[False], "bm25_context": bm25[True], "vector": vector[False],
              "vector_context": vector[True]}
     weights = settings.weights()  # a ranking of weight 0 is left out, also from the hits' ranks
@@ -112,133 +102,62 @@ def hybrid(store: SQLiteStore, indexes: Sequence[HnswIndex], query: Query, qvec:
     fused = rrf(rankings, k=settings.rrf_k, weights=weights)
     fused = _boosted(store, fused, query, settings)
     order = sorted(fused, key=lambda r: (-fused[r], r))[:top_k]
-    with store.lock:
-        items = store.items_by_rowid(order)
+    items = store.items_by_rowid(order)
     ranks = {name: {r: n for n, r in enumerate(ranked, 1)} for name, ranked in rankings.items()}
     return [Hit(items[r], fused[r], {k: v[r] for k, v in ranks.items() if r in v},
                 {k: v[r] for k, v in raw.items() if r in v}) for r in order]
 
 
-def _boosted(store: SQLiteStore, fused: dict[int, float], query: Query,
+def _boosted(store: Store, fused: dict[int, float], query: Query,
              settings: SearchSettings) -> dict[int, float]:
     """The fused scores after the speaker, user, session and time boosts."""
     if not fused:
         return fused
+    rowids = list(fused)
     if settings.speaker_boost != 1.0:
-        with store.lock:
-            speakers = store.item_values(list(fused), "speaker")
+        speakers = store.item_fields(rowids, "speaker")
         named = {sp for sp in set(speakers.values())
                  if sp and sp.lower() in query.words and sp.lower() not in ROLES}
-        boost = settings.speaker_boost
-        fused = {r: s * (boost if speakers.get(r) in named else 1.0)
-                 for r, s in fused.items()}
+        fused = _scaled(fused, {r for r, sp in speakers.items() if sp in named},
+                        settings.speaker_boost)
     if settings.user_boost != 1.0 and query.first_person:
-        with store.lock:
-            roles = store.item_values(list(fused), "role")
-        fused = {r: s * (1.0 if roles.get(r) in NOT_THE_USER else settings.user_boost)
-                 for r, s in fused.items()}
+        roles = store.item_fields(rowids, "role")
+        fused = _scaled(fused, {r for r in rowids if roles.get(r) not in NOT_THE_USER},
+                        settings.user_boost)
     if settings.directive_boost != 1.0:
-        with store.lock:
-            said = store.item_values(list(fused), "json_extract(metadata, '$.directive')")
-        fused = {r: s * (settings.directive_boost if said.get(r) else 1.0)
-                 for r, s in fused.items()}
+        said = store.item_fields(rowids, "directive")
+        fused = _scaled(fused, {r for r, flag in said.items() if flag}, settings.directive_boost)
     if settings.session_weight:
-        with store.lock:
-            fused = _session_boost(fused, store.item_values(list(fused), SESSION_KEY),
-                                   settings.session_weight, settings.session_top)
+        fused = _session_boost(fused, store.item_fields(rowids, "session"),
+                               settings.session_weight, settings.session_top)
     if query.time_range is not None and settings.time_boost != 1.0:
-        with store.lock:
-            times = store.item_values(list(fused), "observed_at")
-            resolved = store.item_values(list(fused), "json_extract(metadata, '$.resolved_dates')")
-        fused = {r: s * (settings.time_boost if _in_range(times[r], resolved[r],
-                                                          query.time_range) else 1.0)
-                 for r, s in fused.items()}
+        times = store.item_fields(rowids, "observed_at")
+        resolved = store.item_fields(rowids, "resolved_dates")
+        fused = _scaled(fused, {r for r in rowids if _in_range(times.get(r), resolved.get(r),
+                                                               query.time_range)},
+                        settings.time_boost)
     return fused
 
 
-def _vector(store: SQLiteStore, indexes: Sequence[HnswIndex], qvec: np.ndarray, where: str,
-            params: Sequence[Any], n: int, narrow: bool) -> dict[bool, list[tuple[int, float]]]:
-    """Best vector similarity per item within the scope, best first, for own and context keys."""
-    found: list[tuple[int, bool, float]] = []
-    for index in indexes:
-        hits, items = [], []
-        if not narrow:
-            hits = index.search(qvec, min(len(index), 2 * n))
-            items = _allowed_items(store, hits, where, params)
-        if len({r for r, _, _ in items}) < n and len(hits) < len(index):
-            # the scope is narrower than the cube: search within its keys only, exactly when
-            # they are few (a matrix product beats a filtered graph walk), else filtered ANN
-            hits = _exact(store, qvec, where, params, 2 * n)
-            if hits is None:
-                hits = index.search(qvec, 2 * n, allowed=store.scoped_keys(where, params))
-            items = _allowed_items(store, hits, where, params)
-        found += items
-    out: dict[bool, list[tuple[int, float]]] = {}
-    for ctx in (False, True):
-        best: dict[int, float] = {}
-        for rowid, is_ctx, sim in found:
-            if is_ctx == ctx:
-                best[rowid] = max(sim, best.get(rowid, -1.0))
-        out[ctx] = sorted(best.items(), key=lambda kv: -kv[1])[:n]
-    return out
+def _scaled(fused: dict[int, float], chosen: set[int], factor: float) -> dict[int, float]:
+    return {r: s * (factor if r in chosen else 1.0) for r, s in fused.items()}
 
 
-EXACT_LIMIT = 20_000
-
-
-def _exact(store: SQLiteStore, qvec: np.ndarray, where: str, params: Sequence[Any], k: int
-           ) -> list[tuple[int, float]] | None:
-    scoped = store.scoped_vectors(where, params, EXACT_LIMIT)
-    if scoped is None:
-        return None
-    keys, vectors = scoped
-    if not len(keys):
-        return []
-    sims = _similarities(vectors, qvec.astype(np.float32))
-    top = np.argsort(-sims)[:k] if len(sims) <= k else np.argpartition(-sims, k)[:k]
-    top = top[np.argsort(-sims[top])]
-    return [(int(keys[i]), float(sims[i])) for i in top]
-
-
-def _similarities(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """vectors @ query. Through torch when it is loaded (the local embedder loads it): numpy's
-    BLAS threads would spin after the product and slow the next query embedding (measured)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return vectors @ query
-    with torch.inference_mode():
-        return (torch.from_numpy(vectors) @ torch.from_numpy(query)).numpy()
-
-
-def _allowed_items(store: SQLiteStore, hits: list[tuple[int, float]], where: str,
-                   params: Sequence[Any]) -> list[tuple[int, bool, float]]:
-    if not hits:
-        return []
-    owners = store.key_items([k for k, _ in hits])
-    rowids = sorted({item for item, _ in owners.values()})
-    marks = ", ".join("?" * len(rowids))
-    allowed = {r for (r,) in store.conn.execute(
-        f"SELECT i.rowid FROM items i WHERE i.rowid IN ({marks}) AND {where}", (*rowids, *params))}
-    return [(owners[key][0], owners[key][1], sim) for key, sim in hits
-            if key in owners and owners[key][0] in allowed]
-
-
-def _in_range(observed_at: float | None, resolved: str | None, window) -> bool:
+def _in_range(observed_at: float | None, resolved: list[dict[str, str]] | None, window
+              ) -> bool:
     start, end = window
     if observed_at is not None and start.timestamp() <= observed_at < end.timestamp():
         return True
-    for span in json.loads(resolved) if resolved else []:
+    for span in resolved or []:
         if span["start"] < end.date().isoformat() and span["end"] > start.date().isoformat():
             return True
     return False
 
 
-def _session_boost(fused: dict[int, float], sessions: dict[int, str | None], weight: float,
+def _session_boost(fused: dict[int, float], sessions: dict[int, Any], weight: float,
                    top: int) -> dict[int, float]:
     """Hierarchical evidence: a turn in a session with several strong candidates gains."""
-    by_session: dict[str | None, list[float]] = {}
+    by_session: dict[Any, list[float]] = {}
     for rowid, score in fused.items():
         by_session.setdefault(sessions.get(rowid), []).append(score)
     strength = {s: sum(sorted(v, reverse=True)[:top]) for s, v in by_session.items()}

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._errors import InvalidInputError, MissingExtraError
 from .._memory import Memory
-from .._repair import summary
+from ..write.repair import summary
 from .auth import Keys
 
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -23,9 +22,14 @@ from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError,
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
 from .access import AccessRows
+from .counts import CountRows
+from .base import CubeRow, ItemField, Order, Ranked, content_hash
 from .kvblocks import KVBlockRows
 from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
+from .selection import Selection
+from .sqlwhere import where as _where
+from .sqlite_vectors import CubeIndexes, IndexChanges, candidates
 
 ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "user_id", "agent_id",
                 "session_id", "parent_id", "metadata", "tags", "observed_at", "valid_from",
@@ -35,6 +39,13 @@ ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "use
 _JSON_COLUMNS = {"metadata", "tags", "source_ids", "kv_blocks", "shards"}
 _TIME_COLUMNS = {"observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
                  "last_accessed"}
+_ORDER = {"rowid": "i.rowid", "rowid_desc": "i.rowid DESC", "observed": "i.observed_at, i.rowid"}
+# a session is its whole scope: two users' sessions with the same id are two sessions
+_FIELDS = {"speaker": "speaker", "role": "role", "observed_at": "observed_at",
+           "directive": "json_extract(metadata, '$.directive')",
+           "resolved_dates": "json_extract(metadata, '$.resolved_dates')",
+           "session": "CASE WHEN session_id IS NULL THEN NULL "
+                      "ELSE json_array(cube_id, user_id, agent_id, session_id) END"}
 _SELECT = "SELECT i.rowid, c.name, " + ", ".join(f"i.{c}" for c in ITEM_COLUMNS) + \
           " FROM items i JOIN cubes c ON c.id = i.cube_id"
 
@@ -51,21 +62,6 @@ def _driver():
             f"memstack needs SQLite >= 3.44 (FTS5 secure-delete); this Python has "
             f"{sqlite3.sqlite_version}. Install pysqlite3-binary or a newer Python.") from exc
     return dbapi2
-
-
-def content_hash(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
-
-
-@dataclass(frozen=True)
-class CubeRow:
-    id: int
-    name: str
-    owner: str | None
-    created_at: float
-    embed_model: str
-    embed_dim: int
-    generation: int
 
 
 class Rows:
@@ -111,7 +107,7 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
+class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
@@ -120,6 +116,11 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
         self.db = _driver()
         self.lock = threading.RLock()
         self._on_commit: list[Callable[[], None]] = []
+        self._changes: dict[int, IndexChanges] = {}  # this transaction's, per cube
+        self._scrub = False  # a purge: save the vector indexes at commit
+        self._rebuild: set[int] = set()  # cubes whose vector index is rebuilt at commit
+        self.indexes = CubeIndexes(Path(f"{self.path}.vec"), self.lock, self._cube_shape,
+                                   self.live_keys, self.vectors)
         try:
             self.conn = LockedConnection(self.db.connect(str(self.path), isolation_level=None,
                                                          check_same_thread=False, timeout=30.0),
@@ -153,6 +154,8 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
                 self.conn.execute(f"PRAGMA user_version = {version}")
 
     def close(self) -> None:
+        """Save the vector indexes, checkpoint the WAL and close."""
+        self.indexes.close()
         with self.lock:
             with contextlib.suppress(self.db.Error):
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -169,13 +172,30 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
                 yield
             except BaseException:
                 self._on_commit.clear()
+                self._changes, self._scrub, self._rebuild = {}, False, set()
                 self.conn.execute("ROLLBACK")
                 raise
             else:
                 self.conn.execute("COMMIT")
-                done, self._on_commit = self._on_commit, []
-                for action in done:
-                    action()
+                self._committed()
+
+    def _committed(self) -> None:
+        changes, scrub, self._changes, self._scrub = self._changes, self._scrub, {}, False
+        rebuild, self._rebuild = self._rebuild, set()
+        for cube_id, change in changes.items():
+            if cube_id not in rebuild:
+                self.indexes.apply(cube_id, change, save=scrub)
+        for cube_id in rebuild:
+            self.indexes.drop(cube_id)
+            self.indexes.get(cube_id).save()
+        done, self._on_commit = self._on_commit, []
+        for action in done:
+            action()
+
+    def flush(self) -> None:
+        """Save the vector indexes now (otherwise when writes pause, and at close)."""
+        with self.lock:
+            self.indexes.save_all()
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the current transaction commits (never if it rolls back); outside
@@ -215,9 +235,18 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
         return self.conn.execute("SELECT count(*) FROM cubes").fetchone()[0]
 
     def bump_generation(self, cube_id: int) -> int:
+        """Count a write to a cube (every write does, once): vector indexes compare it with
+        theirs to see writes of other processes."""
         self.conn.execute("UPDATE cubes SET generation = generation + 1 WHERE id = ?", (cube_id,))
-        return self.conn.execute("SELECT generation FROM cubes WHERE id = ?",
-                                 (cube_id,)).fetchone()[0]
+        generation = self.conn.execute("SELECT generation FROM cubes WHERE id = ?",
+                                       (cube_id,)).fetchone()[0]
+        self._changes.setdefault(cube_id, IndexChanges()).generation = generation
+        return generation
+
+    def _cube_shape(self, cube_id: int) -> tuple[int, int]:
+        """(embedding dimensions, generation) of a cube."""
+        return tuple(self.conn.execute("SELECT embed_dim, generation FROM cubes WHERE id = ?",
+                                       (cube_id,)).fetchone())
 
     def set_cube_model(self, cube_id: int, model: str, dim: int) -> None:
         self.conn.execute("UPDATE cubes SET embed_model = ?, embed_dim = ? WHERE id = ?",
@@ -254,6 +283,9 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
             keys.append(int(cur.lastrowid))
             self.conn.execute("INSERT INTO keys_fts (rowid, text, scope) VALUES (?, ?, ?)",
                               (cur.lastrowid, text, scope))
+        if vectors is not None and keys:
+            self._changes.setdefault(row[0], IndexChanges()).added.append(
+                (np.asarray(keys, dtype=np.int64), np.asarray(vectors[:len(keys)], np.float32)))
         return keys
 
     def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
@@ -263,12 +295,30 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
         keys = [r[0] for r in self.conn.execute(f"SELECT rowid FROM keys WHERE {where}", params)]
         self.conn.executemany("DELETE FROM keys_fts WHERE rowid = ?", [(k,) for k in keys])
         self.conn.executemany("DELETE FROM keys WHERE rowid = ?", [(k,) for k in keys])
+        if keys:
+            cube_id = self.conn.execute("SELECT cube_id FROM items WHERE rowid = ?",
+                                        (item_rowid,)).fetchone()[0]
+            self._changes.setdefault(cube_id, IndexChanges()).removed.extend(keys)
         return keys
 
-    def compact_text_index(self) -> None:
-        """Merge FTS5 segments. secure-delete drops a deleted row's postings, but a term whose
-        postings all went stays in its segment's term list until a merge rewrites it."""
+    def compact_indexes(self) -> None:
+        """Make this transaction's deletions physical in every index: merge FTS5 segments
+        (secure-delete drops a deleted row's postings, but a term whose postings all went stays
+        in its segment's term list until a merge rewrites it) and save the vector indexes at
+        commit, so no file keeps a removed vector."""
         self.conn.execute("INSERT INTO keys_fts (keys_fts) VALUES ('optimize')")
+        self._scrub = True
+
+    def rebuild_vector_index(self, cube_id: int) -> None:
+        """Rebuild a cube's vector index from the database when this transaction commits (its
+        keys were all rewritten, perhaps by another model)."""
+        self._rebuild.add(cube_id)
+
+    def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked:
+        """Best cosine similarity per selected item, best first, own keys (False) and context
+        keys (True) apart."""
+        with self.lock:
+            return candidates(self.indexes, self, qvec, sel, limit)
 
     def item_by_id(self, item_id: str) -> tuple[int, Item] | None:
         row = self.conn.execute(_SELECT + " WHERE i.id = ?", (item_id,)).fetchone()
@@ -287,12 +337,23 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
             for row in self.conn.execute(_SELECT + f" WHERE {column} IN ({marks})", part):
                 yield row[0], _decode(row)
 
-    def select_items(self, where: str, params: Sequence[Any], *, order: str = "i.rowid",
-                     limit: int | None = None, offset: int = 0) -> list[tuple[int, Item]]:
-        sql = _SELECT + f" WHERE {where} ORDER BY {order}"
+    def select_items(self, sel: Selection, *, order: Order = "rowid", limit: int | None = None,
+                     offset: int = 0) -> list[tuple[int, Item]]:
+        where, params = _where(sel)
+        sql = _SELECT + f" WHERE {where} ORDER BY {_ORDER[order]}"
         if limit is not None:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
+
+    def session_item(self, cube_id: int, scope: dict[str, str | None]) -> tuple[int, Item] | None:
+        """The session item of a whole scope: cube, user, agent and session id (two users who
+        pick the same session id have two sessions; `IS` matches a missing user or agent)."""
+        row = self.conn.execute(
+            _SELECT + " WHERE i.cube_id = ? AND i.session_id = ? AND i.user_id IS ? AND "
+            "i.agent_id IS ? AND i.kind = 'session' AND i.status != 'deleted' "
+            "ORDER BY i.rowid LIMIT 1",
+            (cube_id, scope["session_id"], scope["user_id"], scope["agent_id"])).fetchone()
+        return (row[0], _decode(row)) if row else None
 
     def derived_from(self, cube_id: int, item_ids: Sequence[str]) -> list[str]:
         """Ids of the live items of a cube whose source_ids name any of `item_ids`."""
@@ -339,11 +400,13 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
                                   "WHERE id = ?", [(n, t, i) for i, (n, t) in uses.items()])
 
     # search keys ------------------------------------------------------------------------------
-    def fts(self, terms: str, scope: str | None, where: str, params: Sequence[Any], limit: int
-            ) -> dict[bool, list[tuple[int, float]]]:
-        """Best BM25 score per item for FTS5 `terms` within a `scope` expression (scope_match),
-        restricted by `where` on items i, separately for an item's own keys (False) and its
-        context keys (True), best first. The scope column weighs nothing in BM25."""
+    def fts(self, terms: str, sel: Selection, limit: int) -> Ranked:
+        """Best BM25 score per item for FTS5 `terms` among the selected items, separately for an
+        item's own keys (False) and its context keys (True), best first. The scope column
+        weighs nothing in BM25; it pre-selects the keys of the scope (scope_match)."""
+        where, params = _where(sel)
+        scope = scope_match(sel.cube_ids, sel.scope,
+                            other_cubes=not sel.cube_ids or self.cube_count() > len(sel.cube_ids))
         match = f"text : ({terms})" + (f" AND {scope}" if scope else "")
         # materialise the matches first: joined directly, SQLite re-runs MATCH once per item
         sql = ("WITH m AS MATERIALIZED (SELECT rowid, bm25(keys_fts, 1.0, 0.0) AS rank "
@@ -361,15 +424,34 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
                 out[bool(ctx)].append((int(rowid), -float(score)))
         return out
 
-    def item_values(self, rowids: Sequence[int], expression: str) -> dict[int, Any]:
-        """rowid -> one SQL expression over `items` (a column, json_extract...), for ranking."""
+    def item_fields(self, rowids: Sequence[int], name: ItemField) -> dict[int, Any]:
+        """rowid -> one field of the items, for ranking: speaker, role, directive (the flag),
+        session (the whole scope of the item's session, or None), observed_at (epoch seconds),
+        resolved_dates (a list of {start, end})."""
         out: dict[int, Any] = {}
         rowids = list(rowids)
         for start in range(0, len(rowids), 500):
             part = rowids[start:start + 500]
             marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(f"SELECT rowid, {expression} FROM items "
+            out.update(self.conn.execute(f"SELECT rowid, {_FIELDS[name]} FROM items "
                                          f"WHERE rowid IN ({marks})", part).fetchall())
+        if name == "session":
+            return {r: tuple(json.loads(v)) if v else None for r, v in out.items()}
+        if name == "resolved_dates":
+            return {r: json.loads(v) if v else [] for r, v in out.items()}
+        return out
+
+    def allowed(self, rowids: Sequence[int], sel: Selection) -> set[int]:
+        """The items among `rowids` that the selection sees."""
+        where, params = _where(sel)
+        out: set[int] = set()
+        rowids = sorted(set(rowids))
+        for start in range(0, len(rowids), 500):
+            part = rowids[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            out.update(r for (r,) in self.conn.execute(
+                f"SELECT i.rowid FROM items i WHERE i.rowid IN ({marks}) AND {where}",
+                (*part, *params)))
         return out
 
     def key_items(self, keys: Sequence[int]) -> dict[int, tuple[int, bool]]:
@@ -384,14 +466,15 @@ class SQLiteStore(AccessRows, KVBlockRows, ShardRows):
                 out[key] = (item, bool(ctx))
         return out
 
-    def scoped_keys(self, where: str, params: Sequence[Any]) -> set[int]:
+    def scoped_keys(self, sel: Selection) -> set[int]:
+        where, params = _where(sel)
         rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid "
                                  f"WHERE k.vec IS NOT NULL AND {where}", params)
         return {r[0] for r in rows}
 
-    def scoped_vectors(self, where: str, params: Sequence[Any], limit: int
-                       ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(keys, vectors) of the keys in scope, or None when there are more than `limit`."""
+    def scoped_vectors(self, sel: Selection, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(keys, vectors) of the selected items' keys, or None when there are more than `limit`."""
+        where, params = _where(sel)
         rows = self.conn.execute("SELECT k.rowid, k.vec FROM keys k JOIN items i ON "
                                  f"i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND {where} "
                                  f"LIMIT {int(limit) + 1}", params).fetchall()

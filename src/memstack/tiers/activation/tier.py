@@ -22,17 +22,18 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..._errors import CacheMismatchError, InvalidInputError, StaleBlockError
-from ..._models import Generation, Hit, Item
+from ..._models import KINDS, Generation, Hit, Item
 from ...store.kvblocks import BlockRow
+from ...store.selection import Selection
 from .block import KVBlock, block_ids, block_overhead, build_block, load_block, render_item, save_block
 from .decode import Timer, layout, prefill, text_pieces, tokens
 from .model import LocalModel
 
 if TYPE_CHECKING:
-    from ..._memory import Memory
+    from ...store.base import Store
 
 _DAY = 86400.0
 
@@ -77,13 +78,16 @@ class Stream:
 
 
 class ActivationTier:
-    def __init__(self, memory: "Memory", model: LocalModel, *, budget_bytes: int = 512 << 20,
+    def __init__(self, store: "Store", model: LocalModel, *, budget_bytes: int = 512 << 20,
                  block_tokens: int = 512, half_life_days: float = 7.0, min_heat: float = 0.5,
-                 max_blocks: int = 8) -> None:
+                 max_blocks: int = 8, before_schedule: Callable[[], None] = lambda: None
+                 ) -> None:
+        """`before_schedule` runs first in each schedule() (the facade writes the access
+        statistics it counted, which heat is made of)."""
         if budget_bytes < 0 or block_tokens < 16 or max_blocks < 1 or half_life_days <= 0:
             raise InvalidInputError("budget_bytes >= 0, block_tokens >= 16, max_blocks >= 1 "
                                     "and half_life_days > 0 are needed")
-        self.memory, self.lm = memory, model
+        self.store, self.lm, self._before_schedule = store, model, before_schedule
         self.budget_bytes, self.block_tokens = budget_bytes, block_tokens
         self.half_life_days, self.min_heat, self.max_blocks = half_life_days, min_heat, max_blocks
         self.settings = {"budget_bytes": budget_bytes, "block_tokens": block_tokens,
@@ -107,8 +111,8 @@ class ActivationTier:
         ['kv_3f2a...']
         """
         started, now = time.perf_counter(), time.time()
-        self.memory._uses.flush()
-        store = self.memory.store
+        self._before_schedule()
+        store = self.store
         existing = [r for r in store.blocks(model_key=self.lm.key)]
         live = self._items([i for r in existing for i in r.item_ids])
         plans = [_Plan([live[i] for i in r.item_ids if i in live],
@@ -130,13 +134,11 @@ class ActivationTier:
             model_key=self.lm.key)), self.budget_bytes, round(time.perf_counter() - started, 3))
 
     def _candidates(self, cube: str | None, now: float) -> list[Item]:
-        where = ("i.status = 'active' AND i.kind != 'session' AND "
-                 "(i.access_count > 0 OR i.kind = 'core')")
-        params: list[Any] = []
-        if cube is not None:
-            where += " AND i.cube_id = ?"
-            params.append(self.memory.store.cube(cube).id)
-        items = [i for _, i in self.memory.store.select_items(where, params)]
+        cubes = (self.store.cube(cube).id,) if cube is not None else ()
+        used = Selection.of(cube_ids=cubes, kinds=[k for k in KINDS if k not in ("session", "core")],
+                            filters={"access_count": {"gt": 0}})
+        core = Selection.of(cube_ids=cubes, kinds=["core"])
+        items = [i for sel in (core, used) for _, i in self.store.select_items(sel)]
         return [i for i in items if self.heat(i, now) >= self.min_heat]
 
     def _pack(self, items: list[Item], now: float) -> list[_Plan]:
@@ -160,7 +162,7 @@ class ActivationTier:
         return plans
 
     def _build(self, plan: _Plan) -> str:
-        store, first = self.memory.store, plan.items[0]
+        store, first = self.store, plan.items[0]
         block = build_block(self.lm, f"kv_{uuid.uuid4().hex[:16]}", plan.items)
         file = f"{self.lm.key}/{block.id}.safetensors"
         size = save_block(block, store.kv_dir / file)
@@ -179,7 +181,7 @@ class ActivationTier:
 
     def _items(self, ids: Sequence[str]) -> dict[str, Item]:
         """Live (active) items by id."""
-        return {i: item for i, item in self.memory.store.items_by_id(ids).items()
+        return {i: item for i, item in self.store.items_by_id(ids).items()
                 if item.status == "active"}
 
     # blocks ----------------------------------------------------------------------------------
@@ -191,14 +193,15 @@ class ActivationTier:
                                       zip(cached.item_ids, cached.item_hashes)):
             self._ram.move_to_end(row.id)
             return cached
-        block = load_block(self.memory.store.kv_dir / row.file, self.lm, current)
+        block = load_block(self.store.kv_dir / row.file, self.lm, current)
         self._ram[row.id] = block
         while sum(b.nbytes for b in self._ram.values()) > self.budget_bytes and self._ram:
             self._ram.popitem(last=False)
         return block
 
     def drop(self, block_ids: Sequence[str]) -> list[str]:
-        dropped = self.memory.drop_kv_blocks(block_ids)
+        with self.store.transaction():
+            dropped = self.store.drop_blocks(block_ids)
         for block_id in dropped:
             self._ram.pop(block_id, None)
         return dropped
@@ -224,8 +227,8 @@ class ActivationTier:
                                     f"exceed the model's {self.lm.max_positions} positions; "
                                     "lower top_k or max_new_tokens")
         if rows:
-            with self.memory.store.transaction():
-                self.memory.store.use_blocks([r.id for r in rows])
+            with self.store.transaction():
+                self.store.use_blocks([r.id for r in rows])
         out: list[int] = []
 
         def pieces() -> Iterator[str]:
@@ -250,7 +253,7 @@ class ActivationTier:
         rows: dict[str, BlockRow] = {}
         for hit in hits:
             for block_id in hit.item.kv_blocks:
-                row = self.memory.store.block(block_id)
+                row = self.store.block(block_id)
                 if row and row.model_key == self.lm.key and block_id not in rows \
                         and _same_scope(row, hit.item) and (session_id is None or all(
                             i.session_id == session_id for i in self._ordered(row))):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..._errors import InvalidInputError, NotFoundError, TierError
 from ..._models import Item
+from ...store.selection import Selection
 from ...store.shards import ShardRow
 from ..activation.model import LocalModel, models_dir
 from . import audit as audits
@@ -26,7 +27,8 @@ from .samples import CONTROL_PROMPTS, ItemSamples, Sample, item_samples
 from .train import REPLAY_PROMPTS, Trainer, TrainSettings, self_synthesized
 
 if TYPE_CHECKING:
-    from ..._memory import Memory
+    from ...retrieve.searcher import Searcher
+    from ...store.base import Store
 
 STABLE_KINDS = ("core", "fact", "insight", "procedure")  # facts first; turns only on request
 # Embedding similarity (all-MiniLM-L6-v2 cosine) a hit needs to route a query to its shard.
@@ -52,15 +54,15 @@ class ShardReport:
 
 
 class ParametricTier:
-    def __init__(self, memory: "Memory", model: LocalModel) -> None:
-        self.memory, self.lm = memory, model
+    def __init__(self, store: "Store", searcher: "Searcher", model: LocalModel) -> None:
+        self.store, self.searcher, self.lm = store, searcher, model
 
     # consolidation ---------------------------------------------------------------------------
     def select(self, *, user_id: str | None = None, agent_id: str | None = None,
                cube: str | None = None, selection: str | Sequence[str] = "facts") -> list[Item]:
         """Items to consolidate: "facts" (core, fact, insight, procedure), "all" (turns too),
         or a list of item ids; only active items, oldest first."""
-        store = self.memory.store
+        store = self.store
         if not isinstance(selection, str):
             found = store.items_by_id(selection)
             missing = [i for i in selection if i not in found]
@@ -70,14 +72,9 @@ class ParametricTier:
         if selection not in ("facts", "all"):
             raise InvalidInputError("selection is 'facts', 'all' or a list of item ids")
         kinds = STABLE_KINDS + (("turn",) if selection == "all" else ())
-        where = (f"i.status = 'active' AND i.kind IN ({','.join('?' * len(kinds))}) "
-                 "AND i.cube_id = ?")
-        params: list[Any] = [*kinds, store.cube(cube or self.memory.default_cube).id]
-        for column, value in (("user_id", user_id), ("agent_id", agent_id)):
-            if value is not None:
-                where += f" AND i.{column} = ?"
-                params.append(value)
-        return [item for _, item in store.select_items(where, params)]
+        sel = Selection.of(cube_ids=[store.cube(cube or self.searcher.cubes.default).id],
+                           kinds=kinds, scope={"user_id": user_id, "agent_id": agent_id})
+        return [item for _, item in store.select_items(sel)]
 
     def consolidate(self, items: Sequence[Item], settings: TrainSettings = TrainSettings(),
                     *, replay: Sequence[str] | None = None, parent: str | None = None,
@@ -106,7 +103,7 @@ class ParametricTier:
                                   candidates=settings.audit_candidates)
         items = self._lineage(items, rehearse, parent_row)
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
-        folder = self.memory.store.shard_dir / shard_id
+        folder = self.store.shard_dir / shard_id
         trainer.model.save_pretrained(str(folder))
         manifest = self._manifest(shard_id, items, settings, curve, result, parent, replay,
                                   len(replayed), len(train))
@@ -149,12 +146,12 @@ class ParametricTier:
         for name in names:
             model.delete_adapter(name)
         model.eval()
-        held = self.memory.store.items_by_id([i for r in rows for i in r.item_ids])
+        held = self.store.items_by_id([i for r in rows for i in r.item_ids])
         live = [i for i in held.values() if i.status == "active"]
         result = self.audit_model(model, [item_samples(i) for i in live], nonmembers,
                                   **self.audit_size(shard_ids[0]))
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
-        folder = self.memory.store.shard_dir / shard_id
+        folder = self.store.shard_dir / shard_id
         model.save_pretrained(str(folder), selected_adapters=["merged"])
         _flatten(folder, "merged")
         manifest = {**self._manifest(shard_id, list(held.values()), None, None, result, None,
@@ -170,7 +167,7 @@ class ParametricTier:
     def _lineage(self, items: Sequence[Item], rehearse: Sequence[Item],
                  parent: ShardRow | None) -> list[Item]:
         held = {i.id: i for i in [*items, *rehearse]}
-        inherited = self.memory.store.items_by_id(parent.item_ids) if parent else {}
+        inherited = self.store.items_by_id(parent.item_ids) if parent else {}
         for item_id, item in inherited.items():
             held.setdefault(item_id, item)
         return list(held.values())
@@ -218,7 +215,7 @@ class ParametricTier:
 
     def _register(self, shard_id: str, items: Sequence[Item], parent: str | None,
                   drop: Sequence[str] = ()) -> None:
-        store = self.memory.store
+        store = self.store
         with store.transaction():
             for old in drop:
                 store.drop_shard(old)
@@ -309,14 +306,14 @@ class ParametricTier:
         Only hits whose embedding similarity to the query reaches `min_similarity` vote, so a
         question about nothing consolidated goes to no shard (the base model answers it)."""
         votes: dict[str, float] = {}
-        for rank, hit in enumerate(self.memory._find(query, user_id=user_id, agent_id=agent_id,
+        for rank, hit in enumerate(self.searcher.find(query, user_id=user_id, agent_id=agent_id,
                                                      top_k=top_k)):
             if hit.scores.get("vector", 0.0) < min_similarity:
                 continue
             for shard_id in hit.item.shards:
                 votes[shard_id] = votes.get(shard_id, 0.0) + 1.0 / (rank + 1)
         for shard_id in sorted(votes, key=votes.get, reverse=True):  # type: ignore[arg-type]
-            row = self.memory.store.shard(shard_id)
+            row = self.store.shard(shard_id)
             if row and row.status == "active" and row.model_key == self.lm.key and \
                     self._within(row.item_ids, user_id, agent_id):
                 return shard_id
@@ -326,7 +323,7 @@ class ParametricTier:
                 ) -> bool:
         """A shard answers a scoped question only if everything in its weights is of that
         scope: a shard trained on a whole cube also holds other users' memories."""
-        items = self.memory.store.items_by_id(item_ids).values()
+        items = self.store.items_by_id(item_ids).values()
         return all((user_id is None or i.user_id == user_id) and
                    (agent_id is None or i.agent_id == agent_id) for i in items)
 
@@ -347,10 +344,10 @@ class ParametricTier:
         """Retrain each stale shard of this model on its items that are still active (their
         current text), from the base model, or drop it when none is left."""
         done = []
-        for row in self.memory.store.shards(status="stale"):
+        for row in self.store.shards(status="stale"):
             if row.model_key != self.lm.key:
                 continue
-            left = [i for i in self.memory.store.items_by_id(row.item_ids).values()
+            left = [i for i in self.store.items_by_id(row.item_ids).values()
                     if i.status == "active"]
             old = self.manifest(row.id)
             new = None
@@ -358,20 +355,20 @@ class ParametricTier:
                 kept = settings or TrainSettings(**{k: tuple(v) if k == "targets" else v
                                                     for k, v in old["settings"].items()})
                 new = self.consolidate(left, kept, progress=progress).id
-            with self.memory.store.transaction():
-                self.memory.store.drop_shard(row.id)
+            with self.store.transaction():
+                self.store.drop_shard(row.id)
             done.append({"stale": row.id, "changed_items": row.changed_items,
                          "retrained": new})
         return done
 
     def _shard(self, shard_id: str) -> ShardRow:
-        row = self.memory.store.shard(shard_id)
+        row = self.store.shard(shard_id)
         if row is None:
             raise NotFoundError(f"no shard {shard_id!r}; list them with `memstack shards`")
         return row
 
     def _folder(self, row: ShardRow) -> Any:
-        return self.memory.store.shard_dir / row.folder
+        return self.store.shard_dir / row.folder
 
 
 def _flatten(folder: Any, adapter: str) -> None:

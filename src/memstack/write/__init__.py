@@ -1,0 +1,1 @@
+"""The write path of the text tier: drafts, the Writer (one transaction per change), repairs."""
