@@ -1,4 +1,6 @@
-"""Shared fixtures: real SQLite files in tmp_path and the real local embedding model."""
+"""Shared fixtures: real SQLite files in tmp_path, a real PostgreSQL with pgvector (from the
+PyPI package pgserver, one server per test session, a fresh database per test) and the real
+local embedding model. `mem` runs each test that takes it on both stores."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -28,8 +31,46 @@ def db_path(tmp_path):
     return tmp_path / "memory.db"
 
 
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A PostgreSQL 16 server with pgvector for the whole session. If it cannot start, the
+    tests that need it fail with the reason (never skipped)."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture
-def mem(db_path, embedder):
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server; dropped afterwards."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_server.get_uri("postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield pg_server.get_uri(name)
+    with psycopg.connect(pg_server.get_uri("postgres"), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def target(request, db_path):
+    """Where a store lives: an SQLite file, or a PostgreSQL database URL."""
+    return db_path if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def mem(target, embedder, tmp_path):
+    memory = Memory(target, embedder=embedder, files=tmp_path / "files")
+    yield memory
+    memory.close()
+
+
+@pytest.fixture
+def sqlite_mem(db_path, embedder):
+    """For tests that read the SQLite file itself (what a deletion leaves on disk...)."""
     memory = Memory(db_path, embedder=embedder)
     yield memory
     memory.close()

@@ -33,7 +33,7 @@ from .retrieve.searcher import MAX_TOP_K, Searcher, selection
 from .store.base import CubeRow
 from .store.cubes import Cubes
 from .store.selection import Selection
-from .store.sqlite import SQLiteStore
+from .store import is_url, open_store
 from .store.uses import UseCounter
 from .write.drafts import Prepared, message_draft, session_draft
 from .write.repair import run_pending
@@ -44,7 +44,8 @@ __all__ = ["Memory", "MAX_TOP_K"]
 
 
 class Memory(TiersMixin):
-    """A memory store in one SQLite file, searched by BM25 and vectors together.
+    """Memory in one SQLite file (a path) or a PostgreSQL database (a postgresql:// URL),
+    searched by BM25 and vectors together.
 
     >>> with Memory("memory.db") as m:
     ...     m.add("I moved to Berlin last May", user_id="ann")
@@ -56,7 +57,8 @@ class Memory(TiersMixin):
     `context_window=(before, after)` (a turn is also indexed with that many neighbours; None turns
     it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
     ingest; see docs/benchmarks.md), `search_settings` (SearchSettings: fusion weights and
-    boosts of search).
+    boosts of search). `files`: where a PostgreSQL store keeps the tiers' files (KV blocks,
+    shards); an SQLite store keeps them beside its file.
 
     With `llm` (an OpenAIChat or any ChatModel), add() also extracts facts, preferences and
     procedures and keeps them current (ADD / UPDATE / DELETE / NOOP, superseding instead of
@@ -69,14 +71,17 @@ class Memory(TiersMixin):
                  context_window: tuple[int, int] | None = (2, 1),
                  context_vectors: bool = False, llm: ChatModel | None = None,
                  extraction: ExtractionSettings | None = None,
-                 search_settings: SearchSettings | None = None) -> None:
-        self.path = Path(path)
+                 search_settings: SearchSettings | None = None,
+                 files: str | Path | None = None) -> None:
+        self.url = path if is_url(path) else None  # with its password: for worker processes
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
         self.actor = actor or f"local:{_login()}"
         self.track_access = track_access
         self.llm = llm
-        self.store = SQLiteStore(self.path)
+        self.store = open_store(path, files=files)
+        self.path = self.store.path
+        self.location: str = self.store.location  # where the store is, without a password
         self.cubes_ = Cubes(self.store, self.embedder.name, self.embedder.dim, self.default_cube)
         self.writer = Writer(self.store, self.cubes_, self.embedder, self.actor,
                              context_window=context_window, context_vectors=context_vectors)

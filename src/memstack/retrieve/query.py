@@ -34,19 +34,12 @@ class Query:
     time_range: tuple[datetime, datetime] | None
     first_person: bool = False  # asks about the asker's own life ("I", "my", "me")
 
-    @property
-    def fts(self) -> str | None:
-        """An FTS5 MATCH expression: every word quoted, so user text is never FTS5 syntax."""
-        if not self.words:
-            return None
-        return " OR ".join('"' + w.replace('"', '""') + '"' for w in self.words)
-
 
 def analyse(text: object, now: datetime) -> Query:
     """Validate and analyse a query.
 
-    >>> analyse('"caroline" AND -pottery*', now=datetime(2024, 1, 1)).fts
-    '"caroline" OR "pottery"'
+    >>> analyse('"caroline" AND -pottery*', now=datetime(2024, 1, 1)).words
+    ('caroline', 'pottery')
     """
     if not isinstance(text, str):
         raise InvalidQueryError(f"a query is a string, got {type(text).__name__}")

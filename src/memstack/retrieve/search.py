@@ -91,7 +91,7 @@ def hybrid(store: Store, query: Query, qvec: np.ndarray, sel: Selection, top_k: 
            settings: SearchSettings = SearchSettings()) -> list[Hit]:
     """The `top_k` best items of the selection for a query and its embedding `qvec`."""
     n = candidates_needed(top_k)
-    bm25 = store.fts(query.fts, sel, n) if query.fts else {False: [], True: []}
+    bm25 = store.fts(query.words, sel, n)
     vector = store.vector_candidates(qvec, sel, n)
     lists = {"bm25": bm25[False], "bm25_context": bm25[True], "vector": vector[False],
              "vector_context": vector[True]}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import _errors as errors
 from .._memory import Memory
 from .._models import Item
-from ..store.sqlite import CubeRow
+from ..store.base import CubeRow
 from .auth import LOCAL_ADMIN, ForbiddenError, Keys, Principal
 
 

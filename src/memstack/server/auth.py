@@ -19,7 +19,8 @@ from typing import Literal, cast
 from .._errors import AuthenticationError as AuthError
 from .._errors import InvalidInputError, NotFoundError
 from .._errors import PermissionDeniedError as ForbiddenError
-from ..store.sqlite import CubeRow, SQLiteStore
+from ..store.base import CubeRow
+from ..store.sqlite import SQLiteStore
 
 Role = Literal["admin", "user"]
 Access = Literal["read", "write"]

@@ -46,8 +46,8 @@ class Store(Protocol):
     """What every store provides. Writes happen inside `transaction()`; a write outside one is
     a bug. Reads may run anywhere; `lock` serialises them with writes on one connection."""
 
-    path: Path
-    lock: Any
+    path: Path  # files beside the store (KV blocks, shards) are named after it
+    location: str  # where the store is, for people (a URL without its password)
 
     # lifecycle and transactions
     def close(self) -> None: ...
@@ -86,7 +86,7 @@ class Store(Protocol):
     def live_keys(self, cube_id: int) -> set[int]: ...
 
     # candidates for search
-    def fts(self, terms: str, sel: Selection, limit: int) -> Ranked: ...
+    def fts(self, words: Sequence[str], sel: Selection, limit: int) -> Ranked: ...
     def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked: ...
     def item_fields(self, rowids: Sequence[int], name: ItemField) -> dict[int, Any]: ...
 
@@ -102,6 +102,22 @@ class Store(Protocol):
     def finish_repair(self, name: str, detail: dict[str, Any]) -> None: ...
     def repairs(self) -> list[dict[str, Any]]: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+class Rows:
+    """The rows of one statement, read while the connection was held, and its lastrowid."""
+
+    def __init__(self, rows: list[Any], lastrowid: int | None) -> None:
+        self._rows, self.lastrowid = rows, lastrowid
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
 
 
 def batches(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:

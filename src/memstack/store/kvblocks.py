@@ -55,9 +55,11 @@ class KVBlockRows:
         self._place(row.item_ids, row.id, add=True)
 
     def blocks(self, cube_id: int | None = None, model_key: str | None = None) -> list[BlockRow]:
-        rows = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kv_blocks WHERE "
-                                 "(?1 IS NULL OR cube_id = ?1) AND (?2 IS NULL OR model_key = ?2) "
-                                 "ORDER BY created_at", (cube_id, model_key))
+        tests = [(c, v) for c, v in (("cube_id", cube_id), ("model_key", model_key))
+                 if v is not None]
+        where = " AND ".join(f"{c} = ?" for c, _ in tests) or "1 = 1"
+        rows = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kv_blocks WHERE {where} "
+                                 "ORDER BY created_at", [v for _, v in tests])
         return [_row(r) for r in rows]
 
     def block(self, block_id: str) -> BlockRow | None:

@@ -53,8 +53,9 @@ class ShardRows:
         place(self.conn, "shards", row.item_ids, row.id, add=True)
 
     def shards(self, status: str | None = None) -> list[ShardRow]:
-        rows = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM shards WHERE "
-                                 "(?1 IS NULL OR status = ?1) ORDER BY created_at", (status,))
+        where, params = ("status = ?", [status]) if status is not None else ("1 = 1", [])
+        rows = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM shards WHERE {where} "
+                                 "ORDER BY created_at", params)
         return [_row(r) for r in rows]
 
     def shard(self, shard_id: str) -> ShardRow | None:

@@ -11,44 +11,22 @@ import contextlib
 import hashlib
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .._errors import (CubeNotFoundError, MissingExtraError, SchemaVersionError, StoreCorruptError,
+from .._errors import (MissingExtraError, SchemaVersionError, StoreCorruptError,
                        StoreError)
-from .._models import AuditEntry, Cube, Item, Version
-from .._time import from_epoch
 from .access import AccessRows
 from .counts import CountRows
-from .base import CubeRow, ItemField, Order, Ranked, content_hash
+from .rows import ItemRows
+from .base import Ranked, Rows
 from .kvblocks import KVBlockRows
 from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .selection import Selection
-from .sqlwhere import where as _where
 from .sqlite_vectors import CubeIndexes, IndexChanges, candidates
-
-ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "user_id", "agent_id",
-                "session_id", "parent_id", "metadata", "tags", "observed_at", "valid_from",
-                "valid_to", "recorded_at", "updated_at", "status", "version", "superseded_by",
-                "source_ids", "producer", "access_count", "last_accessed", "importance",
-                "kv_blocks", "shards")
-_JSON_COLUMNS = {"metadata", "tags", "source_ids", "kv_blocks", "shards"}
-_TIME_COLUMNS = {"observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-                 "last_accessed"}
-_ORDER = {"rowid": "i.rowid", "rowid_desc": "i.rowid DESC", "observed": "i.observed_at, i.rowid"}
-# a session is its whole scope: two users' sessions with the same id are two sessions
-_FIELDS = {"speaker": "speaker", "role": "role", "observed_at": "observed_at",
-           "directive": "json_extract(metadata, '$.directive')",
-           "resolved_dates": "json_extract(metadata, '$.resolved_dates')",
-           "session": "CASE WHEN session_id IS NULL THEN NULL "
-                      "ELSE json_array(cube_id, user_id, agent_id, session_id) END"}
-_SELECT = "SELECT i.rowid, c.name, " + ", ".join(f"i.{c}" for c in ITEM_COLUMNS) + \
-          " FROM items i JOIN cubes c ON c.id = i.cube_id"
-
 
 def _driver():
     import sqlite3
@@ -62,22 +40,6 @@ def _driver():
             f"memstack needs SQLite >= 3.44 (FTS5 secure-delete); this Python has "
             f"{sqlite3.sqlite_version}. Install pysqlite3-binary or a newer Python.") from exc
     return dbapi2
-
-
-class Rows:
-    """The rows of one statement, read while the connection was held, and its lastrowid."""
-
-    def __init__(self, rows: list[Any], lastrowid: int | None) -> None:
-        self._rows, self.lastrowid = rows, lastrowid
-
-    def fetchone(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def fetchall(self) -> list[Any]:
-        return self._rows
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)
 
 
 class LockedConnection:
@@ -107,12 +69,15 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
+class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
+    dialect = "sqlite"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
         self.db = _driver()
         self.lock = threading.RLock()
         self._on_commit: list[Callable[[], None]] = []
@@ -210,30 +175,6 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # cubes -----------------------------------------------------------------------------------
-    def cube(self, name: str) -> CubeRow:
-        row = self.conn.execute("SELECT id, name, owner, created_at, embed_model, embed_dim, "
-                                "generation FROM cubes WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise CubeNotFoundError(f"no cube named {name!r}; list cubes with `memstack stats`")
-        return CubeRow(*row)
-
-    def create_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> CubeRow:
-        # OR IGNORE: two writers creating the same cube at once both get the one row
-        self.conn.execute("INSERT OR IGNORE INTO cubes (name, owner, created_at, embed_model, "
-                          "embed_dim) VALUES (?, ?, ?, ?, ?)",
-                          (name, owner, time.time(), embed_model, dim))
-        return self.cube(name)
-
-    def cubes(self) -> list[Cube]:
-        rows = self.conn.execute(
-            "SELECT c.name, c.owner, c.created_at, c.embed_model, c.embed_dim, "
-            "(SELECT count(*) FROM items i WHERE i.cube_id = c.id AND i.status != 'deleted') "
-            "FROM cubes c ORDER BY c.name").fetchall()
-        return [Cube(r[0], r[1], from_epoch(r[2]), r[3], r[4], r[5]) for r in rows]
-
-    def cube_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM cubes").fetchone()[0]
-
     def bump_generation(self, cube_id: int) -> int:
         """Count a write to a cube (every write does, once): vector indexes compare it with
         theirs to see writes of other processes."""
@@ -248,27 +189,7 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
         return tuple(self.conn.execute("SELECT embed_dim, generation FROM cubes WHERE id = ?",
                                        (cube_id,)).fetchone())
 
-    def set_cube_model(self, cube_id: int, model: str, dim: int) -> None:
-        self.conn.execute("UPDATE cubes SET embed_model = ?, embed_dim = ? WHERE id = ?",
-                          (model, dim, cube_id))
-
     # items -----------------------------------------------------------------------------------
-    def insert_item(self, cube_id: int, fields: dict[str, Any]) -> int:
-        row = _encode(fields)
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        cur = self.conn.execute(f"INSERT INTO items (cube_id, {names}) VALUES (?, {marks})",
-                                (cube_id, *row.values()))
-        return int(cur.lastrowid)
-
-    def update_item(self, rowid: int, fields: dict[str, Any]) -> None:
-        if "content" in fields or "status" in fields:  # derived tiers no longer match the text
-            self.drop_blocks_of_items([rowid])
-            self.mark_shards_stale([rowid])
-        row = _encode(fields)
-        sets = ", ".join(f"{name} = ?" for name in row)
-        self.conn.execute(f"UPDATE items SET {sets} WHERE rowid = ?", (*row.values(), rowid))
-
     def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
                     vectors: np.ndarray | None) -> list[int]:
         """Insert keys; with `vectors` None they are text-only (FTS, no vector)."""
@@ -320,41 +241,6 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
         with self.lock:
             return candidates(self.indexes, self, qvec, sel, limit)
 
-    def item_by_id(self, item_id: str) -> tuple[int, Item] | None:
-        row = self.conn.execute(_SELECT + " WHERE i.id = ?", (item_id,)).fetchone()
-        return (row[0], _decode(row)) if row else None
-
-    def items_by_rowid(self, rowids: Iterable[int]) -> dict[int, Item]:
-        return {rowid: item for rowid, item in self._items_in("i.rowid", list(rowids))}
-
-    def items_by_id(self, ids: Iterable[str]) -> dict[str, Item]:
-        return {item.id: item for _, item in self._items_in("i.id", list(ids))}
-
-    def _items_in(self, column: str, keys: list[Any]) -> Iterator[tuple[int, Item]]:
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for row in self.conn.execute(_SELECT + f" WHERE {column} IN ({marks})", part):
-                yield row[0], _decode(row)
-
-    def select_items(self, sel: Selection, *, order: Order = "rowid", limit: int | None = None,
-                     offset: int = 0) -> list[tuple[int, Item]]:
-        where, params = _where(sel)
-        sql = _SELECT + f" WHERE {where} ORDER BY {_ORDER[order]}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
-        return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
-
-    def session_item(self, cube_id: int, scope: dict[str, str | None]) -> tuple[int, Item] | None:
-        """The session item of a whole scope: cube, user, agent and session id (two users who
-        pick the same session id have two sessions; `IS` matches a missing user or agent)."""
-        row = self.conn.execute(
-            _SELECT + " WHERE i.cube_id = ? AND i.session_id = ? AND i.user_id IS ? AND "
-            "i.agent_id IS ? AND i.kind = 'session' AND i.status != 'deleted' "
-            "ORDER BY i.rowid LIMIT 1",
-            (cube_id, scope["session_id"], scope["user_id"], scope["agent_id"])).fetchone()
-        return (row[0], _decode(row)) if row else None
-
     def derived_from(self, cube_id: int, item_ids: Sequence[str]) -> list[str]:
         """Ids of the live items of a cube whose source_ids name any of `item_ids`."""
         if not item_ids:
@@ -367,44 +253,16 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
         return [r[0] for r in rows]
 
     # repairs: data migrations that need more than SQL (schema.py, v6) ---------------------------
-    def pending_repairs(self) -> list[str]:
-        return [name for (name,) in self.conn.execute(
-            "SELECT name FROM repairs WHERE state = 'pending' ORDER BY name")]
-
-    def finish_repair(self, name: str, detail: dict[str, Any]) -> None:
-        self.conn.execute("UPDATE repairs SET state = 'done', done_at = ?, detail = ? "
-                          "WHERE name = ?", (time.time(), json.dumps(detail), name))
-
-    def repairs(self) -> list[dict[str, Any]]:
-        return [{"name": n, "state": s, "done_at": t, "detail": json.loads(d)}
-                for n, s, t, d in self.conn.execute(
-                    "SELECT name, state, done_at, detail FROM repairs ORDER BY name")]
-
-    def mixed_sessions(self) -> list[tuple[int, Item]]:
-        """Session items whose live turns belong to another user or agent (written before a
-        session was its whole scope)."""
-        rowids = [r for (r,) in self.conn.execute(
-            "SELECT DISTINCT s.rowid FROM items s JOIN items t ON t.parent_id = s.id "
-            "WHERE s.kind = 'session' AND t.kind = 'turn' AND t.status != 'deleted' AND "
-            "(t.user_id IS NOT s.user_id OR t.agent_id IS NOT s.agent_id) ORDER BY s.rowid")]
-        return sorted(self.items_by_rowid(rowids).items())
-
-    def touch(self, uses: dict[str, tuple[int, float]]) -> None:
-        """Record use: {item id: (times used, last time)}. Access statistics feed the tier
-        scheduler."""
-        if not uses:
-            return
-        with self.transaction():
-            self.conn.executemany("UPDATE items SET access_count = access_count + ?, "
-                                  "last_accessed = max(coalesce(last_accessed, 0), ?) "
-                                  "WHERE id = ?", [(n, t, i) for i, (n, t) in uses.items()])
-
     # search keys ------------------------------------------------------------------------------
-    def fts(self, terms: str, sel: Selection, limit: int) -> Ranked:
-        """Best BM25 score per item for FTS5 `terms` among the selected items, separately for an
-        item's own keys (False) and its context keys (True), best first. The scope column
+    def fts(self, words: Sequence[str], sel: Selection, limit: int) -> Ranked:
+        """Best BM25 score per item for any of `words` among the selected items, separately for
+        an item's own keys (False) and its context keys (True), best first. The scope column
         weighs nothing in BM25; it pre-selects the keys of the scope (scope_match)."""
-        where, params = _where(sel)
+        if not words:
+            return {False: [], True: []}
+        # every word quoted, so user text is never FTS5 syntax
+        terms = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        where, params = self.where(sel)
         scope = scope_match(sel.cube_ids, sel.scope,
                             other_cubes=not sel.cube_ids or self.cube_count() > len(sel.cube_ids))
         match = f"text : ({terms})" + (f" AND {scope}" if scope else "")
@@ -424,57 +282,15 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
                 out[bool(ctx)].append((int(rowid), -float(score)))
         return out
 
-    def item_fields(self, rowids: Sequence[int], name: ItemField) -> dict[int, Any]:
-        """rowid -> one field of the items, for ranking: speaker, role, directive (the flag),
-        session (the whole scope of the item's session, or None), observed_at (epoch seconds),
-        resolved_dates (a list of {start, end})."""
-        out: dict[int, Any] = {}
-        rowids = list(rowids)
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(f"SELECT rowid, {_FIELDS[name]} FROM items "
-                                         f"WHERE rowid IN ({marks})", part).fetchall())
-        if name == "session":
-            return {r: tuple(json.loads(v)) if v else None for r, v in out.items()}
-        if name == "resolved_dates":
-            return {r: json.loads(v) if v else [] for r, v in out.items()}
-        return out
-
-    def allowed(self, rowids: Sequence[int], sel: Selection) -> set[int]:
-        """The items among `rowids` that the selection sees."""
-        where, params = _where(sel)
-        out: set[int] = set()
-        rowids = sorted(set(rowids))
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
-            marks = ", ".join("?" * len(part))
-            out.update(r for (r,) in self.conn.execute(
-                f"SELECT i.rowid FROM items i WHERE i.rowid IN ({marks}) AND {where}",
-                (*part, *params)))
-        return out
-
-    def key_items(self, keys: Sequence[int]) -> dict[int, tuple[int, bool]]:
-        """key -> (item rowid, is a context key)."""
-        out: dict[int, tuple[int, bool]] = {}
-        for start in range(0, len(keys), 500):
-            part = list(keys[start:start + 500])
-            marks = ",".join("?" * len(part))
-            for key, item, ctx in self.conn.execute(
-                    f"SELECT rowid, item_rowid, role = 'context' FROM keys WHERE rowid IN ({marks})",
-                    part):
-                out[key] = (item, bool(ctx))
-        return out
-
     def scoped_keys(self, sel: Selection) -> set[int]:
-        where, params = _where(sel)
+        where, params = self.where(sel)
         rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid "
                                  f"WHERE k.vec IS NOT NULL AND {where}", params)
         return {r[0] for r in rows}
 
     def scoped_vectors(self, sel: Selection, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(keys, vectors) of the selected items' keys, or None when there are more than `limit`."""
-        where, params = _where(sel)
+        where, params = self.where(sel)
         rows = self.conn.execute("SELECT k.rowid, k.vec FROM keys k JOIN items i ON "
                                  f"i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND {where} "
                                  f"LIMIT {int(limit) + 1}", params).fetchall()
@@ -485,11 +301,6 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
             return keys, np.zeros((0, 0), np.float32)
         buffer = bytearray(b"".join(r[1] for r in rows))  # writable, so torch can wrap it
         return keys, np.frombuffer(buffer, dtype=np.float32).reshape(len(rows), -1)
-
-    def live_keys(self, cube_id: int) -> set[int]:
-        rows = self.conn.execute("SELECT k.rowid FROM keys k JOIN items i ON i.rowid = k.item_rowid"
-                                 " WHERE i.cube_id = ? AND k.vec IS NOT NULL", (cube_id,))
-        return {r[0] for r in rows}
 
     def vectors(self, cube_id: int, keys: list[int] | None, batch: int = 4096
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -506,43 +317,6 @@ class SQLiteStore(AccessRows, CountRows, KVBlockRows, ShardRows):
             yield ids, vecs
 
     # versions and audit -----------------------------------------------------------------------
-    def add_version(self, item_rowid: int, item: Item, reason: str, actor: str,
-                    source_ids: Sequence[str] = ()) -> None:
-        """Record an item as it is now; `source_ids` are the items (turns) that caused it."""
-        self.conn.execute(
-            "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
-            "valid_to, changed_at, reason, actor, superseded_by, source_ids) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (item_rowid, item.version, item.content, json.dumps(item.metadata), item.status,
-             _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor,
-             item.superseded_by, json.dumps(list(source_ids or item.source_ids))))
-
-    def purge_versions(self, item_rowid: int) -> None:
-        self.conn.execute("UPDATE versions SET content = NULL, metadata = '{}' "
-                          "WHERE item_rowid = ?", (item_rowid,))
-
-    def versions(self, item_rowid: int, item_id: str) -> list[Version]:
-        rows = self.conn.execute(
-            "SELECT version, content, metadata, status, valid_from, valid_to, changed_at, reason, "
-            "actor, superseded_by, source_ids FROM versions WHERE item_rowid = ? "
-            "ORDER BY version, changed_at", (item_rowid,))
-        return [Version(item_id, r[0], r[1], json.loads(r[2]), r[3], from_epoch(r[4]),
-                        from_epoch(r[5]), from_epoch(r[6]), r[7], r[8], r[9], json.loads(r[10]))
-                for r in rows]
-
-    def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
-              detail: dict[str, Any] | None = None) -> None:
-        self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail) "
-                          "VALUES (?, ?, ?, ?, ?, ?)",
-                          (time.time(), actor, action, cube, json.dumps(list(item_ids)),
-                           json.dumps(detail or {})))
-
-    def audit_log(self, limit: int = 100, since_seq: int = 0) -> list[AuditEntry]:
-        rows = self.conn.execute("SELECT seq, at, actor, action, cube, item_ids, detail FROM audit "
-                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))
-        return [AuditEntry(r[0], from_epoch(r[1]), r[2], r[3], r[4], json.loads(r[5]),
-                           json.loads(r[6])) for r in rows]
-
     def stats(self) -> dict[str, Any]:
         kinds = dict(self.conn.execute(
             "SELECT kind || ':' || status, count(*) FROM items GROUP BY kind, status").fetchall())
@@ -596,27 +370,3 @@ def _split(script: str) -> list[str]:
             out.append(joined)
             buf = []
     return out
-
-
-def _epoch(value) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def _encode(fields: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, value in fields.items():
-        if name in _JSON_COLUMNS:
-            value = json.dumps(value)
-        elif name in _TIME_COLUMNS:
-            value = _epoch(value)
-        out[name] = value
-    return out
-
-
-def _decode(row: Sequence[Any]) -> Item:
-    values = dict(zip(ITEM_COLUMNS, row[2:]))
-    for name in _JSON_COLUMNS:
-        values[name] = json.loads(values[name])
-    for name in _TIME_COLUMNS:
-        values[name] = from_epoch(values[name])
-    return Item(cube=row[1], **values)

@@ -1,7 +1,12 @@
-"""A Selection compiled to an SQL condition over items `i` (SQLite's dialect)."""
+"""A Selection compiled to an SQL condition over items `i`, in SQLite's or PostgreSQL's dialect.
+
+Parameters are `?` in both (the Postgres connection turns them into its own); what differs is
+how JSON is read (SQLite's json_extract, Postgres' jsonb operators) and substring search.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .selection import Condition, Selection
@@ -9,7 +14,7 @@ from .selection import Condition, Selection
 _OPS = {"eq": "=", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
-def where(sel: Selection) -> tuple[str, list[Any]]:
+def where(sel: Selection, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """SQL condition and parameters.
 
     >>> where(Selection(cube_ids=(1,), user_id="ann"))
@@ -37,7 +42,7 @@ def where(sel: Selection) -> tuple[str, list[Any]]:
             parts.append(f"i.observed_at {op} ?")
             params.append(bound.timestamp())
     for condition in sel.conditions:
-        sql, values = _condition(condition)
+        sql, values = (_pg_condition if dialect == "postgres" else _condition)(condition)
         parts.append(sql)
         params += values
     return " AND ".join(parts) or "1", params
@@ -81,3 +86,30 @@ def _contains(c: Condition, column: str) -> tuple[str, list[Any]]:
                 f"(json_type({array}) = 'text' AND instr({column}, ?) > 0))",
                 [c.value, str(c.value)])
     return f"instr(lower({column}), lower(?)) > 0", [str(c.value)]
+
+
+def _pg_condition(c: Condition) -> tuple[str, list[Any]]:
+    """Postgres: JSON fields compare as jsonb (numbers as numbers, strings as strings, as
+    SQLite's json_extract does); text fields as text."""
+    if c.kind not in ("meta", "tags"):
+        column = f"i.{c.field}"
+        if c.op == "contains":
+            return f"strpos(lower({column}), lower(?)) > 0", [str(c.value)]
+        return _compare(column, c, lambda v: v, "?")
+    column = "i.tags::jsonb" if c.kind == "tags" else \
+        "(i.metadata::jsonb #> '{" + ",".join(c.field[9:].split(".")) + "}')"
+    if c.op == "contains":
+        return (f"({column} @> jsonb_build_array(?::jsonb) OR (jsonb_typeof({column}) = "
+                f"'string' AND strpos({column} #>> '{{}}', ?) > 0))",
+                [json.dumps(c.value), str(c.value)])
+    return _compare(column, c, json.dumps, "?::jsonb")
+
+
+def _compare(column: str, c: Condition, encode: Any, mark: str) -> tuple[str, list[Any]]:
+    if c.op == "in":
+        return f"{column} IN ({', '.join([mark] * len(c.value))})", [encode(v) for v in c.value]
+    if c.value is None:
+        null = f"{column} IS NULL" if mark == "?" else \
+            f"({column} IS NULL OR {column} = 'null'::jsonb)"
+        return (f"NOT {null}" if c.op == "ne" else null), []
+    return f"{column} {_OPS[c.op]} {mark}", [encode(c.value)]

@@ -7,13 +7,13 @@ import threading
 import time
 from typing import Sequence
 
-from .sqlite import SQLiteStore
+from .base import Store
 
 FLUSH_SECONDS = 1.0
 
 
 class UseCounter:
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._uses: dict[str, tuple[int, float]] = {}  # id -> (uses not written, last use)
         self._lock = threading.Lock()

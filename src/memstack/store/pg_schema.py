@@ -1,0 +1,180 @@
+"""The PostgreSQL schema and its migrations; `memstack_schema` holds the version.
+
+Every table of memory data carries its cube in the primary key (ready for partitioning or
+distributing by cube); rowids come from one sequence per table, so they stay unique across
+cubes as SQLite's do. Vectors are pgvector columns indexed by HNSW, one partial index per
+dimension (a cube's model fixes it). Full text: a `tsvector` of each key under the `memstack`
+configuration (English Snowball stemming, no stopword list, like FTS5's porter tokenizer) with
+the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE and DELETE.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+_V1 = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TEXT SEARCH DICTIONARY memstack_stem (TEMPLATE = snowball, Language = english);
+CREATE TEXT SEARCH CONFIGURATION memstack (COPY = simple);
+ALTER TEXT SEARCH CONFIGURATION memstack ALTER MAPPING FOR asciiword, word, asciihword,
+  hword, hword_part, hword_asciipart, numword, numhword WITH memstack_stem;
+CREATE TABLE cubes (
+  id BIGSERIAL PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  owner TEXT,
+  created_at DOUBLE PRECISION NOT NULL,
+  embed_model TEXT NOT NULL,
+  embed_dim INTEGER NOT NULL,
+  generation BIGINT NOT NULL DEFAULT 0,
+  metadata TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE items (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  rowid BIGSERIAL,
+  id TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL CHECK (kind IN ('turn','session','fact','insight','procedure','core')),
+  content TEXT,
+  content_hash TEXT,
+  role TEXT, speaker TEXT,
+  user_id TEXT, agent_id TEXT, session_id TEXT,
+  parent_id TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  tags TEXT NOT NULL DEFAULT '[]',
+  observed_at DOUBLE PRECISION, valid_from DOUBLE PRECISION, valid_to DOUBLE PRECISION,
+  recorded_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('active','archived','superseded','deleted')),
+  version INTEGER NOT NULL DEFAULT 1,
+  superseded_by TEXT,
+  source_ids TEXT NOT NULL DEFAULT '[]',
+  producer TEXT NOT NULL,
+  access_count BIGINT NOT NULL DEFAULT 0,
+  last_accessed DOUBLE PRECISION,
+  importance DOUBLE PRECISION NOT NULL DEFAULT 0.5,
+  kv_blocks TEXT NOT NULL DEFAULT '[]',
+  shards TEXT NOT NULL DEFAULT '[]',
+  PRIMARY KEY (cube_id, rowid),
+  UNIQUE (rowid)
+);
+CREATE INDEX items_scope ON items (cube_id, status, user_id, agent_id, session_id);
+CREATE INDEX items_session ON items (cube_id, session_id, kind, user_id, agent_id);
+CREATE INDEX items_time ON items (cube_id, observed_at);
+CREATE INDEX items_parent ON items (parent_id);
+CREATE INDEX items_derived ON items (cube_id) WHERE source_ids != '[]';
+CREATE TABLE keys (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  rowid BIGSERIAL,
+  item_rowid BIGINT NOT NULL REFERENCES items(rowid),
+  role TEXT NOT NULL,
+  tsv TSVECTOR NOT NULL,
+  length INTEGER NOT NULL,
+  vec VECTOR,  -- NULL: a text-only key (full text), not in the vector index
+  PRIMARY KEY (cube_id, rowid),
+  UNIQUE (rowid)
+);
+CREATE INDEX keys_item ON keys (item_rowid);
+CREATE INDEX keys_tsv ON keys USING gin (tsv);
+CREATE TABLE versions (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  item_rowid BIGINT NOT NULL REFERENCES items(rowid),
+  version INTEGER NOT NULL,
+  content TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  status TEXT NOT NULL,
+  valid_from DOUBLE PRECISION, valid_to DOUBLE PRECISION,
+  changed_at DOUBLE PRECISION NOT NULL,
+  reason TEXT NOT NULL,
+  actor TEXT NOT NULL,
+  superseded_by TEXT,
+  source_ids TEXT NOT NULL DEFAULT '[]',
+  PRIMARY KEY (cube_id, item_rowid, version)
+);
+-- the shared rows insert versions by item; the cube comes from the item
+CREATE FUNCTION memstack_version_cube() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.cube_id IS NULL THEN
+    SELECT cube_id INTO NEW.cube_id FROM items WHERE rowid = NEW.item_rowid;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER versions_cube BEFORE INSERT ON versions
+  FOR EACH ROW EXECUTE FUNCTION memstack_version_cube();
+CREATE TABLE audit (
+  seq BIGSERIAL PRIMARY KEY,
+  at DOUBLE PRECISION NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  cube TEXT,
+  item_ids TEXT NOT NULL DEFAULT '[]',
+  detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE FUNCTION memstack_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit
+  FOR EACH STATEMENT EXECUTE FUNCTION memstack_append_only();
+CREATE TABLE users (
+  id TEXT PRIMARY KEY,
+  role TEXT NOT NULL CHECK (role IN ('admin','user')),
+  created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE api_keys (
+  id TEXT PRIMARY KEY,
+  user_id TEXT NOT NULL REFERENCES users(id),
+  hash TEXT NOT NULL,
+  cubes TEXT,
+  label TEXT,
+  created_at DOUBLE PRECISION NOT NULL,
+  last_used DOUBLE PRECISION,
+  revoked_at DOUBLE PRECISION
+);
+CREATE INDEX api_keys_user ON api_keys (user_id);
+CREATE TABLE grants (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  user_id TEXT NOT NULL REFERENCES users(id),
+  access TEXT NOT NULL CHECK (access IN ('read','write')),
+  granted_by TEXT NOT NULL,
+  granted_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (cube_id, user_id)
+);
+CREATE TABLE kv_blocks (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  id TEXT NOT NULL UNIQUE,
+  model_key TEXT NOT NULL,
+  user_id TEXT, agent_id TEXT,
+  file TEXT NOT NULL,
+  item_ids TEXT NOT NULL,
+  tokens INTEGER NOT NULL,
+  bytes BIGINT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
+  last_used DOUBLE PRECISION,
+  uses BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (cube_id, id)
+);
+CREATE TABLE shards (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  id TEXT NOT NULL UNIQUE,
+  model_key TEXT NOT NULL,
+  folder TEXT NOT NULL,
+  item_ids TEXT NOT NULL,
+  parent TEXT,
+  status TEXT NOT NULL CHECK (status IN ('active','stale')),
+  changed_items TEXT NOT NULL DEFAULT '[]',
+  created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (cube_id, id)
+);
+CREATE TABLE repairs (
+  name TEXT PRIMARY KEY,
+  state TEXT NOT NULL CHECK (state IN ('pending','done')),
+  done_at DOUBLE PRECISION,
+  detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+# MIGRATIONS[n] takes a database at version n to version n + 1.
+MIGRATIONS: dict[int, str] = {0: _V1}
+
+
+def vector_index(dim: int) -> str:
+    """The HNSW index of the keys of one dimension (a partial index: pgvector indexes a fixed
+    dimension, and cubes of different models live in one table)."""
+    return (f"CREATE INDEX IF NOT EXISTS keys_vec_{int(dim)} ON keys USING hnsw "
+            f"((vec::vector({int(dim)})) vector_cosine_ops) WHERE vector_dims(vec) = {int(dim)}")

@@ -1,0 +1,386 @@
+"""The PostgreSQL store: psycopg 3 with a connection pool, pgvector for vectors, BM25 in SQL.
+
+The same contract as SQLiteStore (store/base.py) and the same shared rows (store/rows.py).
+Several processes can use one database: vectors live in the database (an HNSW index per
+dimension), so a write is visible to every process's next search; there is no index file.
+
+Full text: each key's `tsvector` (the `memstack` configuration: English Snowball stemming, no
+stopwords) and its length in tokens; a search scores candidates with BM25 (k1 1.2, b 0.75, the
+idf of FTS5) from term statistics counted over all keys, as FTS5's bm25() does, so rankings
+match the SQLite store's (ts_rank_cd, measured, does not: docs/scaling.md).
+
+Deleting: rows, versions' text, keys, their tsvectors and vectors go in the transaction; what
+MVCC leaves (dead tuples in tables and indexes) is removed by the VACUUM that `checkpoint()`
+runs after a purge, and a CHECKPOINT recycles the WAL that held it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from .._errors import MissingExtraError, SchemaVersionError, StoreCorruptError, StoreError
+from .access import AccessRows
+from .base import Ranked, Rows
+from .counts import CountRows
+from .kvblocks import KVBlockRows
+from .pg_schema import MIGRATIONS, SCHEMA_VERSION, vector_index
+from .rows import ItemRows
+from .selection import Selection
+from .shards import ShardRows
+
+K1, B = 1.2, 0.75  # FTS5's bm25() defaults
+_TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
+_MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pg(sql: str) -> str:
+    """`?` parameters (the shared rows' style) as psycopg's `%s`."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgConnection:
+    """The `execute` the shared rows use, over a pool: inside `transaction()` every statement
+    of the thread runs on the transaction's connection; outside, each borrows one."""
+
+    def __init__(self, pool: Any, errors: Any) -> None:
+        self.pool, self._errors = pool, errors
+        self._local = threading.local()
+
+    @property
+    def in_transaction(self) -> bool:
+        return getattr(self._local, "conn", None) is not None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        with self._connection() as conn:
+            cursor = self._run(conn, lambda c: c.execute(_pg(sql), params))
+            return Rows(cursor.fetchall() if cursor.description else [], None)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._connection() as conn:
+            self._run(conn, lambda c: c.cursor().executemany(_pg(sql), list(rows)))
+
+    def _run(self, conn: Any, call: Callable[[Any], Any]) -> Any:
+        try:
+            return call(conn)
+        except self._errors.OperationalError as exc:
+            raise StoreError(f"the database failed a statement: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        pinned = getattr(self._local, "conn", None)
+        if pinned is not None:
+            yield pinned
+            return
+        with self.pool.connection() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        if self.in_transaction:
+            raise StoreError("transactions do not nest")
+        with self.pool.connection() as conn:
+            self._local.conn = conn
+            try:
+                with conn.transaction():
+                    yield conn
+            finally:
+                self._local.conn = None
+
+
+class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
+    """A memstack store in a PostgreSQL database with pgvector. `files` is the folder for
+    what lives beside the database (KV block and shard files of the tiers)."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, files: str | Path | None = None, pool_size: int = 8
+                 ) -> None:
+        psycopg, pool_module, register_vector = _driver()
+        self.url, self.location = url, redact(url)
+        self.path = Path(files) if files is not None else Path("memstack-files") / "store"
+        self.lock = threading.RLock()
+        self._after: dict[int, list[Callable[[], None]]] = {}
+        self._vacuum = False
+        self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
+        self._totals: tuple[float, int, float] | None = None  # (when, keys, mean length)
+        self._pool = pool_module.ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, name="memstack",
+            kwargs={"autocommit": True}, configure=functools.partial(_configure, register_vector))
+        try:
+            self._pool.open(wait=True, timeout=10.0)
+            self.conn = PgConnection(self._pool, psycopg)
+            self._migrate(psycopg)
+        except (pool_module.PoolTimeout, psycopg.OperationalError) as exc:
+            self._pool.close()
+            raise StoreError(f"cannot connect to the database at {self.location}: "
+                             f"{_reason(exc, url)}") from None
+
+    # lifecycle --------------------------------------------------------------------------------
+    def _migrate(self, psycopg: Any) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            version = self._version(conn)
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self.location} has memstack schema version {version}, newer than this "
+                    f"memstack understands ({SCHEMA_VERSION}). Upgrade: pip install -U memstack")
+            while version < SCHEMA_VERSION:
+                conn.execute(MIGRATIONS[version])
+                version += 1
+                conn.execute("UPDATE memstack_schema SET version = %s", (version,))
+
+    def _version(self, conn: Any) -> int:
+        tables = {r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = "
+            "current_schema()").fetchall()}
+        if "memstack_schema" in tables:
+            return conn.execute("SELECT version FROM memstack_schema").fetchone()[0]
+        if "items" in tables or "cubes" in tables:
+            raise StoreCorruptError(f"{self.location} has tables but is not a memstack "
+                                    "database; use another database or schema")
+        conn.execute("CREATE TABLE memstack_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO memstack_schema VALUES (0)")
+        return 0
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def flush(self) -> None:
+        """Nothing to save: every index lives in the database."""
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        key = threading.get_ident()
+        self._after[key] = []
+        try:
+            with self.conn.transaction():
+                yield
+        except BaseException:
+            self._after.pop(key, None)
+            raise
+        for action in self._after.pop(key, []):
+            action()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the current transaction commits (never if it rolls back)."""
+        pending = self._after.get(threading.get_ident())
+        if pending is None or not self.conn.in_transaction:
+            action()
+        else:
+            pending.append(action)
+
+    def checkpoint(self) -> None:
+        """After a purge: VACUUM the tables that held the text, so no dead tuple keeps it, and
+        CHECKPOINT, so the WAL segments that held it can be recycled."""
+        if not self._vacuum:
+            return
+        self._vacuum = False
+        with self._pool.connection() as conn:
+            for table in ("keys", "versions", "items"):
+                conn.execute(f"VACUUM {table}")
+            with contextlib.suppress(Exception):  # needs the pg_checkpoint role or superuser
+                conn.execute("CHECKPOINT")
+
+    # cubes ------------------------------------------------------------------------------------
+    def create_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> Any:
+        self.conn.execute(vector_index(dim))
+        return super().create_cube(name, owner, embed_model, dim)
+
+    def set_cube_model(self, cube_id: int, model: str, dim: int) -> None:
+        self.conn.execute(vector_index(dim))
+        super().set_cube_model(cube_id, model, dim)
+
+    def bump_generation(self, cube_id: int) -> int:
+        return self.conn.execute("UPDATE cubes SET generation = generation + 1 WHERE id = ? "
+                                 "RETURNING generation", (cube_id,)).fetchone()[0]
+
+    # keys -------------------------------------------------------------------------------------
+    def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
+                    vectors: np.ndarray | None) -> list[int]:
+        """Insert keys; with `vectors` None they are text-only (full text, no vector)."""
+        cube_id = self.conn.execute("SELECT cube_id FROM items WHERE rowid = ?",
+                                    (item_rowid,)).fetchone()[0]
+        keys = []
+        for n, (text, role) in enumerate(zip(texts, roles)):
+            vec = None if vectors is None else np.asarray(vectors[n], np.float32)
+            keys.append(self.conn.execute(
+                "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
+                "(?, ?, ?, to_tsvector('memstack', ?), ?, ?) RETURNING rowid",
+                (cube_id, item_rowid, role, text, len(_TOKEN.findall(text)), vec)).fetchone()[0])
+        self._totals = None
+        return keys
+
+    def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
+        where = "item_rowid = ?" + (" AND role = ?" if role else "")
+        params = (item_rowid, role) if role else (item_rowid,)
+        rows = self.conn.execute(f"DELETE FROM keys WHERE {where} RETURNING rowid", params)
+        self._totals = None
+        return [r[0] for r in rows]
+
+    def compact_indexes(self) -> None:
+        """This transaction deleted text: VACUUM after it commits (checkpoint())."""
+        self._vacuum = True
+
+    def rebuild_vector_index(self, cube_id: int) -> None:
+        """Nothing to rebuild: the HNSW index follows the table (set_cube_model made sure
+        the new dimension has one)."""
+
+    def derived_from(self, cube_id: int, item_ids: Sequence[str]) -> list[str]:
+        """Ids of the live items of a cube whose source_ids name any of `item_ids`."""
+        if not item_ids:
+            return []
+        rows = self.conn.execute(
+            "SELECT i.id FROM items i WHERE i.cube_id = ? AND i.source_ids != '[]' AND "
+            "i.status != 'deleted' AND EXISTS (SELECT 1 FROM "
+            "jsonb_array_elements_text(i.source_ids::jsonb) s(v) WHERE s.v = ANY(?))",
+            (cube_id, list(item_ids)))
+        return [r[0] for r in rows]
+
+    # candidates -------------------------------------------------------------------------------
+    def fts(self, words: Sequence[str], sel: Selection, limit: int) -> Ranked:
+        """Best BM25 score per selected item for any of `words`, own keys (False) and context
+        keys (True) apart, best first."""
+        lexemes = self._lexemes(words)
+        if not lexemes:
+            return {False: [], True: []}
+        idf = self._idf(lexemes)
+        _, count, mean = self._key_totals()
+        where, params = self.where(sel)
+        query = " | ".join("'" + lex.replace("'", "''") + "'" for lex in lexemes)
+        rows = self.conn.execute(
+            "SELECT k.item_rowid, k.role = 'context' AS ctx, max((SELECT sum(q.idf * "
+            "  (array_length(t.positions, 1) * ?) / (array_length(t.positions, 1) + "
+            "  ? * (1 - ? + ? * k.length / ?))) FROM unnest(k.tsv) t "
+            "  JOIN unnest(?::text[], ?::float8[]) q(lexeme, idf) ON q.lexeme = t.lexeme)) "
+            "AS score FROM keys k JOIN items i ON i.rowid = k.item_rowid "
+            f"WHERE k.tsv @@ ?::tsquery AND {where} GROUP BY k.item_rowid, ctx "
+            "ORDER BY score DESC, k.item_rowid LIMIT ?",
+            (K1 + 1, K1, B, B, max(mean, 1e-9), list(idf), list(idf.values()), query, *params,
+             2 * limit))
+        out: Ranked = {False: [], True: []}
+        for rowid, ctx, score in rows:
+            if len(out[bool(ctx)]) < limit:
+                out[bool(ctx)].append((int(rowid), float(score or 0.0)))
+        return out
+
+    def _lexemes(self, words: Sequence[str]) -> list[str]:
+        if not words:
+            return []
+        rows = self.conn.execute("SELECT DISTINCT lexeme FROM unnest(to_tsvector('memstack', ?))",
+                                 (" ".join(words),))
+        return sorted(r[0] for r in rows)
+
+    def _idf(self, lexemes: Sequence[str], ttl: float = 30.0) -> dict[str, float]:
+        """FTS5's idf: log((N - n + 0.5) / (n + 0.5)), at least 1e-6. Counts are cached for
+        `ttl` seconds (a write of this process clears them)."""
+        _, total, _ = self._key_totals()  # first: refreshing the totals clears the counts
+        now = time.monotonic()
+        stale = [lex for lex in lexemes if now - self._df.get(lex, (-1e9, 0))[0] > ttl]
+        for lex in stale:
+            n = self.conn.execute("SELECT count(*) FROM keys WHERE tsv @@ ?::tsquery",
+                                  ("'" + lex.replace("'", "''") + "'",)).fetchone()[0]
+            self._df[lex] = (now, n)
+        return {lex: max(1e-6, math.log((total - self._df[lex][1] + 0.5) /
+                                          (self._df[lex][1] + 0.5))) for lex in lexemes}
+
+    def _key_totals(self, ttl: float = 30.0) -> tuple[float, int, float]:
+        if self._totals is None or time.monotonic() - self._totals[0] > ttl:
+            count, mean = self.conn.execute("SELECT count(*), coalesce(avg(length), 0) "
+                                            "FROM keys").fetchone()
+            self._totals = (time.monotonic(), int(count), float(mean))
+            self._df.clear()
+        return self._totals
+
+    def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked:
+        """Best cosine similarity per selected item, best first, own keys (False) and context
+        keys (True) apart: the HNSW index for a selection as wide as its cubes, an exact scan
+        within a narrower one (or when the index could not fill the list)."""
+        q = np.asarray(qvec, np.float32)
+        rows: list[Any] = []
+        if not sel.narrow:
+            rows = self._ann(q, sel, 2 * limit)
+        if len({r[0] for r in rows}) < limit:
+            where, params = self.where(sel)
+            rows = self.conn.execute(
+                "SELECT k.item_rowid, k.role = 'context', 1 - (k.vec <=> ?) AS sim FROM keys k "
+                f"JOIN items i ON i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND {where} "
+                "ORDER BY k.vec <=> ? LIMIT ?", (q, *params, q, 2 * limit)).fetchall()
+        out: Ranked = {}
+        for ctx in (False, True):
+            best: dict[int, float] = {}
+            for rowid, is_ctx, sim in rows:
+                if bool(is_ctx) == ctx:
+                    best[rowid] = max(float(sim), best.get(rowid, -1.0))
+            out[ctx] = sorted(best.items(), key=lambda kv: -kv[1])[:limit]
+        return out
+
+    def _ann(self, q: np.ndarray, sel: Selection, k: int) -> list[Any]:
+        """Keys nearest by the HNSW index of q's dimension, then the selection applied."""
+        dim = len(q)
+        where, params = self.where(sel)
+        with self.transaction():
+            self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, 2 * k))}")
+            return self.conn.execute(
+                f"SELECT k.item_rowid, k.role = 'context', 1 - (k.vec::vector({dim}) <=> ?) "
+                f"FROM (SELECT * FROM keys k WHERE vector_dims(k.vec) = {dim} "
+                f"ORDER BY k.vec::vector({dim}) <=> ? LIMIT ?) k "
+                f"JOIN items i ON i.rowid = k.item_rowid WHERE {where}",
+                (q, q, 2 * k, *params)).fetchall()
+
+    # inspection -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        kinds = {f"{k}:{s}": n for k, s, n in self.conn.execute(
+            "SELECT kind, status, count(*) FROM items GROUP BY kind, status")}
+        return {"path": self.location, "schema_version": SCHEMA_VERSION, "items": kinds,
+                "keys": self.conn.execute("SELECT count(*) FROM keys").fetchone()[0],
+                "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
+                "size_bytes": self.conn.execute(
+                    "SELECT pg_database_size(current_database())").fetchone()[0]}
+
+
+def _driver() -> tuple[Any, Any, Any]:
+    try:
+        import psycopg
+        import psycopg_pool
+        from pgvector.psycopg import register_vector
+    except ImportError as exc:
+        raise MissingExtraError("the PostgreSQL store needs the postgres extra: "
+                                "pip install 'memstack[postgres]'") from exc
+    return psycopg, psycopg_pool, register_vector
+
+
+def _configure(register_vector: Callable[[Any], None], conn: Any) -> None:
+    """Each pooled connection passes numpy arrays as pgvector values."""
+    try:
+        register_vector(conn)
+    except Exception:  # a new database: the extension comes first (the schema creates it too)
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(conn)
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The driver's message without the password, whatever it quotes."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
