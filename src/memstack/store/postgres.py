@@ -301,8 +301,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
             n = self.conn.execute("SELECT count(*) FROM keys WHERE tsv @@ ?::tsquery",
                                   ("'" + lex.replace("'", "''") + "'",)).fetchone()[0]
             self._df[lex] = (now, n)
-        return {lex: max(1e-6, math.log((total - self._df[lex][1] + 0.5) /
-                                          (self._df[lex][1] + 0.5))) for lex in lexemes}
+        return {lex: _idf(total, self._df[lex][1]) for lex in lexemes}
 
     def _key_totals(self, ttl: float = 30.0) -> tuple[float, int, float]:
         if self._totals is None or time.monotonic() - self._totals[0] > ttl:
@@ -357,6 +356,12 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
                 "size_bytes": self.conn.execute(
                     "SELECT pg_database_size(current_database())").fetchone()[0]}
+
+
+def _idf(total: int, n: int) -> float:
+    """FTS5's idf (a count cached before other writes may exceed the total: then the least)."""
+    ratio = (total - n + 0.5) / (n + 0.5)
+    return max(1e-6, math.log(ratio)) if ratio > 0 else 1e-6
 
 
 def _driver() -> tuple[Any, Any, Any]:
