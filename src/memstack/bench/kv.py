@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._models import Item
-from ..store.sqlite import content_hash
+from ..store.base import content_hash
 from ..tiers.activation.block import block_ids, build_block, load_block, save_block
 from ..tiers.activation.decode import Prompt, layout, prefill, tokens
 from ..tiers.activation.model import LocalModel
