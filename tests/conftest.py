@@ -38,6 +38,10 @@ def pg_server(tmp_path_factory):
     import pgserver
 
     server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    # docs/scaling.md: with recycling on, a checkpoint renames old WAL segments for reuse and
+    # they keep the bytes of deleted text until overwritten
+    server.psql("ALTER SYSTEM SET wal_recycle = off;")
+    server.psql("SELECT pg_reload_conf();")
     yield server
     server.cleanup()
 

@@ -307,6 +307,15 @@ class Memory(TiersMixin):
             self.store.rebuild_vector_index(row.id)
         return count
 
+    def scrub(self) -> dict[str, Any]:
+        """Remove from the store's files what is left of deleted memories (on PostgreSQL: the
+        dead tuples and the WAL that held them; see docs/scaling.md). Returns what ran and
+        whether it is complete."""
+        report = self.store.scrub()
+        with self.store.transaction():
+            self.store.audit(self.actor, "scrub", None, [], report)
+        return report
+
     # reads ------------------------------------------------------------------------------------
     def _live(self, memory_id: str) -> tuple[int, Item]:
         if not isinstance(memory_id, str) or not memory_id:

@@ -9,9 +9,9 @@ stopwords) and its length in tokens; a search scores candidates with BM25 (k1 1.
 idf of FTS5) from term statistics counted over all keys, as FTS5's bm25() does, so rankings
 match the SQLite store's (ts_rank_cd, measured, does not: docs/scaling.md).
 
-Deleting: rows, versions' text, keys, their tsvectors and vectors go in the transaction; what
-MVCC leaves (dead tuples in tables and indexes) is removed by the VACUUM that `checkpoint()`
-runs after a purge, and a CHECKPOINT recycles the WAL that held it.
+Deleting: rows, versions' text, keys, their tsvectors and vectors leave every query in the
+transaction; what MVCC leaves on disk (dead tuples, the WAL that logged the text) is removed by
+`scrub()` (memstack scrub), measured byte by byte in tests/test_postgres.py.
 """
 
 from __future__ import annotations
@@ -121,7 +121,6 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         self.path = Path(files) if files is not None else Path("memstack-files") / "store"
         self.lock = threading.RLock()
         self._after: dict[int, list[Callable[[], None]]] = {}
-        self._vacuum = False
         self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
         self._totals: tuple[float, int, float] | None = None  # (when, keys, mean length)
         self._pool = pool_module.ConnectionPool(
@@ -191,16 +190,29 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
             pending.append(action)
 
     def checkpoint(self) -> None:
-        """After a purge: VACUUM the tables that held the text, so no dead tuple keeps it, and
-        CHECKPOINT, so the WAL segments that held it can be recycled."""
-        if not self._vacuum:
-            return
-        self._vacuum = False
+        """Nothing to do after each purge: autovacuum reclaims dead tuples in its time, and
+        `scrub()` removes their bytes when it must be now."""
+
+    def scrub(self) -> dict[str, Any]:
+        """Remove from the data directory what MVCC keeps of deleted text and vectors: rewrite
+        the tables that held them (VACUUM FULL: dead tuples and their index entries are not
+        copied), then switch WAL segments and CHECKPOINT twice, so the segments that logged
+        the text are no longer needed. With the server's `wal_recycle = off` they are deleted
+        (recycled segments would keep their old bytes until overwritten). Takes an exclusive
+        lock on each table while it is rewritten; needs superuser or the pg_checkpoint role
+        and EXECUTE on pg_switch_wal. Returns what ran."""
+        ran = []
         with self._pool.connection() as conn:
             for table in ("keys", "versions", "items"):
-                conn.execute(f"VACUUM {table}")
-            with contextlib.suppress(Exception):  # needs the pg_checkpoint role or superuser
+                conn.execute(f"VACUUM FULL {table}")
+                ran.append(f"VACUUM FULL {table}")
+            for _ in range(2):
+                conn.execute("SELECT pg_switch_wal()")
                 conn.execute("CHECKPOINT")
+                ran += ["SELECT pg_switch_wal()", "CHECKPOINT"]
+            recycle = conn.execute("SHOW wal_recycle").fetchone()[0]
+        return {"ran": ran, "wal_recycle": recycle,
+                "complete": recycle == "off"}
 
     # cubes ------------------------------------------------------------------------------------
     def create_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> Any:
@@ -239,8 +251,8 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         return [r[0] for r in rows]
 
     def compact_indexes(self) -> None:
-        """This transaction deleted text: VACUUM after it commits (checkpoint())."""
-        self._vacuum = True
+        """The deleted keys left the GIN and HNSW indexes with their rows (the indexes skip
+        dead tuples); their bytes go at the next VACUUM, or now with scrub()."""
 
     def rebuild_vector_index(self, cube_id: int) -> None:
         """Nothing to rebuild: the HNSW index follows the table (set_cube_model made sure

@@ -1,0 +1,102 @@
+"""What only the PostgreSQL store has to prove (the shared contract runs on both stores through
+the `mem` fixture): deletion leaves no bytes in the data directory after scrub(), processes
+share one database, the database enforces the audit log, and faults give clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from memstack import InvalidInputError, Memory, SchemaVersionError, StoreError
+
+
+def _files_holding(folder: Path, needles: dict[str, bytes]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {name: [] for name in needles}
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:  # a file removed while we walk (a WAL segment)
+            continue
+        for name, needle in needles.items():
+            if needle in data:
+                found[name].append(str(path.relative_to(folder)))
+    return found
+
+
+def test_deleted_text_and_vector_leave_the_data_directory(pg_server, pg_url, embedder, tmp_path):
+    secret = "My locker code is quokka-7731-saffron"
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+        doomed = mem.add(secret, user_id="ann", session_id="s1").ids[0]
+        for n in range(30):
+            mem.add(f"filler note {n} about gardening and tomatoes", user_id="bob")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            register_vector(conn)
+            [vector] = conn.execute("SELECT k.vec FROM keys k JOIN items i ON i.rowid = "
+                                    "k.item_rowid WHERE i.id = %s", (doomed,)).fetchone()
+            conn.execute("CHECKPOINT")
+        # pgvector stores a vector as its float32 values after a small header
+        needles = {"text": b"quokka-7731-saffron",
+                   "vector": np.asarray(vector.to_numpy(), np.float32)[:16].tobytes()}
+        before = _files_holding(Path(pg_server.pgdata), needles)
+        assert before["text"] and before["vector"], "the scan must see them before the delete"
+
+        assert mem.delete(doomed) == 1
+        assert not [h for h in mem.search("locker code", user_id="ann")
+                    if "quokka" in (h.item.content or "")]
+        report = mem.scrub()
+    assert report["complete"] and report["wal_recycle"] == "off"
+    after = _files_holding(Path(pg_server.pgdata), needles)
+    assert after == {"text": [], "vector": []}, after
+
+
+def test_two_processes_share_one_database(pg_url, embedder, tmp_path):
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as one, \
+            Memory(pg_url, embedder=embedder, files=tmp_path) as two:
+        one.add("Ann's sister lives in Porto", user_id="ann")
+        # the other pool, no file to reload: the next search sees the write
+        assert "Porto" in two.search("where does the sister live", user_id="ann")[0].item.content
+        item = two.add("Ann's brother lives in Lyon", user_id="ann").items[0]
+        assert one.get(item.id).content == item.content
+
+
+def test_the_database_keeps_the_audit_log_append_only(pg_url, embedder, tmp_path):
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+        mem.add("a memory", user_id="ann")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statement in ("UPDATE audit SET actor = 'mallory'", "DELETE FROM audit",
+                          "TRUNCATE audit"):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(statement)
+        assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] >= 1
+
+
+def test_an_unreachable_database_is_a_clear_error_without_the_password(embedder):
+    url = "postgresql://memstack:hunter2secret@127.0.0.1:1/memory"
+    with pytest.raises(StoreError) as info:
+        Memory(url, embedder=embedder)
+    message = str(info.value)
+    assert "127.0.0.1" in message and "hunter2secret" not in message and "***" in message
+
+
+def test_a_wrong_scheme_and_a_newer_schema_are_clear_errors(pg_url, embedder, tmp_path):
+    with pytest.raises(InvalidInputError, match="mysql://"):
+        Memory("mysql://root@localhost/memory", embedder=embedder)
+    with Memory(pg_url, embedder=embedder, files=tmp_path):
+        pass
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE memstack_schema SET version = 99")
+    with pytest.raises(SchemaVersionError, match="99"):
+        Memory(pg_url, embedder=embedder, files=tmp_path)
+
+
+def test_a_database_of_other_tables_is_refused(pg_url, embedder, tmp_path):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (x int)")
+    with pytest.raises(StoreError, match="not a memstack database"):
+        Memory(pg_url, embedder=embedder, files=tmp_path)
