@@ -74,15 +74,20 @@ class RetrievalReport:
 
 def run(conversations: list[dict[str, Any]], *, dataset: str, embedder: Embedder | None = None,
         top_k: int = 50, workdir: str | Path | None = None,
-        memory_options: dict[str, Any] | None = None,
+        memory_options: dict[str, Any] | None = None, db: str | None = None,
         progress: Callable[[int, int], None] | None = None) -> RetrievalReport:
+    """`db`: a PostgreSQL URL of an empty database to run on (default: a fresh SQLite file
+    in `workdir`)."""
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    db = folder / "bench.db"
-    remove_db(folder, "bench.db")
+    if db is None:
+        db = folder / "bench.db"  # type: ignore[assignment]
+        remove_db(folder, "bench.db")
     runs, ingest, turns = [], 0.0, 0
     total = sum(len(c["questions"]) for c in conversations)
-    with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+    with Memory(db, embedder=embedder, track_access=False, files=folder,  # type: ignore[arg-type]
+                **(memory_options or {})) as memory:
+        require_empty(memory)
         for conv in conversations:
             cube = str(conv["id"])
             start = time.perf_counter()
@@ -150,6 +155,15 @@ def _pct(values: list[float], pct: float) -> float:
         return 0.0
     index = min(len(values) - 1, max(0, math.ceil(pct / 100 * len(values)) - 1))
     return round(values[index], 2)
+
+
+def require_empty(memory: Memory) -> None:
+    """A benchmark starts from an empty store (it never deletes a database it was given)."""
+    if memory.cubes():
+        from .._errors import InvalidInputError
+
+        raise InvalidInputError(f"{memory.location} holds cubes already; benchmarks run on an "
+                                "empty database (create one: CREATE DATABASE ...)")
 
 
 def remove_db(folder: Path, name: str) -> None:
