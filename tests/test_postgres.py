@@ -100,3 +100,32 @@ def test_a_database_of_other_tables_is_refused(pg_url, embedder, tmp_path):
         conn.execute("CREATE TABLE items (x int)")
     with pytest.raises(StoreError, match="not a memstack database"):
         Memory(pg_url, embedder=embedder, files=tmp_path)
+
+
+def test_row_level_security_is_a_second_wall_by_cube(pg_url, embedder, tmp_path):
+    from memstack import ItemNotFoundError
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+        mine = mem.add("Ann keeps her passport in the red drawer", user_id="ann",
+                       cube="ann-cube").ids[0]
+        theirs = mem.add("Bob keeps his passport in the blue box", user_id="bob",
+                         cube="bob-cube").ids[0]
+        ann, bob = mem.store.cube("ann-cube").id, mem.store.cube("bob-cube").id
+        with mem.store.restricted([ann]):
+            # even a call that names the other cube, or its item, meets the database's wall
+            assert mem.search("passport", cube="bob-cube") == []
+            with pytest.raises(ItemNotFoundError):
+                mem.get(theirs)
+            assert mem.get(mine).content.startswith("Ann")
+        assert mem.get(theirs).content.startswith("Bob")  # outside the block: all cubes
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET ROLE memstack_app")  # the role the store's statements run as
+        counts = "SELECT (SELECT count(*) FROM items), (SELECT count(*) FROM keys), " \
+                 "(SELECT count(*) FROM versions)"
+        assert conn.execute(counts).fetchone() == (0, 0, 0)  # no cube setting: nothing
+        conn.execute("SELECT set_config('memstack.cubes', %s, false)", (str(ann),))
+        cubes = {r[0] for r in conn.execute("SELECT DISTINCT cube_id FROM items")}
+        assert cubes == {ann} and bob not in cubes
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO grants (cube_id, user_id, access, granted_by, granted_at) "
+                         "VALUES (%s, 'x', 'read', 'x', 0)", (bob,))

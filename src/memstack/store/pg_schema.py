@@ -169,12 +169,54 @@ CREATE TABLE repairs (
 );
 """
 
+# Tenant isolation, the second wall: row-level security by cube on every table of memory data.
+# A session sees the cubes listed in its setting memstack.cubes ("1,4"; "*" for all; unset: none).
+# The store sets it per connection from what the caller may see (store.restricted()); a query that
+# does not set it sees nothing. Owners are held to it too (FORCE); a superuser bypasses any RLS,
+# so the store runs its statements as the role memstack_app when it connects as one.
+_RLS_TABLES = ("items", "keys", "versions", "kv_blocks", "shards", "grants")
+_V1_RLS = """
+CREATE FUNCTION memstack_visible(cube BIGINT) RETURNS boolean LANGUAGE sql STABLE AS $$
+  SELECT CASE coalesce(current_setting('memstack.cubes', true), '')
+    WHEN '' THEN false
+    WHEN '*' THEN true
+    ELSE cube = ANY (string_to_array(current_setting('memstack.cubes', true), ',')::bigint[])
+  END
+$$;
+""" + "".join(f"""
+ALTER TABLE {t} ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {t} FORCE ROW LEVEL SECURITY;
+CREATE POLICY cube_wall ON {t} USING (memstack_visible(cube_id))
+  WITH CHECK (memstack_visible(cube_id));""" for t in _RLS_TABLES) + """
+-- indexes need the table's owner: the store's role creates them through this function
+CREATE FUNCTION memstack_vector_index(dim INTEGER) RETURNS void LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+  EXECUTE format('CREATE INDEX IF NOT EXISTS keys_vec_%s ON keys USING hnsw '
+                 '((vec::vector(%s)) vector_cosine_ops) WHERE vector_dims(vec) = %s',
+                 dim, dim, dim);
+END $$;
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'memstack_app') THEN
+    CREATE ROLE memstack_app NOLOGIN;
+  END IF;
+  EXECUTE format('GRANT USAGE ON SCHEMA %I TO memstack_app', current_schema());
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I '
+                 'TO memstack_app', current_schema());
+  EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO memstack_app',
+                 current_schema());
+  EXECUTE format('GRANT memstack_app TO %I', current_user);
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE NOTICE 'memstack_app not created: row-level security holds through FORCE for the owner';
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1}
+MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS}
 
 
 def vector_index(dim: int) -> str:
     """The HNSW index of the keys of one dimension (a partial index: pgvector indexes a fixed
     dimension, and cubes of different models live in one table)."""
-    return (f"CREATE INDEX IF NOT EXISTS keys_vec_{int(dim)} ON keys USING hnsw "
-            f"((vec::vector({int(dim)})) vector_cosine_ops) WHERE vector_dims(vec) = {int(dim)}")
+    return f"SELECT memstack_vector_index({int(dim)})"

@@ -17,11 +17,13 @@ transaction; what MVCC leaves on disk (dead tuples, the WAL that logged the text
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -59,13 +61,22 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# which cubes this context's statements may see (row-level security, pg_schema.py): "*" for the
+# library's own use; the server narrows it to the caller's cubes for each request
+_VISIBLE: contextvars.ContextVar[str] = contextvars.ContextVar("memstack_cubes", default="*")
+
+
 class PgConnection:
     """The `execute` the shared rows use, over a pool: inside `transaction()` every statement
-    of the thread runs on the transaction's connection; outside, each borrows one."""
+    of the thread runs on the transaction's connection; outside, each borrows one. Before a
+    connection runs a statement it carries the context's visible cubes (memstack.cubes) and,
+    when the login is a superuser (whom row-level security does not bind), the role
+    memstack_app."""
 
     def __init__(self, pool: Any, errors: Any) -> None:
         self.pool, self._errors = pool, errors
         self._local = threading.local()
+        self._state: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
     @property
     def in_transaction(self) -> bool:
@@ -93,7 +104,23 @@ class PgConnection:
             yield pinned
             return
         with self.pool.connection() as conn:
+            self._enter(conn)
             yield conn
+
+    def _enter(self, conn: Any) -> None:
+        want = _VISIBLE.get()
+        if self._state.get(conn) == want:
+            return
+        if conn not in self._state and conn.execute(
+                "SELECT rolsuper AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = "
+                "'memstack_app') FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            conn.execute("SET ROLE memstack_app")
+        conn.execute("SELECT set_config('memstack.cubes', %s, false)", (want,))
+        self._state[conn] = want
+
+    def forget(self, conn: Any) -> None:
+        """The connection's settings are unknown (a rollback undid them, or RESET ROLE)."""
+        self._state.pop(conn, None)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -103,7 +130,11 @@ class PgConnection:
             self._local.conn = conn
             try:
                 with conn.transaction():
+                    self._enter(conn)
                     yield conn
+            except BaseException:
+                self.forget(conn)
+                raise
             finally:
                 self._local.conn = None
 
@@ -165,6 +196,16 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     def close(self) -> None:
         self._pool.close()
 
+    @contextlib.contextmanager
+    def restricted(self, cube_ids: Iterable[int]) -> Iterator[None]:
+        """Within this block (this thread or task) the database shows only these cubes' rows,
+        whatever a query asks: row-level security, a wall behind the access checks."""
+        token = _VISIBLE.set(",".join(str(int(c)) for c in cube_ids))
+        try:
+            yield
+        finally:
+            _VISIBLE.reset(token)
+
     def flush(self) -> None:
         """Nothing to save: every index lives in the database."""
 
@@ -203,6 +244,8 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         and EXECUTE on pg_switch_wal. Returns what ran."""
         ran = []
         with self._pool.connection() as conn:
+            conn.execute("RESET ROLE")  # VACUUM FULL needs the tables' owner
+            self.conn.forget(conn)
             for table in ("keys", "versions", "items"):
                 conn.execute(f"VACUUM FULL {table}")
                 ran.append(f"VACUUM FULL {table}")

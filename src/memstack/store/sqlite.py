@@ -170,6 +170,12 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         else:
             action()
 
+    @contextlib.contextmanager
+    def restricted(self, cube_ids: Iterable[int]) -> Iterator[None]:
+        """No second wall in one file: the access checks are the wall (PostgresStore adds
+        row-level security)."""
+        yield
+
     def scrub(self) -> dict[str, Any]:
         """Deleted text is already gone from the file (secure_delete zeroes freed pages, FTS5
         secure-delete, the index saved at the purge); this truncates the WAL that logged it."""
