@@ -204,8 +204,8 @@ class RunningServer:
 
 
 @pytest.fixture
-def server(db_path, embedder):
-    memory = Memory(db_path, embedder=embedder)
+def server(target, embedder, tmp_path):
+    memory = Memory(target, embedder=embedder, files=tmp_path / "files")
     running = RunningServer(memory, rate_limit=1000.0)
     running.admin = running.key("root", role="admin")
     yield running

@@ -129,3 +129,24 @@ def test_row_level_security_is_a_second_wall_by_cube(pg_url, embedder, tmp_path)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("INSERT INTO grants (cube_id, user_id, access, granted_by, granted_at) "
                          "VALUES (%s, 'x', 'read', 'x', 0)", (bob,))
+
+
+def test_the_databases_wall_holds_when_the_servers_check_has_a_bug(pg_url, embedder, tmp_path,
+                                                                    monkeypatch):
+    from conftest import RunningServer
+
+    from memstack import Client
+    from memstack.server.auth import Keys
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as memory:
+        running = RunningServer(memory, rate_limit=1000.0)
+        try:
+            alice, bob = Client(running.url, running.key("alice")), \
+                Client(running.url, running.key("bob"))
+            alice.add("alice's launch code is 0417", user_id="alice")
+            # the first wall breaks: every access check passes
+            monkeypatch.setattr(Keys, "require", lambda self, who, cube, need: None)
+            assert bob.search("launch code", cube="~alice") == []  # the database hid the rows
+            assert alice.search("launch code", cube="~alice")[0].item.content.endswith("0417")
+        finally:
+            running.stop()

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import _errors as errors
@@ -100,7 +101,14 @@ def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 
         limiter.take(who.key_id or who.user)
         return who
 
-    _routes(app, memory, keys, principal)
+    async def walled(who: Principal = Depends(principal)) -> Principal:
+        """The caller, with the database told which cubes this request may see (PostgreSQL's
+        row-level security: a second wall behind the access checks). Set in the request's
+        context, which the endpoint's worker thread inherits."""
+        memory.store.wall(await run_in_threadpool(keys.visible_cubes, who))
+        return who
+
+    _routes(app, memory, keys, walled)
     from .ui import mount_ui
 
     mount_ui(app)

@@ -142,6 +142,13 @@ class Keys:
             return "write"
         return cast("Access | None", self.store.grant_access(cube.id, who.user))
 
+    def visible_cubes(self, who: Principal) -> list[int] | None:
+        """Ids of the cubes `who` may read (None: every cube), for the database's own wall."""
+        if who.admin and who.cubes is None:
+            return None
+        rows = [self.store.cube(c.name) for c in self.store.cubes()]
+        return [row.id for row in rows if self.access(who, row) is not None]
+
     def require(self, who: Principal, cube: CubeRow, need: Access) -> None:
         have = self.access(who, cube)
         if have is None or (need == "write" and have != "write"):

@@ -200,11 +200,21 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     def restricted(self, cube_ids: Iterable[int]) -> Iterator[None]:
         """Within this block (this thread or task) the database shows only these cubes' rows,
         whatever a query asks: row-level security, a wall behind the access checks."""
-        token = _VISIBLE.set(",".join(str(int(c)) for c in cube_ids))
+        token = _VISIBLE.set(_visible(cube_ids))
         try:
             yield
         finally:
             _VISIBLE.reset(token)
+
+    def wall(self, cube_ids: Iterable[int] | None) -> None:
+        """From now on in this context (a request), only these cubes' rows (None: all)."""
+        _VISIBLE.set("*" if cube_ids is None else _visible(cube_ids))
+
+    def widen(self, cube_id: int) -> None:
+        """Add a cube to this context's wall (one the caller just created)."""
+        current = _VISIBLE.get()
+        if current != "*":
+            _VISIBLE.set(_visible([*filter(None, current.split(",")), cube_id]))
 
     def flush(self) -> None:
         """Nothing to save: every index lives in the database."""
@@ -411,6 +421,10 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
                 "size_bytes": self.conn.execute(
                     "SELECT pg_database_size(current_database())").fetchone()[0]}
+
+
+def _visible(cube_ids: Iterable[Any]) -> str:
+    return ",".join(str(int(c)) for c in cube_ids)
 
 
 def _idf(total: int, n: int) -> float:

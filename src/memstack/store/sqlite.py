@@ -176,6 +176,12 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         row-level security)."""
         yield
 
+    def wall(self, cube_ids: Iterable[int] | None) -> None:
+        """See restricted(): nothing to do in one file."""
+
+    def widen(self, cube_id: int) -> None:
+        """See restricted(): nothing to do in one file."""
+
     def scrub(self) -> dict[str, Any]:
         """Deleted text is already gone from the file (secure_delete zeroes freed pages, FTS5
         secure-delete, the index saved at the purge); this truncates the WAL that logged it."""
