@@ -150,3 +150,41 @@ def test_the_databases_wall_holds_when_the_servers_check_has_a_bug(pg_url, embed
             assert alice.search("launch code", cube="~alice")[0].item.content.endswith("0417")
         finally:
             running.stop()
+
+
+def _contents(mem):
+    return {
+        "items": [(i.id, i.kind, i.content, i.status, i.version, i.user_id, i.session_id,
+                   i.parent_id, i.metadata, i.source_ids, i.valid_to)
+                  for c in mem.cubes() for i in mem.get_all(cube=c.name, limit=10_000,
+                                                            include_inactive=True)],
+        "cubes": [(c.name, c.owner, c.embed_model, c.embed_dim) for c in mem.cubes()],
+    }
+
+
+def test_migrate_round_trip_is_exact(db_path, pg_url, embedder, tmp_path):
+    other = tmp_path / "back.db"
+    with Memory(db_path, embedder=embedder) as mem:
+        mem.add([{"role": "user", "name": "Ann", "content": "I always take the night train"},
+                 {"role": "assistant", "content": "Noted: night trains."}],
+                user_id="ann", session_id="s1", observed_at="2024-05-01")
+        fact = mem.add("Ann lives in Porto", user_id="ann", kind="fact").ids[0]
+        mem.update(fact, "Ann lives in Lisbon")
+        gone = mem.add("a note to forget", user_id="bob", cube="bobs").ids[0]
+        mem.delete(gone)
+        before = _contents(mem)
+        history = mem.history(fact)
+        hits = [(h.item.id, round(h.score, 6)) for h in mem.search("night train", user_id="ann")]
+        audit = [(a.seq, a.action, a.item_ids) for a in mem.audit_log(limit=1000)]
+        counts = mem.migrate(pg_url, files=tmp_path)
+    assert counts["items"] == len(before["items"]) + 1  # the tombstone's row is copied too
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as pg:
+        assert _contents(pg) == before and pg.history(fact) == history
+        assert [(h.item.id, round(h.score, 6)) for h in pg.search("night train",
+                                                                   user_id="ann")] == hits
+        assert [(a.seq, a.action, a.item_ids) for a in pg.audit_log(limit=1000)][:-1] == audit
+        pg.migrate(other)
+    with Memory(other, embedder=embedder) as back:
+        assert _contents(back) == before and back.history(fact) == history
+        assert [(h.item.id, round(h.score, 6)) for h in back.search("night train",
+                                                                     user_id="ann")] == hits

@@ -307,6 +307,30 @@ class Memory(TiersMixin):
             self.store.rebuild_vector_index(row.id)
         return count
 
+    def migrate(self, target: str | Path, *, files: str | Path | None = None,
+                progress: Any = None) -> dict[str, int]:
+        """Copy this whole store into an empty one at `target` (a postgresql:// URL or an
+        SQLite path): items with their ids, versions, the audit log, embeddings, users, keys,
+        grants, KV block and shard rows. Returns the rows copied per table.
+
+        >>> Memory("memory.db").migrate("postgresql://localhost/memstack")
+        {'cubes': 1, 'items': 42, ...}
+        """
+        from .write.copy import copy_store
+
+        store = open_store(target, files=files)
+        try:
+            writer = Writer(store, Cubes(store, self.embedder.name, self.embedder.dim,
+                                         self.default_cube), self.embedder, self.actor,
+                            context_window=self.context_window)
+            counts = copy_store(self.store, store, writer, progress)
+            with store.transaction():
+                store.audit(self.actor, "migrate", None, [], {"from": self.location,
+                                                             "rows": counts})
+            return counts
+        finally:
+            store.close()
+
     def scrub(self) -> dict[str, Any]:
         """Remove from the store's files what is left of deleted memories (on PostgreSQL: the
         dead tuples and the WAL that held them; see docs/scaling.md). Returns what ran and

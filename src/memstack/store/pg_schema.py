@@ -204,7 +204,7 @@ BEGIN
   EXECUTE format('GRANT USAGE ON SCHEMA %I TO memstack_app', current_schema());
   EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I '
                  'TO memstack_app', current_schema());
-  EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO memstack_app',
+  EXECUTE format('GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA %I TO memstack_app',
                  current_schema());
   EXECUTE format('GRANT memstack_app TO %I', current_user);
 EXCEPTION WHEN insufficient_privilege THEN

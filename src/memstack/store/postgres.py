@@ -412,6 +412,18 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 f"JOIN items i ON i.rowid = k.item_rowid WHERE {where}",
                 (q, q, 2 * k, *params)).fetchall()
 
+    # whole-store copies ---------------------------------------------------------------------------
+    @staticmethod
+    def _vector(value: Any) -> np.ndarray:
+        return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, np.float32)
+
+    def sync_sequences(self) -> None:
+        """After rows were copied with their ids: each sequence continues after the largest."""
+        for table, column in (("cubes", "id"), ("items", "rowid"), ("keys", "rowid"),
+                              ("audit", "seq")):
+            self.conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                              f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)")
+
     # inspection -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         kinds = {f"{k}:{s}": n for k, s, n in self.conn.execute(

@@ -254,6 +254,30 @@ class ItemRows:
                            json.loads(r[6])) for r in rows]
 
 
+    # whole-store copies (store/migrate.py) ------------------------------------------------------
+    def dump_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Every row of a table, these columns, in key order (names from migrate.TABLES)."""
+        order = {"items": "rowid", "versions": "item_rowid, version", "audit": "seq",
+                 "cubes": "id"}.get(table, columns[0])
+        return [tuple(r) for r in self.conn.execute(
+            f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")]
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                                  f"({', '.join('?' * len(columns))})", rows)
+
+    def clear_repairs(self) -> None:
+        """Forget pending data repairs (a copy brings the source's own record of them)."""
+        self.conn.execute("DELETE FROM repairs")
+
+    def key_vectors(self, item_rowid: int) -> list[tuple[str, Any]]:
+        """(role, vector) of an item's keys that have one, in the order they were written."""
+        return [(role, self._vector(vec)) for role, vec in self.conn.execute(
+            "SELECT role, vec FROM keys WHERE item_rowid = ? AND vec IS NOT NULL ORDER BY rowid",
+            (item_rowid,))]
+
+
 def _epoch(value) -> float | None:
     return value.timestamp() if value is not None else None
 

@@ -182,6 +182,13 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     def widen(self, cube_id: int) -> None:
         """See restricted(): nothing to do in one file."""
 
+    @staticmethod
+    def _vector(value: Any) -> np.ndarray:
+        return np.frombuffer(value, dtype=np.float32).copy()
+
+    def sync_sequences(self) -> None:
+        """Nothing to do: AUTOINCREMENT follows explicit rowids."""
+
     def scrub(self) -> dict[str, Any]:
         """Deleted text is already gone from the file (secure_delete zeroes freed pages, FTS5
         secure-delete, the index saved at the purge); this truncates the WAL that logged it."""
