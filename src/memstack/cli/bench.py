@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._errors import InvalidInputError
-from ..cli import _emit, console
-
+from ._common import console, emit, llm_client
 
 EMBEDDERS = ("minilm", "bge-small")
 
@@ -61,7 +60,7 @@ def bench_options(fn):
 
 
 def _bench_embedder(embed_cache: str | None):
-    from .cache import CachedEmbedder
+    from ..bench.cache import CachedEmbedder
     from ..embed import LocalEmbedder
 
     chosen = (click.get_current_context().obj or {}).get("bench_embedder", "minilm")
@@ -97,7 +96,7 @@ def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, optio
                    notes):
     from rich.progress import Progress
 
-    from . import report, retrieval
+    from ..bench import report, retrieval
 
     embedder = _bench_embedder(embed_cache)
     notes = {**notes, "embedder": embedder.name,
@@ -163,7 +162,7 @@ def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, conte
                  per_category, max_context_tokens):
     """Retrieval (or with --qa, answers) on LoCoMo: turns only, each session's date as its
     turns' time."""
-    from . import datasets
+    from ..bench import datasets
 
     options = memory_options(context_vectors, context_window, settings)
     converted = datasets.convert_locomo(data)
@@ -180,20 +179,18 @@ def bench_locomo(ctx, data, limit, plot, top_k, out, workdir, embed_cache, conte
 
 
 def _endpoint(ctx, url: str | None, model: str | None):
-    from ..cli import _llm
-
     options = {**ctx.obj["llm"], **({"url": url} if url else {}),
                **({"model": model} if model else {})}
     if not options["url"]:
         raise InvalidInputError("--qa needs an LLM endpoint: --llm-url (or --answer-url)")
-    return _llm(options)
+    return llm_client(options)
 
 
 def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_category,
             max_context_tokens, answering, judging):
     from rich.progress import Progress
 
-    from . import qa, report
+    from ..bench import qa, report
 
     answer_llm = _endpoint(ctx, *answering)
     judge_llm = None
@@ -232,7 +229,7 @@ def _run_qa(ctx, conversations, out, workdir, embed_cache, top_k, extract, per_c
 def bench_conversations(ctx, data, plot, top_k, out, workdir, embed_cache, context_vectors,
                         context_window, settings):
     """The same retrieval metrics on any dataset in the conversation format."""
-    from . import datasets
+    from ..bench import datasets
 
     options = memory_options(context_vectors, context_window, settings)
     conversations = datasets.load_conversations(data)
@@ -252,7 +249,7 @@ def bench_beam(ctx, data, limit, plot, top_k, out, workdir, embed_cache, context
                context_window, settings):
     """Retrieval on BEAM: long user-assistant chats, a batch is a session; questions without
     evidence (abstention) are counted apart."""
-    from . import datasets
+    from ..bench import datasets
 
     options = memory_options(context_vectors, context_window, settings)
     conversations = datasets.convert_beam(data, limit)
@@ -273,7 +270,7 @@ def bench_longmemeval(ctx, data, limit, plot, top_k, out, workdir, embed_cache, 
     """Retrieval on LongMemEval: each question searches its own haystack of sessions; turn
     metrics on the turns marked has_answer, session metrics on answer_session_ids, per
     question type (abstention apart)."""
-    from . import datasets
+    from ..bench import datasets
 
     options = memory_options(context_vectors, context_window, settings)
     conversations = datasets.convert_longmemeval(data, limit)
@@ -286,7 +283,7 @@ def bench_longmemeval(ctx, data, limit, plot, top_k, out, workdir, embed_cache, 
 @click.option("--output", type=click.File("w"), required=True)
 def bench_convert_locomo(data, output):
     """Write LoCoMo in the conversation format (turns and questions only)."""
-    from . import datasets
+    from ..bench import datasets
 
     converted = datasets.convert_locomo(data)
     json.dump(converted.conversations, output, ensure_ascii=False)
@@ -311,7 +308,7 @@ def bench_speed(ctx, items, queries_count, reuse, chat, out, workdir, embed_cach
     """Ingest rate, search latency (query embedding included), disk and memory at scale."""
     from rich.progress import Progress
 
-    from . import speed
+    from ..bench import speed
 
     options = memory_options(context_vectors, context_window, settings)
     embedder = _bench_embedder(embed_cache)
@@ -341,7 +338,7 @@ def bench_speed(ctx, items, queries_count, reuse, chat, out, workdir, embed_cach
         table.add_row(f"{n:,}", str(result["ingest_items_per_second"]), str(lat["p50"]),
                       str(lat["p95"]), str(lat["p99"]), f"{result['disk_bytes'] / 1e6:.1f}",
                       str(result["peak_rss_mb"]))
-    _emit(ctx, results, table)
+    emit(ctx, results, table)
     if chat and not ctx.obj["json"]:
         console.print(_chat_table(results))
 
@@ -380,7 +377,7 @@ def _chat_table(results: list[dict[str, Any]]) -> Table:
 def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, out, workdir):
     """Mixed add/search load on `memstack serve` over loopback; every acknowledged add is
     checked afterwards."""
-    from . import server
+    from ..bench import server
 
     with console.status(f"{clients} clients for {seconds:g} s..."):
         data = server.run(clients=clients, seconds=seconds, add_share=add_share,
@@ -395,7 +392,7 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
         row = data[op]
         table.add_row(op, str(row["per_second"]), str(row["p50_ms"]), str(row["p95_ms"]),
                       str(row["p99_ms"]), str(row["errors"]))
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
     if not ctx.obj["json"]:
         console.print(f"acknowledged adds {data['acknowledged_adds']}, lost writes "
                       f"{data['lost_writes']}")
@@ -409,8 +406,8 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
 @click.pass_context
 def bench_corpus_stats(ctx, cubes, out):
     """What BM25's shared statistics reveal across cubes; the cost of per-cube tables."""
+    from ..bench.corpus import leak, table_cost
     from ..embed import LocalEmbedder
-    from .corpus import leak, table_cost
 
     data = {"leak": leak(LocalEmbedder()), "per_cube_tables": [table_cost(n) for n in cubes]}
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -422,7 +419,7 @@ def bench_corpus_stats(ctx, cubes, out):
     for row in data["per_cube_tables"]:
         table.add_row(*(str(row[c]) for c in ("cubes", "create_s", "file_mb", "first_query_ms",
                                                "query_p50_ms", "query_p95_ms")))
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
     if not ctx.obj["json"]:
         console.print(f"shared statistics: {data['leak']}")
 
@@ -445,7 +442,7 @@ def bench_corpus_stats(ctx, cubes, out):
 @click.pass_context
 def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, workdir):
     """Time to first token with and without a KV block, bytes per token, output equality."""
-    from . import kv
+    from ..bench import kv
 
     if min(sizes) < 32 or min(questions, repeats, new_tokens, blocks) < 1:
         raise InvalidInputError("--size >= 32 and --questions, --repeats, --new-tokens, "
@@ -469,7 +466,7 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
                       f"{row['speedup_from_file']}x", f"{row['bytes_per_token'] / 1024:.0f}",
                       f"{row['identical_outputs']}/{row['questions']}",
                       f"{row['correct_cached']}|{row['correct_causal']}")
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
 
 
 @bench.command("consolidate")
@@ -511,7 +508,7 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
                       shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
-    from . import consolidate as bench_module
+    from ..bench import consolidate as bench_module
 
     if 0 < facts < 4 or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
         raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
@@ -543,7 +540,7 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
                       str(row["k_extractable"]),
                       f"{sum(exposure.values()) / max(1, len(exposure)):.1f}",
                       f"{mia.get('loss', '-')}/{mia.get('reference', '-')}", str(row["seconds"]))
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
     if ctx.obj["json"]:
         return
     for row in data.get("locality_calibration", []):

@@ -1,131 +1,26 @@
-"""The `memstack` command: each command opens the store, calls one library method, prints.
-
-Tables for people by default, --json for machines. Errors map to exit codes in one place:
-2 invalid input, 3 not found, 4 store problem, 5 embedding problem, 6 LLM problem (also: an
-add whose turns were stored but whose fact extraction failed), 1 any other memstack error.
-
-The LLM is configured by --llm-url / --llm-model / --llm-key or MEMSTACK_LLM_URL,
-MEMSTACK_LLM_MODEL, MEMSTACK_LLM_API_KEY (any OpenAI-compatible server).
-"""
+"""The memory commands of `memstack`: add, search, get, list, history, update, delete, import,
+export, stats, audit, reembed, demo, extract, answer, chat, serve, mcp and keys. Each opens the
+memory, calls one library method and prints (see _common.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import _errors as errors
-from ._memory import Memory
-from ._models import AddResult
-from .write.repair import summary
-from .llm import OpenAIChat
-from .llm.client import from_options
-
-EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
-    (errors.InvalidInputError, 2), (errors.NotFoundError, 3), (errors.StoreError, 4),
-    (errors.EmbeddingError, 5), (errors.LLMError, 6), (errors.MemstackError, 1),
-]
-# messages and errors are never hard-wrapped: a path or an id stays whole at any terminal
-# width, and output read by a program does not depend on the width (tables still fit it)
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+from .. import _errors as errors
+from .._memory import Memory
+from .._models import AddResult
+from ._common import console, emit, err, items_table, json_arg, open_memory, scoped
+from .tiers import shard_audit
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except errors.MemstackError as exc:
-            code = next(c for t, c in EXIT_CODES if isinstance(exc, t))
-            if ctx.obj and ctx.obj.get("json"):
-                click.echo(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
-            else:
-                err.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}",
-                              highlight=False)
-            ctx.exit(code)
-
-
-@click.group(cls=_Group)
-@click.option("--db", envvar="MEMSTACK_DB", default="memstack.db", show_default=True,
-              type=click.Path(dir_okay=False), help="SQLite file (env MEMSTACK_DB).")
-@click.option("--cube", envvar="MEMSTACK_CUBE", default="default", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--llm-url", envvar="MEMSTACK_LLM_URL",
-              help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 (env "
-                   "MEMSTACK_LLM_URL). With it, add extracts facts and answer/chat work.")
-@click.option("--llm-model", envvar="MEMSTACK_LLM_MODEL",
-              help="Model id (env MEMSTACK_LLM_MODEL; default: the server's first model).")
-@click.option("--llm-key", envvar="MEMSTACK_LLM_API_KEY",
-              help="API key (env MEMSTACK_LLM_API_KEY).")
-@click.option("--llm-timeout", envvar="MEMSTACK_LLM_TIMEOUT", default=120.0, show_default=True,
-              type=float, help="Seconds per LLM call.")
-@click.pass_context
-def cli(ctx: click.Context, db: str, cube: str, as_json: bool, llm_url: str | None,
-        llm_model: str | None, llm_key: str | None, llm_timeout: float) -> None:
-    """memstack: memory for LLM applications and agents."""
-    ctx.obj = {"db": db, "cube": cube, "json": as_json,
-               "llm": {"url": llm_url, "model": llm_model, "key": llm_key,
-                       "timeout": llm_timeout}}
-
-
-def _open(ctx: click.Context, db: str | None = None) -> Memory:
-    memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=_llm(ctx.obj["llm"]))
-    ctx.call_on_close(memory.close)
-    for report in memory.repaired:
-        err.print(f"memstack: {memory.path}: {summary(report)}", markup=False)
-    return memory
-
-
-
-def _llm(options: dict[str, Any]) -> OpenAIChat | None:
-    return from_options(options["url"], options["model"], options["key"], options["timeout"])
-
-
-def _emit(ctx: click.Context, data: Any, table: Table | str | None = None) -> None:
-    if ctx.obj["json"] or table is None:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    else:
-        console.print(table, soft_wrap=isinstance(table, str))
-
-
-def _items_table(rows: list[dict[str, Any]], title: str, score: bool = False) -> Table:
-    table = Table(title=title, show_lines=False)
-    if score:
-        table.add_column("score", justify="right")
-        table.add_column("ranks")
-    for name in ("id", "kind", "speaker", "observed", "content"):
-        table.add_column(name, overflow="fold", max_width=70 if name == "content" else None)
-    for row in rows:
-        cells = [row["id"][:8], row["kind"], row.get("speaker") or "",
-                 (row.get("observed_at") or "")[:10], row.get("content") or ""]
-        if score:
-            cells = [f"{row['score']:.4f}", " ".join(f"{k}:{v}" for k, v in row["ranks"].items())
-                     ] + cells
-        table.add_row(*cells)
-    return table
-
-
-_scope_options = [
-    click.option("--user", "user_id"), click.option("--agent", "agent_id"),
-    click.option("--session", "session_id"),
-]
-
-
-def scoped(fn):
-    for option in reversed(_scope_options):
-        fn = option(fn)
-    return fn
-
-
-@cli.command()
+@click.command()
 @click.argument("text")
 @scoped
 @click.option("--role", default="user", show_default=True)
@@ -140,10 +35,10 @@ def add(ctx, text, user_id, agent_id, session_id, role, speaker, observed_at, ki
         infer):
     """Remember TEXT."""
     message = {"role": role, "content": text, **({"name": speaker} if speaker else {})}
-    result = _open(ctx).add(message, user_id=user_id, agent_id=agent_id, session_id=session_id,
-                            observed_at=observed_at, kind=kind, metadata=_json_arg(metadata),
-                            infer=infer)
-    _emit(ctx, result.to_dict(), f"added {', '.join(result.ids)}" + "".join(
+    result = open_memory(ctx).add(message, user_id=user_id, agent_id=agent_id,
+                                  session_id=session_id, observed_at=observed_at, kind=kind,
+                                  metadata=json_arg(metadata), infer=infer)
+    emit(ctx, result.to_dict(), f"added {', '.join(result.ids)}" + "".join(
         f"\n{line}" for line in _fact_lines(result)))
     _exit_if_extraction_failed(ctx, result)
 
@@ -169,7 +64,7 @@ def _exit_if_extraction_failed(ctx: click.Context, result: AddResult) -> None:
         ctx.exit(6)
 
 
-@cli.command()
+@click.command()
 @click.argument("query")
 @scoped
 @click.option("-k", "--top-k", default=10, show_default=True, type=int)
@@ -181,22 +76,22 @@ def _exit_if_extraction_failed(ctx: click.Context, result: AddResult) -> None:
 @click.pass_context
 def search(ctx, query, user_id, agent_id, session_id, top_k, kinds, where, since, until, as_of):
     """Hybrid search (BM25 + vectors)."""
-    hits = _open(ctx).search(query, user_id=user_id, agent_id=agent_id, session_id=session_id,
-                             top_k=top_k, kinds=list(kinds) or None, filters=_json_arg(where),
-                             since=since, until=until, as_of=as_of)
+    hits = open_memory(ctx).search(query, user_id=user_id, agent_id=agent_id,
+                                   session_id=session_id, top_k=top_k, kinds=list(kinds) or None,
+                                   filters=json_arg(where), since=since, until=until, as_of=as_of)
     rows = [h.to_dict() for h in hits]
-    _emit(ctx, rows, _items_table(rows, f"search: {query}", score=True))
+    emit(ctx, rows, items_table(rows, f"search: {query}", score=True))
 
 
-@cli.command()
+@click.command()
 @click.argument("memory_id")
 @click.pass_context
 def get(ctx, memory_id):
     """Show one memory."""
-    _emit(ctx, _open(ctx).get(memory_id).to_dict())
+    emit(ctx, open_memory(ctx).get(memory_id).to_dict())
 
 
-@cli.command("list")
+@click.command("list")
 @scoped
 @click.option("--kind", "kinds", multiple=True)
 @click.option("--limit", default=100, show_default=True, type=int)
@@ -204,39 +99,39 @@ def get(ctx, memory_id):
 @click.pass_context
 def list_(ctx, user_id, agent_id, session_id, kinds, limit, offset):
     """List memories, oldest first."""
-    items = _open(ctx).get_all(user_id=user_id, agent_id=agent_id, session_id=session_id,
-                               kinds=list(kinds) or None, limit=limit, offset=offset)
+    items = open_memory(ctx).get_all(user_id=user_id, agent_id=agent_id, session_id=session_id,
+                                    kinds=list(kinds) or None, limit=limit, offset=offset)
     rows = [i.to_dict() for i in items]
-    _emit(ctx, rows, _items_table(rows, f"{len(rows)} memories"))
+    emit(ctx, rows, items_table(rows, f"{len(rows)} memories"))
 
 
-@cli.command()
+@click.command()
 @click.argument("memory_id")
 @click.pass_context
 def history(ctx, memory_id):
     """Every version of a memory."""
-    versions = [v.to_dict() for v in _open(ctx).history(memory_id)]
+    versions = [v.to_dict() for v in open_memory(ctx).history(memory_id)]
     table = Table(title=f"history of {memory_id}")
     for name in ("version", "changed_at", "status", "reason", "actor", "content"):
         table.add_column(name, overflow="fold")
     for v in versions:
         table.add_row(str(v["version"]), v["changed_at"][:19], v["status"], v["reason"],
                       v["actor"], v["content"] or "")
-    _emit(ctx, versions, table)
+    emit(ctx, versions, table)
 
 
-@cli.command()
+@click.command()
 @click.argument("memory_id")
 @click.argument("text")
 @click.option("--reason", default="update", show_default=True)
 @click.pass_context
 def update(ctx, memory_id, text, reason):
     """Write a new version of a memory."""
-    item = _open(ctx).update(memory_id, text, reason=reason)
-    _emit(ctx, item.to_dict(), f"{memory_id} is now version {item.version}")
+    item = open_memory(ctx).update(memory_id, text, reason=reason)
+    emit(ctx, item.to_dict(), f"{memory_id} is now version {item.version}")
 
 
-@cli.command()
+@click.command()
 @click.argument("memory_id")
 @click.option("--reason", default="delete", show_default=True)
 @click.option("--cascade/--no-cascade", default=True, show_default=True,
@@ -244,12 +139,12 @@ def update(ctx, memory_id, text, reason):
 @click.pass_context
 def delete(ctx, memory_id, reason, cascade):
     """Delete a memory (its text is purged; a tombstone remains)."""
-    count = _open(ctx).delete(memory_id, reason=reason, cascade=cascade)
-    _emit(ctx, {"deleted": memory_id, "items_deleted": count},
-          f"deleted {memory_id} ({count} item{'s' if count != 1 else ''} with what it covered)")
+    count = open_memory(ctx).delete(memory_id, reason=reason, cascade=cascade)
+    emit(ctx, {"deleted": memory_id, "items_deleted": count},
+         f"deleted {memory_id} ({count} item{'s' if count != 1 else ''} with what it covered)")
 
 
-@cli.command("import")
+@click.command("import")
 @click.argument("file", type=click.File("rb"))
 @scoped
 @click.option("--infer/--no-infer", default=False, show_default=True,
@@ -261,7 +156,7 @@ def import_(ctx, file, user_id, agent_id, session_id, infer):
         data = json.loads(file.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.InvalidInputError(f"{file.name} is not a UTF-8 JSON file: {exc}") from exc
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     if isinstance(data, list):
         result = memory.add(data, user_id=user_id, agent_id=agent_id, session_id=session_id,
                             infer=infer)
@@ -270,32 +165,32 @@ def import_(ctx, file, user_id, agent_id, session_id, infer):
         mapping = memory.import_conversation(data, user_id=user_id, agent_id=agent_id,
                                              infer=infer)
         summary = {"turns": len(mapping), "sessions": len(data.get("sessions", []))}
-    _emit(ctx, summary, f"imported {summary['turns']} turns in {summary['sessions']} sessions")
+    emit(ctx, summary, f"imported {summary['turns']} turns in {summary['sessions']} sessions")
 
 
-@cli.command()
+@click.command()
 @click.option("--out", type=click.File("w"), default="-", help="Output file (default stdout).")
 @click.pass_context
 def export(ctx, out):
     """Export the cube as JSONL, one item per line."""
-    for row in _open(ctx).export():
+    for row in open_memory(ctx).export():
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-@cli.command()
+@click.command()
 @click.pass_context
 def stats(ctx):
     """Counts, size on disk, cubes and the embedder."""
-    data = _open(ctx).stats()
+    data = open_memory(ctx).stats()
     table = Table(title=f"memstack {data['path']}")
     table.add_column("what")
     table.add_column("value", overflow="fold")
     for name, value in data.items():
         table.add_row(name, json.dumps(value, default=str) if not isinstance(value, str) else value)
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
 
 
-@cli.command()
+@click.command()
 @click.argument("shard", required=False)
 @click.option("--limit", default=50, show_default=True, type=int)
 @click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2", show_default=True,
@@ -307,37 +202,35 @@ def audit(ctx, shard, limit, model, out):
     """The append-only log of writes; with SHARD, audit that LoRA shard (what it recalls,
     generalizes, leaves alone, and memorized verbatim)."""
     if shard:
-        from .tiers.cli import shard_audit
-
         return shard_audit(ctx, shard, model, Path(out))
-    rows = [e.to_dict() for e in _open(ctx).audit_log(limit=limit)]
+    rows = [e.to_dict() for e in open_memory(ctx).audit_log(limit=limit)]
     table = Table(title="audit log")
     for name in ("seq", "at", "actor", "action", "cube", "item_ids"):
         table.add_column(name, overflow="fold")
     for r in rows:
         table.add_row(str(r["seq"]), r["at"][:19], r["actor"], r["action"], r["cube"] or "",
                       ", ".join(i[:12] for i in r["item_ids"][:5]))
-    _emit(ctx, rows, table)
+    emit(ctx, rows, table)
 
 
-@cli.command()
+@click.command()
 @click.pass_context
 def reembed(ctx):
     """Recompute the cube's vectors with the current embedder."""
-    count = _open(ctx).reembed(ctx.obj["cube"])
-    _emit(ctx, {"reembedded_keys": count}, f"re-embedded {count} keys")
+    count = open_memory(ctx).reembed(ctx.obj["cube"])
+    emit(ctx, {"reembedded_keys": count}, f"re-embedded {count} keys")
 
 
-@cli.command()
+@click.command()
 @click.option("--db", "demo_db", type=click.Path(dir_okay=False),
               help="Keep the demo memory in this file (default: a temporary one).")
 @click.pass_context
 def demo(ctx, demo_db):
     """Build a memory from a small synthetic conversation and run a few searches."""
-    from .demo import DEMO_CONVERSATION, DEMO_QUERIES
+    from ..demo import DEMO_CONVERSATION, DEMO_QUERIES
 
     path = demo_db or str(Path(tempfile.mkdtemp(prefix="memstack-demo-")) / "demo.db")
-    memory = _open(ctx, path)
+    memory = open_memory(ctx, path)
     with console.status("embedding the demo conversation..."):
         mapping = memory.import_conversation(DEMO_CONVERSATION, user_id="maya")
     console.print(f"[green]stored[/] {len(mapping)} turns in "
@@ -347,23 +240,23 @@ def demo(ctx, demo_db):
         hits = memory.search(query, user_id="maya", top_k=3)
         results[query] = [h.to_dict() for h in hits]
         if not ctx.obj["json"]:
-            console.print(_items_table(results[query], query, score=True))
+            console.print(items_table(results[query], query, score=True))
     if ctx.obj["json"]:
         click.echo(json.dumps({"db": path, "results": results}, default=str))
 
 
-@cli.command()
+@click.command()
 @click.argument("memory_ids", nargs=-1, required=True)
 @click.pass_context
 def extract(ctx, memory_ids):
     """Extract facts again from stored turns of one session (needs --llm-url)."""
-    extraction = _open(ctx).extract(list(memory_ids))
+    extraction = open_memory(ctx).extract(list(memory_ids))
     result = AddResult([], None, extraction)
-    _emit(ctx, extraction.to_dict(), "\n".join(_fact_lines(result)) or "no facts")
+    emit(ctx, extraction.to_dict(), "\n".join(_fact_lines(result)) or "no facts")
     _exit_if_extraction_failed(ctx, result)
 
 
-@cli.command()
+@click.command()
 @click.argument("question")
 @scoped
 @click.option("--max-context-tokens", default=2000, show_default=True, type=int)
@@ -371,15 +264,15 @@ def extract(ctx, memory_ids):
 @click.pass_context
 def answer(ctx, question, user_id, agent_id, session_id, max_context_tokens, as_of):
     """Answer QUESTION from memory with the LLM (needs --llm-url)."""
-    reply = _open(ctx).answer(question, user_id=user_id, agent_id=agent_id,
-                              session_id=session_id, max_context_tokens=max_context_tokens,
-                              as_of=as_of)
+    reply = open_memory(ctx).answer(question, user_id=user_id, agent_id=agent_id,
+                                   session_id=session_id, max_context_tokens=max_context_tokens,
+                                   as_of=as_of)
     data = {k: v for k, v in reply.to_dict().items() if k != "hits"}
-    _emit(ctx, data, f"{reply.text}\n[dim]from {len(reply.memory_ids)} memories, "
-                     f"{reply.context_tokens} context tokens, {reply.seconds} s[/]")
+    emit(ctx, data, f"{reply.text}\n[dim]from {len(reply.memory_ids)} memories, "
+                    f"{reply.context_tokens} context tokens, {reply.seconds} s[/]")
 
 
-@cli.command()
+@click.command()
 @click.option("--user", "user_id", required=True, help="Whose memory this is.")
 @click.option("--agent", "agent_id")
 @click.option("--session", "session_id", help="Session id (default: a new one).")
@@ -390,7 +283,7 @@ def chat(ctx, user_id, agent_id, session_id):
     /history ID shows a memory's versions, /quit ends."""
     import uuid
 
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     if memory.llm is None:
         raise errors.InvalidInputError("chat needs an LLM: pass --llm-url (or MEMSTACK_LLM_URL)")
     session_id = session_id or f"chat-{uuid.uuid4().hex[:8]}"
@@ -439,7 +332,7 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
         console.print(f"  [red]fact extraction failed (turns kept): {result.extraction.error}[/]")
 
 
-@cli.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--rate-limit", default=100.0, show_default=True, type=float,
@@ -456,9 +349,9 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
 
     Requests need an API key (memstack keys create). With no key at all the server runs open
     as a local admin, which is allowed only on a loopback address."""
-    from .server.run import serve as run_server
+    from ..server.run import serve as run_server
 
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     err.print(f"memstack serving {memory.path} on http://{host}:{port} (/docs, /mcp, /ui)",
               markup=False)
     if workers > 1 and ctx.obj["llm"]["url"]:  # the workers read the LLM from the environment
@@ -470,18 +363,18 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
                max_body_bytes=max_body_bytes, threads=threads, workers=workers)
 
 
-@cli.command()
+@click.command()
 @click.option("--key", envvar="MEMSTACK_API_KEY", help="API key the MCP client acts with "
                                                        "(env MEMSTACK_API_KEY).")
 @click.pass_context
 def mcp(ctx, key):
     """Serve MCP over stdio (for assistants that start memstack as a subprocess)."""
-    from .server.run import serve_stdio
+    from ..server.run import serve_stdio
 
-    serve_stdio(_open(ctx), key)
+    serve_stdio(open_memory(ctx), key)
 
 
-@cli.group()
+@click.group()
 def keys():
     """API keys for the server: create (shown once), list, revoke."""
 
@@ -495,16 +388,16 @@ def keys():
 @click.pass_context
 def keys_create(ctx, user, role, cubes, label):
     """Create a key for USER; prints it once."""
-    from .server.auth import Keys
+    from ..server.auth import Keys
 
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     names = [c.strip() for c in cubes.split(",") if c.strip()] if cubes else None
     new = Keys(memory.store).create_key(user, role=role, cubes=names, label=label)
     for name in names or []:
         if name not in {c.name for c in memory.cubes()}:
             memory.create_cube(name, owner=user)
-    _emit(ctx, {"key_id": new.key_id, "token": new.token, "user": new.user, "role": new.role},
-          f"{new.token}\n[dim]key {new.key_id} for {new.user} ({new.role}); shown only now[/]")
+    emit(ctx, {"key_id": new.key_id, "token": new.token, "user": new.user, "role": new.role},
+         f"{new.token}\n[dim]key {new.key_id} for {new.user} ({new.role}); shown only now[/]")
 
 
 @keys.command("list")
@@ -512,16 +405,16 @@ def keys_create(ctx, user, role, cubes, label):
 @click.pass_context
 def keys_list(ctx, user):
     """Keys (never their secrets)."""
-    from .server.auth import Keys
+    from ..server.auth import Keys
 
-    rows = Keys(_open(ctx).store).keys(user)
+    rows = Keys(open_memory(ctx).store).keys(user)
     table = Table(title="API keys")
     for name in ("id", "user", "cubes", "label", "revoked"):
         table.add_column(name)
     for r in rows:
         table.add_row(r["id"], r["user"], ",".join(r["cubes"] or []) or "all",
                       r["label"] or "", "yes" if r["revoked"] else "")
-    _emit(ctx, rows, table)
+    emit(ctx, rows, table)
 
 
 @keys.command("revoke")
@@ -529,32 +422,7 @@ def keys_list(ctx, user):
 @click.pass_context
 def keys_revoke(ctx, key_id):
     """Revoke a key at once."""
-    from .server.auth import Keys
+    from ..server.auth import Keys
 
-    Keys(_open(ctx).store).revoke(key_id)
-    _emit(ctx, {"revoked": key_id}, f"revoked {key_id}")
-
-
-def _json_arg(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise errors.InvalidInputError(f"not valid JSON: {text!r} ({exc})") from exc
-
-
-def main() -> None:
-    cli(prog_name="memstack")
-
-
-from .bench.cli import bench  # noqa: E402  (the bench commands use the helpers above)
-from .tiers.cli import ask, consolidate, generate, kv, maintain, merge, shards  # noqa: E402
-
-cli.add_command(bench)
-for command in (generate, kv, consolidate, maintain, merge, shards, ask):
-    cli.add_command(command)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    Keys(open_memory(ctx).store).revoke(key_id)
+    emit(ctx, {"revoked": key_id}, f"revoked {key_id}")

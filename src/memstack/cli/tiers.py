@@ -1,5 +1,6 @@
-"""`memstack generate` and `memstack kv ...`: the activation tier from the command line. The
-model is --model (env MEMSTACK_MODEL): 'smollm2' or a local transformers model folder."""
+"""The tiers from the command line: `memstack generate` and `kv ...` (activation), `consolidate`,
+`merge`, `maintain`, `shards`, `ask` and `audit SHARD` (parametric). The model is --model (env
+MEMSTACK_MODEL): 'smollm2' or a local transformers model folder."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import _errors as errors
-from ..cli import _emit, _open, console, err, scoped
-from .parametric.tier import MERGES
-from .parametric.train import METHODS, TrainSettings
-
+from ..tiers.parametric.tier import MERGES
+from ..tiers.parametric.train import METHODS, TrainSettings
+from ._common import console, emit, err, open_memory, scoped
 
 model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2",
                             show_default=True,
@@ -37,14 +37,14 @@ model_option = click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2
 def generate(ctx, query, user_id, agent_id, session_id, model, top_k, max_new_tokens,
              temperature, no_cache):
     """Answer QUERY with a local model, starting from KV blocks of hot memories; streams."""
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     with Console(stderr=True).status("loading the model..."):
         memory.local_model(model)
     stream = memory.generate(query, model=model, user_id=user_id, agent_id=agent_id,
                              session_id=session_id, top_k=top_k, max_new_tokens=max_new_tokens,
                              temperature=temperature, use_cache=not no_cache, stream=True)
     if ctx.obj["json"]:
-        _emit(ctx, stream.collect().to_dict())
+        emit(ctx, stream.collect().to_dict())
         return
     for piece in stream:
         sys.stdout.write(piece)
@@ -72,21 +72,21 @@ def kv():
 @click.pass_context
 def kv_schedule(ctx, model, budget_mb, block_tokens, half_life_days, min_heat):
     """Promote hot items into KV blocks, evict the coldest, within the budget."""
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     with console.status("scheduling..."):
         report = memory.activation(model, budget_bytes=int(budget_mb * (1 << 20)),
                                    block_tokens=block_tokens, half_life_days=half_life_days,
                                    min_heat=min_heat).schedule(cube=ctx.obj["cube"])
-    _emit(ctx, report.to_dict(), f"built {len(report.built)}, kept {len(report.kept)}, evicted "
-                                 f"{len(report.evicted)}; {report.bytes / 2**20:.1f} of "
-                                 f"{report.budget / 2**20:.0f} MB; {report.seconds} s")
+    emit(ctx, report.to_dict(), f"built {len(report.built)}, kept {len(report.kept)}, evicted "
+                                f"{len(report.evicted)}; {report.bytes / 2**20:.1f} of "
+                                f"{report.budget / 2**20:.0f} MB; {report.seconds} s")
 
 
 @kv.command("list")
 @click.pass_context
 def kv_list(ctx):
     """Every KV block: model key, scope, items, tokens, bytes, uses."""
-    rows = _open(ctx).kv_blocks()
+    rows = open_memory(ctx).kv_blocks()
     data = [dict(r.__dict__) for r in rows]
     table = Table(title=f"{len(rows)} KV blocks")
     for name in ("id", "model", "user", "agent", "items", "tokens", "MB", "uses"):
@@ -94,7 +94,7 @@ def kv_list(ctx):
     for r in rows:
         table.add_row(r.id, r.model_key, r.user_id or "", r.agent_id or "", str(len(r.item_ids)),
                       str(r.tokens), f"{r.bytes / 2**20:.1f}", str(r.uses))
-    _emit(ctx, data, table)
+    emit(ctx, data, table)
 
 
 @kv.command("drop")
@@ -105,8 +105,8 @@ def kv_drop(ctx, block_ids, drop_all):
     """Delete KV blocks (rows and files); they are rebuilt by the scheduler when hot."""
     if not drop_all and not block_ids:
         raise errors.InvalidInputError("name the blocks to drop, or pass --all")
-    dropped = _open(ctx).drop_kv_blocks(None if drop_all else list(block_ids))
-    _emit(ctx, {"dropped": dropped}, f"dropped {len(dropped)} blocks")
+    dropped = open_memory(ctx).drop_kv_blocks(None if drop_all else list(block_ids))
+    emit(ctx, {"dropped": dropped}, f"dropped {len(dropped)} blocks")
 
 
 def _train_progress(description: str) -> Any:
@@ -142,7 +142,7 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, re
                 rank, lr, audit_controls, audit_candidates, replay_file, parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
 
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     chosen = selection if selection in ("facts", "all") else \
         [s.strip() for s in selection.split(",") if s.strip()]
     replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
@@ -159,11 +159,11 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, re
 
 
 def _emit_report(ctx: click.Context, report: Any) -> None:
-    from .parametric.report import summary
+    from ..tiers.parametric.report import summary
 
-    _emit(ctx, report.to_dict(), f"shard {report.id}: {report.items} items, {report.samples} "
-                                 f"samples, {report.seconds} s\n"
-                                 f"{json.dumps(summary(report.audit), indent=1)}")
+    emit(ctx, report.to_dict(), f"shard {report.id}: {report.items} items, {report.samples} "
+                                f"samples, {report.seconds} s\n"
+                                f"{json.dumps(summary(report.audit), indent=1)}")
 
 
 @click.command()
@@ -178,8 +178,8 @@ def _emit_report(ctx: click.Context, report: Any) -> None:
 def merge(ctx, shard_ids, model, combination, replace):
     """Merge SHARD_IDS into one shard, audit it, save it."""
     with Console(stderr=True).status("merging..."):
-        report = _open(ctx).merge_shards(list(shard_ids), model=model,
-                                         combination=combination, replace=replace)
+        report = open_memory(ctx).merge_shards(list(shard_ids), model=model,
+                                              combination=combination, replace=replace)
     _emit_report(ctx, report)
 
 
@@ -188,35 +188,35 @@ def merge(ctx, shard_ids, model, combination, replace):
 @click.pass_context
 def maintain(ctx, model):
     """Retrain stale shards without the items changed or deleted since (or drop them)."""
-    done = _open(ctx).maintain(model=model)
-    _emit(ctx, done, "\n".join(f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in done)
-          or "no stale shard")
+    done = open_memory(ctx).maintain(model=model)
+    emit(ctx, done, "\n".join(f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in done)
+         or "no stale shard")
 
 
 @click.command()
 @click.pass_context
 def shards(ctx):
     """Every LoRA shard: status, items, parent."""
-    rows = _open(ctx).store.shards()
+    rows = open_memory(ctx).store.shards()
     table = Table(title=f"{len(rows)} shards")
     for name in ("id", "status", "items", "changed", "parent"):
         table.add_column(name)
     for r in rows:
         table.add_row(r.id, r.status, str(len(r.item_ids)), str(len(r.changed_items)),
                       r.parent or "")
-    _emit(ctx, [dict(r.__dict__) for r in rows], table)
+    emit(ctx, [dict(r.__dict__) for r in rows], table)
 
 
 def shard_audit(ctx: click.Context, shard: str, model: str, out: Path) -> None:
-    from .parametric.report import summary, write
+    from ..tiers.parametric.report import summary, write
 
-    memory = _open(ctx)
+    memory = open_memory(ctx)
     with Console(stderr=True).status(f"auditing {shard}..."):
         result = memory.audit(shard, model=model)
     manifest = memory.parametric(model).manifest(shard)
     paths = write(shard, result, manifest, out)
-    _emit(ctx, result, f"{json.dumps(summary(result), indent=1)}\nwritten: "
-                       f"{', '.join(str(p) for p in paths)}")
+    emit(ctx, result, f"{json.dumps(summary(result), indent=1)}\nwritten: "
+                      f"{', '.join(str(p) for p in paths)}")
 
 
 @click.command()
@@ -229,6 +229,6 @@ def shard_audit(ctx: click.Context, shard: str, model: str, out: Path) -> None:
 @click.pass_context
 def ask(ctx, question, user_id, agent_id, session_id, model, shard, max_new_tokens):
     """Answer QUESTION from a LoRA shard's weights alone (no retrieval)."""
-    reply = _open(ctx).ask(question, model=model, shard=shard, user_id=user_id,
-                           agent_id=agent_id, max_new_tokens=max_new_tokens)
-    _emit(ctx, reply, f"{reply['text']}\n[dim]shard {reply['shard'] or 'none: base model'}[/]")
+    reply = open_memory(ctx).ask(question, model=model, shard=shard, user_id=user_id,
+                                agent_id=agent_id, max_new_tokens=max_new_tokens)
+    emit(ctx, reply, f"{reply['text']}\n[dim]shard {reply['shard'] or 'none: base model'}[/]")
