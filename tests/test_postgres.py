@@ -4,6 +4,7 @@ share one database, the database enforces the audit log, and faults give clear e
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,22 @@ def test_migrate_round_trip_is_exact(db_path, pg_url, embedder, tmp_path):
         assert _contents(back) == before and back.history(fact) == history
         assert [(h.item.id, round(h.score, 6)) for h in back.search("night train",
                                                                      user_id="ann")] == hits
+
+
+def test_one_url_everywhere_in_the_cli(db_path, pg_url, embedder, tmp_path):
+    from click.testing import CliRunner
+
+    from memstack.cli import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    assert run("--db", db_path, "add", "I keep bees on the roof", "--user", "ann").exit_code == 0
+    moved = run("--json", "migrate", db_path, pg_url)
+    assert moved.exit_code == 0 and json.loads(moved.output)["items"] == 2  # turn + session
+    found = run("--db", pg_url, "--json", "search", "bees", "--user", "ann")
+    assert "roof" in json.loads(found.output)[0]["content"]
+    scrubbed = run("--db", pg_url, "--json", "scrub")
+    assert scrubbed.exit_code == 0 and json.loads(scrubbed.output)["complete"] is True
+    down = run("--db", "postgresql://ann:sekrit-pw@127.0.0.1:1/none", "stats")
+    assert down.exit_code == 4 and "sekrit-pw" not in down.output and "127.0.0.1" in down.output

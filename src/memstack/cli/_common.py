@@ -48,7 +48,7 @@ def open_memory(ctx: click.Context, db: str | None = None) -> Memory:
     memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=llm_client(ctx.obj["llm"]))
     ctx.call_on_close(memory.close)
     for report in memory.repaired:
-        err.print(f"memstack: {memory.path}: {summary(report)}", markup=False)
+        err.print(f"memstack: {memory.location}: {summary(report)}", markup=False)
     return memory
 
 

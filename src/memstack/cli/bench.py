@@ -59,6 +59,15 @@ def bench_options(fn):
     return fn
 
 
+def _bench_db(ctx) -> str | None:
+    """A PostgreSQL URL given with `memstack --db` (it must be an empty database); else None,
+    and the bench makes a fresh SQLite file in its workdir."""
+    from ..store import is_url
+
+    db = (ctx.obj or {}).get("db")
+    return db if db and is_url(db) else None
+
+
 def _bench_embedder(embed_cache: str | None):
     from ..bench.cache import CachedEmbedder
     from ..embed import LocalEmbedder
@@ -106,7 +115,7 @@ def _run_retrieval(ctx, conversations, dataset, out, workdir, embed_cache, optio
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{dataset}: ingest and ask", total=None)
         result = retrieval.run(conversations, dataset=dataset, embedder=embedder, top_k=top_k,
-                               workdir=workdir, memory_options=options,
+                               workdir=workdir, memory_options=options, db=_bench_db(ctx),
                                progress=lambda d, t: bar.update(task, completed=d, total=t))
     if embed_cache:
         embedder.save()

@@ -222,6 +222,27 @@ def reembed(ctx):
 
 
 @click.command()
+@click.argument("source")
+@click.argument("target")
+@click.pass_context
+def migrate(ctx, source, target):
+    """Copy the whole store SOURCE into the empty store TARGET (SQLite file or postgresql://
+    URL, either way): items with ids, versions, audit log, vectors, users, keys and grants."""
+    counts = open_memory(ctx, source).migrate(target)
+    emit(ctx, counts, ", ".join(f"{table} {n}" for table, n in counts.items()))
+
+
+@click.command()
+@click.pass_context
+def scrub(ctx):
+    """Remove what is left of deleted memories from the store's files (on PostgreSQL: VACUUM
+    FULL of the tables that held text, WAL switched and checkpointed; see docs/scaling.md)."""
+    report = open_memory(ctx).scrub()
+    emit(ctx, report, ("complete: " if report["complete"] else "incomplete (set wal_recycle = "
+                       "off on the server): ") + "; ".join(report["ran"]))
+
+
+@click.command()
 @click.option("--db", "demo_db", type=click.Path(dir_okay=False),
               help="Keep the demo memory in this file (default: a temporary one).")
 @click.pass_context
@@ -352,7 +373,7 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
     from ..server.run import serve as run_server
 
     memory = open_memory(ctx)
-    err.print(f"memstack serving {memory.path} on http://{host}:{port} (/docs, /mcp, /ui)",
+    err.print(f"memstack serving {memory.location} on http://{host}:{port} (/docs, /mcp, /ui)",
               markup=False)
     if workers > 1 and ctx.obj["llm"]["url"]:  # the workers read the LLM from the environment
         for name, value in (("URL", ctx.obj["llm"]["url"]), ("MODEL", ctx.obj["llm"]["model"]),

@@ -11,7 +11,9 @@ from ._common import Group
 
 @click.group(cls=Group)
 @click.option("--db", envvar="MEMSTACK_DB", default="memstack.db", show_default=True,
-              type=click.Path(dir_okay=False), help="SQLite file (env MEMSTACK_DB).")
+              type=click.Path(dir_okay=False),
+              help="SQLite file, or a PostgreSQL URL postgresql://user:password@host/db "
+                   "(env MEMSTACK_DB).")
 @click.option("--cube", envvar="MEMSTACK_CUBE", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--llm-url", envvar="MEMSTACK_LLM_URL",
@@ -34,6 +36,7 @@ def cli(ctx: click.Context, db: str, cube: str, as_json: bool, llm_url: str | No
 
 for command in (core.add, core.search, core.get, core.list_, core.history, core.update,
                 core.delete, core.import_, core.export, core.stats, core.audit, core.reembed,
+                core.migrate, core.scrub,
                 core.demo, core.extract, core.answer, core.chat, core.serve, core.mcp, core.keys,
                 bench.bench, tiers.generate, tiers.kv, tiers.consolidate, tiers.maintain,
                 tiers.merge, tiers.shards, tiers.ask):

@@ -75,7 +75,10 @@ def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: 
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
         return
     memory.close()
-    os.environ["MEMSTACK_SERVE"] = json.dumps({"db": str(memory.path), "cube": memory.default_cube,
+    # the URL with its password goes to the workers through their environment, never a log
+    os.environ["MEMSTACK_SERVE"] = json.dumps({"db": memory.url or str(memory.path),
+                                               "files": str(memory.path),
+                                               "cube": memory.default_cube,
                                                "host": host, "workers": workers, **options})
     uvicorn.run("memstack.server.run:worker_app", factory=True, host=host, port=port,
                 workers=workers, log_level="warning", access_log=False)
@@ -94,9 +97,9 @@ def worker_app() -> Any:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.pop("workers")))
     llm = from_options(os.environ.get("MEMSTACK_LLM_URL"), os.environ.get("MEMSTACK_LLM_MODEL"),
                        os.environ.get("MEMSTACK_LLM_API_KEY"))
-    memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm)
+    memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm, files=config.pop("files"))
     for report in memory.repaired:
-        print(f"memstack: {memory.path}: {summary(report)}", file=sys.stderr)
+        print(f"memstack: {memory.location}: {summary(report)}", file=sys.stderr)
     return build(memory, **config)
 
 
