@@ -15,7 +15,7 @@ import numpy as np
 from .._errors import InvalidInputError
 from .._models import Hit
 from ..ingest.rules import NOT_THE_USER, ROLES  # roles, not names of speakers
-from ..store.base import Store
+from ..store.base import ItemField, Store
 from ..store.selection import Selection
 from .fusion import rrf
 from .query import Query, analyse
@@ -110,33 +110,40 @@ def hybrid(store: Store, query: Query, qvec: np.ndarray, sel: Selection, top_k: 
 
 def _boosted(store: Store, fused: dict[int, float], query: Query,
              settings: SearchSettings) -> dict[int, float]:
-    """The fused scores after the speaker, user, session and time boosts."""
+    """The fused scores after the speaker, user, directive, session and time boosts."""
     if not fused:
         return fused
     rowids = list(fused)
+    f = store.item_fields(rowids, _fields_needed(query, settings))
     if settings.speaker_boost != 1.0:
-        speakers = store.item_fields(rowids, "speaker")
-        named = {sp for sp in set(speakers.values())
+        named = {sp for sp in set(f["speaker"].values())
                  if sp and sp.lower() in query.words and sp.lower() not in ROLES}
-        fused = _scaled(fused, {r for r, sp in speakers.items() if sp in named},
+        fused = _scaled(fused, {r for r, sp in f["speaker"].items() if sp in named},
                         settings.speaker_boost)
     if settings.user_boost != 1.0 and query.first_person:
-        roles = store.item_fields(rowids, "role")
-        fused = _scaled(fused, {r for r in rowids if roles.get(r) not in NOT_THE_USER},
+        fused = _scaled(fused, {r for r in rowids if f["role"].get(r) not in NOT_THE_USER},
                         settings.user_boost)
     if settings.directive_boost != 1.0:
-        said = store.item_fields(rowids, "directive")
-        fused = _scaled(fused, {r for r, flag in said.items() if flag}, settings.directive_boost)
+        fused = _scaled(fused, {r for r, flag in f["directive"].items() if flag},
+                        settings.directive_boost)
     if settings.session_weight:
-        fused = _session_boost(fused, store.item_fields(rowids, "session"),
-                               settings.session_weight, settings.session_top)
+        fused = _session_boost(fused, f["session"], settings.session_weight,
+                               settings.session_top)
     if query.time_range is not None and settings.time_boost != 1.0:
-        times = store.item_fields(rowids, "observed_at")
-        resolved = store.item_fields(rowids, "resolved_dates")
-        fused = _scaled(fused, {r for r in rowids if _in_range(times.get(r), resolved.get(r),
-                                                               query.time_range)},
+        fused = _scaled(fused, {r for r in rowids if _in_range(
+            f["observed_at"].get(r), f["resolved_dates"].get(r), query.time_range)},
                         settings.time_boost)
     return fused
+
+
+def _fields_needed(query: Query, settings: SearchSettings) -> list[ItemField]:
+    wanted = {"speaker": settings.speaker_boost != 1.0,
+              "role": settings.user_boost != 1.0 and query.first_person,
+              "directive": settings.directive_boost != 1.0,
+              "session": bool(settings.session_weight),
+              "observed_at": query.time_range is not None and settings.time_boost != 1.0,
+              "resolved_dates": query.time_range is not None and settings.time_boost != 1.0}
+    return [name for name, needed in wanted.items() if needed]  # type: ignore[misc]
 
 
 def _scaled(fused: dict[int, float], chosen: set[int], factor: float) -> dict[int, float]:

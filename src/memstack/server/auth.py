@@ -19,8 +19,7 @@ from typing import Literal, cast
 from .._errors import AuthenticationError as AuthError
 from .._errors import InvalidInputError, NotFoundError
 from .._errors import PermissionDeniedError as ForbiddenError
-from ..store.base import CubeRow
-from ..store.sqlite import SQLiteStore
+from ..store.base import CubeRow, Store
 
 Role = Literal["admin", "user"]
 Access = Literal["read", "write"]
@@ -56,9 +55,9 @@ class NewKey:
 
 
 class Keys:
-    """Users, keys and grants over a SQLiteStore."""
+    """Users, keys and grants over a store (rules here, rows in store/access.py)."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     # users and keys ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from .._errors import CubeNotFoundError
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
-from .base import CubeRow, ItemField, Order
+from .base import CubeRow, ItemField, Order, batches
 from .selection import Selection
 from .sqlwhere import where as _where
 
@@ -160,23 +160,20 @@ class ItemRows:
                                   "ELSE ? END WHERE id = ?",
                                   [(n, t, t, i) for i, (n, t) in uses.items()])
 
-    def item_fields(self, rowids: Sequence[int], name: ItemField) -> dict[int, Any]:
-        """rowid -> one field of the items, for ranking: speaker, role, directive (the flag),
-        session (the whole scope of the item's session, or None), observed_at (epoch seconds),
-        resolved_dates (a list of {start, end})."""
-        out: dict[int, Any] = {}
-        rowids = list(rowids)
-        for start in range(0, len(rowids), 500):
-            part = rowids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.conn.execute(f"SELECT rowid, {self._field(name)} FROM items "
-                                         f"WHERE rowid IN ({marks})", part).fetchall())
-        if name == "session":
-            return {r: tuple(json.loads(v)) if v else None for r, v in out.items()}
-        if name == "resolved_dates":
-            return {r: json.loads(v) if v else [] for r, v in out.items()}
-        if name == "directive":
-            return {r: v in (1, True, "true") for r, v in out.items()}
+    def item_fields(self, rowids: Sequence[int], names: Sequence[ItemField]
+                    ) -> dict[ItemField, dict[int, Any]]:
+        """For ranking, in one query: name -> rowid -> that field of the items. Names: speaker,
+        role, directive (the flag), session (the whole scope of the item's session, or None),
+        observed_at (epoch seconds), resolved_dates (a list of {start, end})."""
+        out: dict[ItemField, dict[int, Any]] = {name: {} for name in names}
+        if not names:
+            return out
+        columns = ", ".join(self._field(name) for name in names)
+        for part in batches(list(rowids)):
+            for row in self.conn.execute(f"SELECT rowid, {columns} FROM items WHERE rowid IN "
+                                         f"({','.join('?' * len(part))})", part):
+                for name, value in zip(names, row[1:]):
+                    out[name][row[0]] = _read_field(name, value)
         return out
 
     def _field(self, name: ItemField) -> str:
@@ -276,6 +273,16 @@ class ItemRows:
         return [(role, self._vector(vec)) for role, vec in self.conn.execute(
             "SELECT role, vec FROM keys WHERE item_rowid = ? AND vec IS NOT NULL ORDER BY rowid",
             (item_rowid,))]
+
+
+def _read_field(name: str, value: Any) -> Any:
+    if name == "session":
+        return tuple(json.loads(value)) if value else None
+    if name == "resolved_dates":
+        return json.loads(value) if value else []
+    if name == "directive":
+        return value in (1, True, "true")
+    return value
 
 
 def _epoch(value) -> float | None:
