@@ -208,3 +208,28 @@ def test_one_url_everywhere_in_the_cli(db_path, pg_url, embedder, tmp_path):
     assert scrubbed.exit_code == 0 and json.loads(scrubbed.output)["complete"] is True
     down = run("--db", "postgresql://ann:sekrit-pw@127.0.0.1:1/none", "stats")
     assert down.exit_code == 4 and "sekrit-pw" not in down.output and "127.0.0.1" in down.output
+
+
+def test_rate_limits_hold_across_servers_on_one_database(pg_url, embedder, tmp_path):
+    import httpx
+    from conftest import RunningServer
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as one, \
+            Memory(pg_url, embedder=embedder, files=tmp_path) as two:
+        a = RunningServer(one, rate_limit=0.2)  # a burst of 1, then one request per 5 s
+        b = RunningServer(two, rate_limit=0.2)
+        try:
+            key = {"Authorization": f"Bearer {a.key('eve')}"}
+            codes = [httpx.get(server.url + "/v1/cubes", headers=key).status_code
+                     for server in (a, b, a)]
+            assert codes == [200, 429, 429]  # one bucket for the key, whichever server answers
+            other = {"Authorization": f"Bearer {b.key('eve2')}"}
+            assert httpx.get(b.url + "/v1/cubes", headers=other).status_code == 200
+            # a key revoked through one server is refused by the other at once
+            from memstack.server.auth import Keys
+
+            Keys(one.store).revoke(key["Authorization"].split("_")[1])
+            assert httpx.get(b.url + "/v1/cubes", headers=key).status_code == 401
+        finally:
+            a.stop()
+            b.stop()

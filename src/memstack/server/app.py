@@ -47,15 +47,23 @@ class BodyTooLarge(Exception):
 
 
 class RateLimiter:
-    """A token bucket per key: `rate` requests per second on average, bursts up to `burst`."""
+    """A token bucket per key: `rate` requests per second on average, bursts up to `burst`.
+    On a store that several processes share (PostgreSQL) the buckets live in the database, so
+    the limit holds across processes and hosts; otherwise in this process."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, store: Any = None) -> None:
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+        self._store = store if getattr(store, "shared_rate_limits", False) else None
 
     def take(self, key: str) -> None:
         if self.rate <= 0:
+            return
+        if self._store is not None:
+            wait = self._store.take_token(key, self.rate, self.burst)
+            if wait > 0:
+                raise RateLimited(wait)
             return
         now = time.monotonic()
         with self._lock:
@@ -87,7 +95,7 @@ def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 
     """The ASGI app. `memory` is shared by all requests (it is thread-safe)."""
     app = FastAPI(title="memstack", version="0.1.0",
                   description="Memory for LLM applications and agents: add, search, answer.")
-    keys, limiter = Keys(memory.store), RateLimiter(rate_limit, burst)
+    keys, limiter = Keys(memory.store), RateLimiter(rate_limit, burst, memory.store)
     app.state.memory, app.state.keys = memory, keys
     _install_errors(app)
     _install_body_limit(app, max_body_bytes)

@@ -161,6 +161,13 @@ CREATE TABLE shards (
   created_at DOUBLE PRECISION NOT NULL,
   PRIMARY KEY (cube_id, id)
 );
+-- the server's rate limits, shared by every process (a token bucket per key)
+CREATE TABLE rate_buckets (
+  key TEXT PRIMARY KEY,
+  tokens DOUBLE PRECISION NOT NULL,
+  updated DOUBLE PRECISION NOT NULL,
+  allowed BOOLEAN NOT NULL
+);
 CREATE TABLE repairs (
   name TEXT PRIMARY KEY,
   state TEXT NOT NULL CHECK (state IN ('pending','done')),

@@ -412,6 +412,25 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 f"JOIN items i ON i.rowid = k.item_rowid WHERE {where}",
                 (q, q, 2 * k, *params)).fetchall()
 
+    # the server's rate limits ------------------------------------------------------------------
+    shared_rate_limits = True  # every process of a deployment sees the same buckets
+
+    def take_token(self, key: str, rate: float, burst: float) -> float:
+        """Take one request from `key`'s token bucket, atomically for every process: 0.0 when
+        it may go, else the seconds until it may."""
+        tokens, allowed = self.conn.execute(
+            "INSERT INTO rate_buckets AS b (key, tokens, updated, allowed) "
+            "VALUES (?, ? - 1, extract(epoch from clock_timestamp()), true) "
+            "ON CONFLICT (key) DO UPDATE SET "
+            "allowed = least(?, b.tokens + (extract(epoch from clock_timestamp()) - b.updated) "
+            "  * ?) >= 1, "
+            "tokens = least(?, b.tokens + (extract(epoch from clock_timestamp()) - b.updated) "
+            "  * ?) - CASE WHEN least(?, b.tokens + (extract(epoch from clock_timestamp()) "
+            "  - b.updated) * ?) >= 1 THEN 1 ELSE 0 END, "
+            "updated = extract(epoch from clock_timestamp()) RETURNING tokens, allowed",
+            (key, burst, burst, rate, burst, rate, burst, rate)).fetchone()
+        return 0.0 if allowed else (1 - tokens) / rate
+
     # whole-store copies ---------------------------------------------------------------------------
     @staticmethod
     def _vector(value: Any) -> np.ndarray:
