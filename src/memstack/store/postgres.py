@@ -284,15 +284,15 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
                     vectors: np.ndarray | None) -> list[int]:
         """Insert keys; with `vectors` None they are text-only (full text, no vector)."""
-        cube_id = self.conn.execute("SELECT cube_id FROM items WHERE rowid = ?",
-                                    (item_rowid,)).fetchone()[0]
         keys = []
         for n, (text, role) in enumerate(zip(texts, roles)):
             vec = None if vectors is None else np.asarray(vectors[n], np.float32)
             keys.append(self.conn.execute(
                 "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
-                "(?, ?, ?, to_tsvector('memstack', ?), ?, ?) RETURNING rowid",
-                (cube_id, item_rowid, role, text, len(_TOKEN.findall(text)), vec)).fetchone()[0])
+                "((SELECT cube_id FROM items WHERE rowid = ?), ?, ?, to_tsvector('memstack', ?), "
+                "?, ?) RETURNING rowid",
+                (item_rowid, item_rowid, role, text, len(_TOKEN.findall(text)), vec)
+            ).fetchone()[0])
         self._totals = None
         return keys
 
