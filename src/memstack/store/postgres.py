@@ -41,6 +41,7 @@ from .selection import Selection
 from .shards import ShardRows
 
 K1, B = 1.2, 0.75  # FTS5's bm25() defaults
+EXACT_LIMIT = 20_000  # as the SQLite store: fewer keys in scope are compared one by one
 _TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
 _MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
 
@@ -154,6 +155,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         self._after: dict[int, list[Callable[[], None]]] = {}
         self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
         self._totals: tuple[float, int, float] | None = None  # (when, keys, mean length)
+        self._counts: dict[tuple[int, ...], tuple[float, int]] = {}  # cubes -> (when, keys)
         self._pool = pool_module.ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="memstack",
             kwargs={"autocommit": True}, configure=functools.partial(_configure, register_vector))
@@ -339,7 +341,8 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
             "  ? * (1 - ? + ? * k.length / ?))) FROM unnest(k.tsv) t "
             "  JOIN unnest(?::text[], ?::float8[]) q(lexeme, idf) ON q.lexeme = t.lexeme)) "
             "AS score FROM keys k JOIN items i ON i.rowid = k.item_rowid "
-            f"WHERE k.tsv @@ ?::tsquery AND {where} GROUP BY k.item_rowid, ctx "
+            f"WHERE k.tsv @@ ?::tsquery AND {_key_cubes(sel)} AND {where} "
+            "GROUP BY k.item_rowid, ctx "
             "ORDER BY score DESC, k.item_rowid LIMIT ?",
             (K1 + 1, K1, B, B, max(mean, 1e-9), list(idf), list(idf.values()), query, *params,
              2 * limit))
@@ -382,14 +385,15 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         within a narrower one (or when the index could not fill the list)."""
         q = np.asarray(qvec, np.float32)
         rows: list[Any] = []
-        if not sel.narrow:
+        if not sel.narrow and self._vector_keys(sel.cube_ids) > EXACT_LIMIT:
             rows = self._ann(q, sel, 2 * limit)
         if len({r[0] for r in rows}) < limit:
             where, params = self.where(sel)
             rows = self.conn.execute(
                 "SELECT k.item_rowid, k.role = 'context', 1 - (k.vec <=> ?) AS sim FROM keys k "
-                f"JOIN items i ON i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND {where} "
-                "ORDER BY k.vec <=> ? LIMIT ?", (q, *params, q, 2 * limit)).fetchall()
+                "JOIN items i ON i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND "
+                f"{_key_cubes(sel)} AND {where} ORDER BY k.vec <=> ? LIMIT ?",
+                (q, *params, q, 2 * limit)).fetchall()
         out: Ranked = {}
         for ctx in (False, True):
             best: dict[int, float] = {}
@@ -398,6 +402,17 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                     best[rowid] = max(float(sim), best.get(rowid, -1.0))
             out[ctx] = sorted(best.items(), key=lambda kv: -kv[1])[:limit]
         return out
+
+    def _vector_keys(self, cube_ids: Sequence[int], ttl: float = 30.0) -> int:
+        """Keys with a vector in these cubes (counted at most every `ttl` seconds per cube set):
+        below EXACT_LIMIT an exact scan is cheaper than the graph and misses nothing."""
+        key, now = tuple(sorted(cube_ids)), time.monotonic()
+        cached = self._counts.get(key)
+        if cached is None or now - cached[0] > ttl:
+            n = self.conn.execute(f"SELECT count(*) FROM keys k WHERE k.vec IS NOT NULL AND "
+                                  f"{_key_cubes(Selection(cube_ids=key))}").fetchone()[0]
+            cached = self._counts[key] = (now, int(n))
+        return cached[1]
 
     def _ann(self, q: np.ndarray, sel: Selection, k: int) -> list[Any]:
         """Keys nearest by the HNSW index of q's dimension, then the selection applied."""
@@ -452,6 +467,14 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
                 "size_bytes": self.conn.execute(
                     "SELECT pg_database_size(current_database())").fetchone()[0]}
+
+
+def _key_cubes(sel: Selection) -> str:
+    """The selection's cubes as a condition on keys k (their own cube column: the primary key
+    index narrows the keys before they are joined to items)."""
+    if not sel.cube_ids:
+        return "true"
+    return f"k.cube_id IN ({', '.join(str(int(c)) for c in sel.cube_ids)})"
 
 
 def _visible(cube_ids: Iterable[Any]) -> str:
