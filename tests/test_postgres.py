@@ -233,3 +233,14 @@ def test_rate_limits_hold_across_servers_on_one_database(pg_url, embedder, tmp_p
         finally:
             a.stop()
             b.stop()
+
+
+def test_the_speed_bench_runs_on_postgres(pg_url, embedder, tmp_path):
+    from memstack.bench import speed
+
+    result = speed.run(120, embedder=embedder, workdir=tmp_path, queries_count=10, db=pg_url)
+    assert result["ingest_items_per_second"] > 0 and result["search_latency_ms"]["p50"] > 0
+    assert result["disk_bytes"] > 1_000_000 and result["store"].startswith("postgresql://")
+    again = speed.run(120, embedder=embedder, workdir=tmp_path, queries_count=10, db=pg_url,
+                      reuse=True)
+    assert again["ingest_seconds"] is None  # searched the corpus already there

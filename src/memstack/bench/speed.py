@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from .._memory import Memory
 from ..embed import Embedder
-from .retrieval import machine, remove_db
+from .retrieval import machine, remove_db, require_empty
 
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi",
          "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
@@ -103,21 +103,25 @@ def run(items: int, *, embedder: Embedder | None = None, workdir: str | Path | N
         queries_count: int = 300, top_k: int = 10,
         progress: Callable[[int, int], None] | None = None,
         memory_options: dict[str, Any] | None = None, reuse: bool = False,
-        chat: int = 0) -> dict[str, Any]:
+        chat: int = 0, db: str | None = None) -> dict[str, Any]:
     """Ingest `items` synthetic memories, then time searches. With `reuse`, a database of the
     same size left in `workdir` by an earlier run is searched again without ingesting it. With
-    `chat`, that many messages then arrive one at a time (see `chat_pattern`)."""
+    `chat`, that many messages then arrive one at a time (see `chat_pattern`). `db`: a
+    PostgreSQL URL (an empty database, or one this bench filled, with `reuse`)."""
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-speed-"))
     folder.mkdir(parents=True, exist_ok=True)
-    db = folder / f"speed-{items}.db"
-    if reuse and _has_corpus(db, items, embedder, memory_options):
-        with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+    target: Any = db or folder / f"speed-{items}.db"
+    options = {"track_access": False, "files": folder, **(memory_options or {})}
+    if reuse and _has_corpus(target, items, embedder, options):
+        with Memory(target, embedder=embedder, **options) as memory:
             memory.embedder.embed(["warm up the model before timing"])
             latencies = _search_latencies(memory, queries(queries_count, items), top_k)
             chatted = chat_pattern(memory, chat, items, top_k) if chat else None
-        return _result(items, None, latencies, queries_count, top_k, folder, db, chatted)
-    remove_db(folder, db.name)
-    with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+            return _result(items, None, latencies, queries_count, top_k, memory, chatted)
+    if db is None:
+        remove_db(folder, target.name)
+    with Memory(target, embedder=embedder, **options) as memory:
+        require_empty(memory)
         memory.embedder.embed(["warm up the model before timing"])
         start, done = time.perf_counter(), 0
         for group in _groups(corpus(items), 40):
@@ -130,7 +134,7 @@ def run(items: int, *, embedder: Embedder | None = None, workdir: str | Path | N
         ingest = time.perf_counter() - start
         latencies = _search_latencies(memory, queries(queries_count, items), top_k)
         chatted = chat_pattern(memory, chat, items, top_k) if chat else None
-    return _result(items, ingest, latencies, queries_count, top_k, folder, db, chatted)
+        return _result(items, ingest, latencies, queries_count, top_k, memory, chatted)
 
 
 def chat_pattern(memory: Memory, messages: int, items: int, top_k: int = 10) -> dict[str, Any]:
@@ -164,26 +168,34 @@ def chat_pattern(memory: Memory, messages: int, items: int, top_k: int = 10) -> 
             "add_ms": _percentiles(adds), "search_ms": _percentiles(searches)}
 
 
-def _has_corpus(db: Path, items: int, embedder: Embedder | None,
-                memory_options: dict[str, Any] | None) -> bool:
-    if not db.exists():
+def _has_corpus(target: Any, items: int, embedder: Embedder | None,
+                options: dict[str, Any]) -> bool:
+    if isinstance(target, Path) and not target.exists():
         return False
-    with Memory(db, embedder=embedder, track_access=False, **(memory_options or {})) as memory:
+    with Memory(target, embedder=embedder, **options) as memory:
         count = memory.store.count_items(kind="turn", status="active")
     return count == items
 
 
 def _result(items: int, ingest: float | None, latencies: dict[str, float], queries_count: int,
-            top_k: int, folder: Path, db: Path, chat: dict[str, Any] | None = None
+            top_k: int, memory: Memory, chat: dict[str, Any] | None = None
             ) -> dict[str, Any]:
     return {"items": items, "date": datetime.now(timezone.utc).isoformat(), "machine": machine(),
             "ingest_seconds": round(ingest, 1) if ingest else None,
             "ingest_items_per_second": round(items / ingest, 1) if ingest else None,
             "search_latency_ms": latencies, "queries": queries_count, "top_k": top_k,
-            "disk_bytes": sum(p.stat().st_size for p in folder.rglob("*")
-                              if p.is_file() and p.name.startswith(db.name)),
+            "store": memory.location if memory.url else "sqlite",
+            "disk_bytes": _disk_bytes(memory),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "chat": chat}
+
+
+def _disk_bytes(memory: Memory) -> int:
+    """The store's size: its files (SQLite, with WAL and vector index), or the database's."""
+    if memory.url:
+        return int(memory.store.stats()["size_bytes"])
+    return sum(p.stat().st_size for p in memory.path.parent.rglob("*")
+               if p.is_file() and p.name.startswith(memory.path.name))
 
 
 def _groups(sessions: Iterator[Session], size: int) -> Iterator[list[Session]]:

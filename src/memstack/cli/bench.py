@@ -329,7 +329,7 @@ def bench_speed(ctx, items, queries_count, reuse, chat, out, workdir, embed_cach
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"ingest {n:,} items", total=n)
             result = speed.run(n, embedder=embedder, workdir=workdir, queries_count=queries_count,
-                               memory_options=options,
+                               memory_options=options, db=_bench_db(ctx),
                                progress=lambda d, t: bar.update(task, completed=d), reuse=reuse,
                                chat=chat)
         previous = Path(out) / f"speed-{n}.json"
