@@ -82,10 +82,10 @@ class Memory(TiersMixin):
         self.store = open_store(path, files=files)
         self.path = self.store.path
         self.location: str = self.store.location  # where the store is, without a password
-        self.cubes_ = Cubes(self.store, self.embedder.name, self.embedder.dim, self.default_cube)
-        self.writer = Writer(self.store, self.cubes_, self.embedder, self.actor,
+        self._cubes = Cubes(self.store, self.embedder.name, self.embedder.dim, self.default_cube)
+        self.writer = Writer(self.store, self._cubes, self.embedder, self.actor,
                              context_window=context_window, context_vectors=context_vectors)
-        self.searcher = Searcher(self.store, self.cubes_, self.embedder, search_settings)
+        self.searcher = Searcher(self.store, self._cubes, self.embedder, search_settings)
         self.facts = FactManager(self.writer, self.searcher, llm, extraction) if llm else None
         self._uses = UseCounter(self.store)  # access statistics, written once a second
         self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
@@ -160,7 +160,7 @@ class Memory(TiersMixin):
         result = AddResult(items, session)
         if not infer or prepared.kind != "turn" or self.facts is None:
             return result
-        extraction = self.facts.process(self.cubes_.get(prepared.cube.name), items)
+        extraction = self.facts.process(self._cubes.get(prepared.cube.name), items)
         return AddResult(items, session, extraction)
 
     def extract(self, memory_ids: Sequence[str]) -> Extraction:
@@ -175,7 +175,7 @@ class Memory(TiersMixin):
         if not turns or any(t.kind != "turn" for t in turns) or \
                 len({(t.cube, t.user_id, t.agent_id, t.session_id) for t in turns}) != 1:
             raise InvalidInputError("extract() takes the ids of turns of one session")
-        return self.facts.process(self.cubes_.get(turns[0].cube), turns)
+        return self.facts.process(self._cubes.get(turns[0].cube), turns)
 
     def add_many(self, requests: Iterable[dict[str, Any]], *, batch_texts: int = 512
                  ) -> list[AddResult]:
@@ -219,7 +219,7 @@ class Memory(TiersMixin):
         msgs = normalise_messages(messages)
         metadata = _metadata(metadata)
         when = parse_time(observed_at, field="observed_at") if observed_at is not None else utcnow()
-        cube_row = self.cubes_.get(cube, create=True, owner=scope["user_id"] or scope["agent_id"])
+        cube_row = self._cubes.get(cube, create=True, owner=scope["user_id"] or scope["agent_id"])
         if kind == "turn" and scope["session_id"] is None:
             scope = {**scope, "session_id": f"auto-{uuid.uuid4().hex[:12]}"}
         drafts = [message_draft(kind, m, scope, when, metadata) for m in msgs]
@@ -238,7 +238,7 @@ class Memory(TiersMixin):
         text = clean_text(data, what="data")
         reason = clean_text(reason, what="reason")
         _, item = self._live(memory_id)
-        self.cubes_.get(item.cube)  # same embedder, or a clear error before any work
+        self._cubes.get(item.cube)  # same embedder, or a clear error before any work
         texts, roles, resolved = item_keys(item.kind, item.speaker, text, item.observed_at)
         meta = {k: v for k, v in {**item.metadata, **_metadata(metadata)}.items()
                 if k not in DERIVED_METADATA}
@@ -253,7 +253,7 @@ class Memory(TiersMixin):
         carry what it said. Returns the number of items deleted.
         """
         _, item = self._live(memory_id)
-        return self.writer.purge(self.cubes_.get(item.cube, check_model=False), [memory_id],
+        return self.writer.purge(self._cubes.get(item.cube, check_model=False), [memory_id],
                                  reason, "delete", cascade)
 
     def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
@@ -265,7 +265,7 @@ class Memory(TiersMixin):
         if not any(scope.values()):
             raise InvalidInputError("delete_all needs user_id, agent_id or session_id; "
                                     "use reset() to delete everything")
-        cube_row = self.cubes_.get(cube, check_model=False)
+        cube_row = self._cubes.get(cube, check_model=False)
         sel = Selection.of(cube_ids=[cube_row.id], scope=scope)
         ids = [item.id for _, item in self.store.select_items(sel)]
         return self.writer.purge(cube_row, ids, "delete_all", "delete_all", cascade) if ids else 0
@@ -273,7 +273,7 @@ class Memory(TiersMixin):
     def reset(self) -> None:
         """Delete every item of every cube (the audit log keeps its record of what happened)."""
         for cube in self.cubes():
-            row = self.cubes_.get(cube.name, check_model=False)
+            row = self._cubes.get(cube.name, check_model=False)
             ids = [i.id for _, i in self.store.select_items(_everything(row))]
             if ids:
                 self.writer.purge(row, ids, "reset", "reset")
@@ -281,7 +281,7 @@ class Memory(TiersMixin):
     def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
         """Recompute every search key of a cube with this Memory's embedder, record the model,
         and rebuild the vector index. Returns the number of keys written."""
-        row = self.cubes_.get(cube, check_model=False)
+        row = self._cubes.get(cube, check_model=False)
         items = self.store.select_items(_everything(row))
         bodies = []
         for start in range(0, len(items), batch_size):
@@ -367,7 +367,7 @@ class Memory(TiersMixin):
         limit = _limit(limit, "limit", maximum=100_000)
         if not isinstance(offset, int) or offset < 0:
             raise InvalidLimitError(f"offset must be a non-negative integer, got {offset!r}")
-        cube_rows = self.cubes_.for_reading(cube)
+        cube_rows = self._cubes.for_reading(cube)
         if not cube_rows:
             return []
         sel = selection(cube_rows, _scope(user_id, agent_id, session_id or run_id), kinds,
@@ -437,7 +437,7 @@ class Memory(TiersMixin):
     # export, import and inspection ----------------------------------------------------------------
     def export(self, cube: str | None = None) -> Iterator[dict[str, Any]]:
         """Every item of a cube that is not deleted, as dicts (JSONL-ready), oldest first."""
-        row = self.cubes_.get(cube, check_model=False)
+        row = self._cubes.get(cube, check_model=False)
         for _, item in self.store.select_items(_everything(row)):
             yield item.to_dict()
 
