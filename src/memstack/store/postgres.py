@@ -363,21 +363,24 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         """FTS5's idf: log((N - n + 0.5) / (n + 0.5)), at least 1e-6. Counts are cached for
         `ttl` seconds (a write of this process clears them)."""
         _, total, _ = self._key_totals()  # first: refreshing the totals clears the counts
-        now = time.monotonic()
-        stale = [lex for lex in lexemes if now - self._df.get(lex, (-1e9, 0))[0] > ttl]
-        for lex in stale:
-            n = self.conn.execute("SELECT count(*) FROM keys WHERE tsv @@ ?::tsquery",
-                                  ("'" + lex.replace("'", "''") + "'",)).fetchone()[0]
-            self._df[lex] = (now, n)
-        return {lex: _idf(total, self._df[lex][1]) for lex in lexemes}
+        now, counts = time.monotonic(), {}
+        for lex in lexemes:  # read into `counts`: another thread may clear the cache meanwhile
+            when, n = self._df.get(lex, (-1e9, 0))
+            if now - when > ttl:
+                n = self.conn.execute("SELECT count(*) FROM keys WHERE tsv @@ ?::tsquery",
+                                      ("'" + lex.replace("'", "''") + "'",)).fetchone()[0]
+                self._df[lex] = (now, n)
+            counts[lex] = n
+        return {lex: _idf(total, counts[lex]) for lex in lexemes}
 
     def _key_totals(self, ttl: float = 30.0) -> tuple[float, int, float]:
-        if self._totals is None or time.monotonic() - self._totals[0] > ttl:
+        totals = self._totals  # one read: a writing thread may reset it meanwhile
+        if totals is None or time.monotonic() - totals[0] > ttl:
             count, mean = self.conn.execute("SELECT count(*), coalesce(avg(length), 0) "
                                             "FROM keys").fetchone()
-            self._totals = (time.monotonic(), int(count), float(mean))
+            totals = self._totals = (time.monotonic(), int(count), float(mean))
             self._df.clear()
-        return self._totals
+        return totals
 
     def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked:
         """Best cosine similarity per selected item, best first, own keys (False) and context
