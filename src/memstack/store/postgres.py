@@ -151,7 +151,6 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         psycopg, pool_module, register_vector = _driver()
         self.url, self.location = url, redact(url)
         self.path = Path(files) if files is not None else Path("memstack-files") / "store"
-        self.lock = threading.RLock()
         self._after: dict[int, list[Callable[[], None]]] = {}
         self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
         self._totals: tuple[float, int, float] | None = None  # (when, keys, mean length)
