@@ -292,9 +292,8 @@ class Memory(TiersMixin):
             bodies += [(rowid, texts, roles, np.stack([next(vectors) for _ in texts]))
                        for rowid, texts, roles in keyed]
         with self.store.transaction():
-            for rowid, texts, roles, vectors in bodies:
-                self.store.delete_keys(rowid)
-                self.store.insert_keys(rowid, texts, roles, vectors)
+            self.store.delete_keys([rowid for rowid, *_ in bodies])
+            self.store.insert_keys(bodies)
             for _, item in items:
                 if item.kind == "session":
                     turns = self.store.select_items(Selection(status="any", parent_id=item.id))

@@ -32,7 +32,7 @@ import numpy as np
 
 from .._errors import MissingExtraError, SchemaVersionError, StoreCorruptError, StoreError
 from .access import AccessRows
-from .base import Ranked, Rows
+from .base import KeyGroup, Ranked, Rows
 from .counts import CountRows
 from .kvblocks import KVBlockRows
 from .pg_schema import MIGRATIONS, SCHEMA_VERSION, vector_index
@@ -88,9 +88,15 @@ class PgConnection:
             cursor = self._run(conn, lambda c: c.execute(_pg(sql), params))
             return Rows(cursor.fetchall() if cursor.description else [], None)
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], *, returning: bool = False
+                    ) -> list[Any]:
+        """One statement per row, sent together (libpq's pipeline: one round trip, not one per
+        row); with `returning`, the first column each statement returned, in order."""
+        rows = list(rows)
+        if not rows:
+            return []
         with self._connection() as conn:
-            self._run(conn, lambda c: c.cursor().executemany(_pg(sql), list(rows)))
+            return self._run(conn, lambda c: _many(c.cursor(), _pg(sql), rows, returning))
 
     def _run(self, conn: Any, call: Callable[[Any], Any]) -> Any:
         try:
@@ -282,24 +288,26 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                                  "RETURNING generation", (cube_id,)).fetchone()[0]
 
     # keys -------------------------------------------------------------------------------------
-    def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
-                    vectors: np.ndarray | None) -> list[int]:
-        """Insert keys; with `vectors` None they are text-only (full text, no vector)."""
-        keys = []
-        for n, (text, role) in enumerate(zip(texts, roles)):
-            vec = None if vectors is None else np.asarray(vectors[n], np.float32)
-            keys.append(self.conn.execute(
-                "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
-                "((SELECT cube_id FROM items WHERE rowid = ?), ?, ?, to_tsvector('memstack', ?), "
-                "?, ?) RETURNING rowid",
-                (item_rowid, item_rowid, role, text, len(_TOKEN.findall(text)), vec)
-            ).fetchone()[0])
-        self._totals = None
-        return keys
+    def returning(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        return self.conn.executemany(sql, rows, returning=True)
 
-    def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
-        where = "item_rowid = ?" + (" AND role = ?" if role else "")
-        params = (item_rowid, role) if role else (item_rowid,)
+    def insert_keys(self, groups: Sequence[KeyGroup]) -> list[int]:
+        """Insert items' keys; a group whose vectors are None is text-only (full text only)."""
+        rows = [(rowid, rowid, role, text, len(_TOKEN.findall(text)),
+                 None if vectors is None else np.asarray(vectors[n], np.float32))
+                for rowid, texts, roles, vectors in groups
+                for n, (text, role) in enumerate(zip(texts, roles))]
+        self._totals = None
+        return self.returning(
+            "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
+            "((SELECT cube_id FROM items WHERE rowid = ?), ?, ?, to_tsvector('memstack', ?), "
+            "?, ?) RETURNING rowid", rows)
+
+    def delete_keys(self, item_rowids: Sequence[int], role: str | None = None) -> list[int]:
+        if not item_rowids:
+            return []
+        where = "item_rowid = ANY(?)" + (" AND role = ?" if role else "")
+        params = (list(item_rowids), role) if role else (list(item_rowids),)
         rows = self.conn.execute(f"DELETE FROM keys WHERE {where} RETURNING rowid", params)
         self._totals = None
         return [r[0] for r in rows]
@@ -469,6 +477,16 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 "audit_entries": self.conn.execute("SELECT count(*) FROM audit").fetchone()[0],
                 "size_bytes": self.conn.execute(
                     "SELECT pg_database_size(current_database())").fetchone()[0]}
+
+
+def _many(cursor: Any, sql: str, rows: list[Sequence[Any]], returning: bool) -> list[Any]:
+    cursor.executemany(sql, rows, returning=returning)
+    out = []
+    while returning:
+        out.append(cursor.fetchone()[0])
+        if not cursor.nextset():
+            break
+    return out
 
 
 def _key_cubes(sel: Selection) -> str:

@@ -75,12 +75,20 @@ class ItemRows:
         self.conn.execute("UPDATE cubes SET embed_model = ?, embed_dim = ? WHERE id = ?",
                           (model, dim, cube_id))
 
-    def insert_item(self, cube_id: int, fields: dict[str, Any]) -> int:
-        row = _encode(fields)
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        return int(self.conn.execute(f"INSERT INTO items (cube_id, {names}) VALUES (?, {marks}) "
-                                     "RETURNING rowid", (cube_id, *row.values())).fetchone()[0])
+    def insert_items(self, cube_id: int, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert items; their rowids in the order given."""
+        out: list[int] = []
+        for names, part in _runs([_encode(fields) for fields in rows]):
+            marks = ", ".join("?" for _ in names)
+            out += self.returning(f"INSERT INTO items (cube_id, {', '.join(names)}) VALUES "
+                                  f"(?, {marks}) RETURNING rowid",
+                                  [(cube_id, *row.values()) for row in part])
+        return out
+
+    def returning(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run one statement per row; the first column each returned (a store with a faster
+        way to send many statements overrides this)."""
+        return [self.conn.execute(sql, row).fetchone()[0] for row in rows]
 
     def update_item(self, rowid: int, fields: dict[str, Any]) -> None:
         if "content" in fields or "status" in fields:  # derived tiers no longer match the text
@@ -224,6 +232,17 @@ class ItemRows:
              _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor,
              item.superseded_by, json.dumps(list(source_ids or item.source_ids))))
 
+    def add_versions(self, rows: Sequence[tuple[int, Item]], reason: str, actor: str) -> None:
+        """Record several items as they are now, for one reason."""
+        now = time.time()
+        self.conn.executemany(
+            "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
+            "valid_to, changed_at, reason, actor, superseded_by, source_ids) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(rowid, item.version, item.content, json.dumps(item.metadata), item.status,
+              _epoch(item.valid_from), _epoch(item.valid_to), now, reason, actor,
+              item.superseded_by, json.dumps(list(item.source_ids))) for rowid, item in rows])
+
     def purge_versions(self, item_rowid: int) -> None:
         self.conn.execute("UPDATE versions SET content = NULL, metadata = '{}' "
                           "WHERE item_rowid = ?", (item_rowid,))
@@ -298,6 +317,15 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
             value = _epoch(value)
         out[name] = value
     return out
+
+
+def _runs(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+    """Consecutive rows with the same columns, in order (one statement each)."""
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or tuple(rows[end]) != tuple(rows[start]):
+            yield tuple(rows[start]), rows[start:end]
+            start = end
 
 
 def _decode(row: Sequence[Any]) -> Item:

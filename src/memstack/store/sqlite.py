@@ -21,7 +21,7 @@ from .._errors import (MissingExtraError, SchemaVersionError, StoreCorruptError,
 from .access import AccessRows
 from .counts import CountRows
 from .rows import ItemRows
-from .base import Ranked, Rows
+from .base import KeyGroup, Ranked, Rows
 from .kvblocks import KVBlockRows
 from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -215,9 +215,12 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                                        (cube_id,)).fetchone())
 
     # items -----------------------------------------------------------------------------------
-    def insert_keys(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
-                    vectors: np.ndarray | None) -> list[int]:
-        """Insert keys; with `vectors` None they are text-only (FTS, no vector)."""
+    def insert_keys(self, groups: Sequence[KeyGroup]) -> list[int]:
+        """Insert items' keys; a group whose vectors are None is text-only (FTS, no vector)."""
+        return [key for group in groups for key in self._insert_group(*group)]
+
+    def _insert_group(self, item_rowid: int, texts: Sequence[str], roles: Sequence[str],
+                      vectors: np.ndarray | None) -> list[int]:
         keys = []
         row = self.conn.execute("SELECT cube_id, user_id, agent_id, session_id FROM items "
                                 "WHERE rowid = ?", (item_rowid,)).fetchone()
@@ -234,8 +237,11 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 (np.asarray(keys, dtype=np.int64), np.asarray(vectors[:len(keys)], np.float32)))
         return keys
 
-    def delete_keys(self, item_rowid: int, role: str | None = None) -> list[int]:
-        """Delete an item's keys (or only those of one role) from the keys table and FTS."""
+    def delete_keys(self, item_rowids: Sequence[int], role: str | None = None) -> list[int]:
+        """Delete items' keys (or only those of one role) from the keys table and FTS."""
+        return [key for rowid in item_rowids for key in self._delete_of(rowid, role)]
+
+    def _delete_of(self, item_rowid: int, role: str | None) -> list[int]:
         where = "item_rowid = ?" + (" AND role = ?" if role else "")
         params = (item_rowid, role) if role else (item_rowid,)
         keys = [r[0] for r in self.conn.execute(f"SELECT rowid FROM keys WHERE {where}", params)]

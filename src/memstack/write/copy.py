@@ -26,7 +26,7 @@ def copy_store(source: Store, target: Store, writer: Writer,
                 texts, roles, _ = item_keys(item.kind, item.speaker, item.content or "",
                                             item.observed_at)
             vectors = pair_vectors(item.id, roles, key_vectors(src, rowid))
-            dst.insert_keys(rowid, texts, roles, vectors)
+            dst.insert_keys([(rowid, texts, roles, vectors)])
             count += len(texts)
         for _, item in items:
             if item.kind == "session":

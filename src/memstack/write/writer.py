@@ -74,17 +74,16 @@ class Writer:
     def insert(self, cube: CubeRow, drafts: Sequence[Draft], vectors: np.ndarray
                ) -> list[Written]:
         """Insert drafts with their keys and first versions, inside the caller's transaction."""
-        now, offset, out = utcnow(), 0, []
-        for draft in drafts:
-            fields = {**draft.fields, "recorded_at": now, "updated_at": now}
-            rowid = self.store.insert_item(cube.id, fields)
-            vecs = vectors[offset:offset + len(draft.key_texts)]
-            self.store.insert_keys(rowid, draft.key_texts, draft.key_roles, vecs)
-            offset += len(draft.key_texts)
-            item = self.store.items_by_rowid([rowid])[rowid]
-            self.store.add_version(rowid, item, "add", self.actor)
-            out.append((rowid, item))
-        return out
+        now = utcnow()
+        rowids = self.store.insert_items(
+            cube.id, [{**d.fields, "recorded_at": now, "updated_at": now} for d in drafts])
+        starts = np.cumsum([0] + [len(d.key_texts) for d in drafts])
+        self.store.insert_keys([(rowid, d.key_texts, d.key_roles, vectors[start:end])
+                                for rowid, d, start, end in zip(rowids, drafts, starts, starts[1:])])
+        items = self.store.items_by_rowid(rowids)
+        written = [(rowid, items[rowid]) for rowid in rowids]
+        self.store.add_versions(written, "add", self.actor)
+        return written
 
     def new_session(self, cube: CubeRow, scope: dict[str, str | None], first: dict[str, Any]
                     ) -> Written:
@@ -126,15 +125,14 @@ class Writer:
                 text = context_key(before, pairs[n], after, turn.observed_at) \
                     if before or after else None
                 jobs.append((rowid, text))
-        for rowid, _ in jobs:
-            self.store.delete_keys(rowid, "context")
+        self.store.delete_keys([rowid for rowid, _ in jobs], "context")
         jobs = [(rowid, text) for rowid, text in jobs if text]
         # text-only keys by default: BM25 sees the neighbours, no embedding
         vectors = self.embedder.embed([t for _, t in jobs]) if self.context_vectors and jobs \
             else None
-        for n, (rowid, text) in enumerate(jobs):
-            self.store.insert_keys(rowid, [text], ["context"],
-                                   None if vectors is None else vectors[n:n + 1])
+        self.store.insert_keys([(rowid, [text], ["context"],
+                                 None if vectors is None else vectors[n:n + 1])
+                                for n, (rowid, text) in enumerate(jobs)])
 
     def neighbours(self, session_item_id: str | None, rowid: int) -> list[int]:
         """Rowids of the turns whose context window includes this turn (itself included)."""
@@ -161,8 +159,8 @@ class Writer:
         with self.store.transaction():
             rowid, item = self.live(memory_id)
             cube = self.cubes.get(item.cube)
-            self.store.delete_keys(rowid)
-            self.store.insert_keys(rowid, keys[0], keys[1], vectors)
+            self.store.delete_keys([rowid])
+            self.store.insert_keys([(rowid, keys[0], keys[1], vectors)])
             self.store.update_item(rowid, {"content": text, "content_hash": content_hash(text),
                                            "metadata": meta, "version": item.version + 1,
                                            "updated_at": utcnow()})
@@ -221,7 +219,7 @@ class Writer:
             elif item.kind == "turn" and item.parent_id:
                 neighbours.setdefault(item.parent_id, set()).update(
                     self.neighbours(item.parent_id, rowid))
-            self.store.delete_keys(rowid)
+            self.store.delete_keys([rowid])
             self.store.purge_versions(rowid)
             self.store.update_item(rowid, {"content": None, "content_hash": None,
                                            "metadata": {}, "tags": [], "status": "deleted",
