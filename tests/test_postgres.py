@@ -153,6 +153,36 @@ def test_the_databases_wall_holds_when_the_servers_check_has_a_bug(pg_url, embed
             running.stop()
 
 
+def test_the_databases_wall_holds_for_mcp_calls_too(pg_url, embedder, tmp_path, monkeypatch):
+    import asyncio
+
+    from conftest import RunningServer
+    from test_mcp import http_session, payload
+
+    from memstack.server.auth import Keys
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as memory:
+        running = RunningServer(memory, rate_limit=1000.0)
+        try:
+            alice, bob = running.key("alice"), running.key("bob")
+
+            async def add(session):
+                return payload(await session.call_tool("add_memory", {
+                    "text": "alice's safe code is 7712", "user_id": "alice"}))
+
+            async def search(session):
+                return payload(await session.call_tool("search_memories", {
+                    "query": "safe code", "cube": "~alice"}))
+
+            asyncio.run(http_session(running.url, alice, add))
+            monkeypatch.setattr(Keys, "require", lambda self, who, cube, need: None)
+            assert asyncio.run(http_session(running.url, bob, search)) == []
+            assert asyncio.run(http_session(running.url, alice, search))[0]["content"] \
+                .endswith("7712")
+        finally:
+            running.stop()
+
+
 def _contents(mem):
     return {
         "items": [(i.id, i.kind, i.content, i.status, i.version, i.user_id, i.session_id,
@@ -244,3 +274,161 @@ def test_the_speed_bench_runs_on_postgres(pg_url, embedder, tmp_path):
     again = speed.run(120, embedder=embedder, workdir=tmp_path, queries_count=10, db=pg_url,
                       reuse=True)
     assert again["ingest_seconds"] is None  # searched the corpus already there
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_two_servers_as_processes_share_one_database(pg_url, embedder, tmp_path):
+    """`memstack serve --workers 2` and a second server on another port, on one database: a
+    write one acknowledges is in the other's next search; a key's rate limit and its
+    revocation hold in every process (the state is in the database)."""
+    import httpx
+
+    from memstack.bench.server import free_port, start
+    from memstack.server.auth import Keys
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as memory:
+        keys = Keys(memory.store)
+        writer, reader = keys.create_key("ann"), keys.create_key("ann")
+        admin = keys.create_key("root", role="admin")
+    one, two = free_port(), free_port()
+    servers = [start(pg_url, one, workers=2, rate_limit=0.001, files=tmp_path)]  # a burst of 1
+    try:
+        servers.append(start(pg_url, two, rate_limit=0.001, files=tmp_path))
+        a, b = f"http://127.0.0.1:{one}", f"http://127.0.0.1:{two}"
+        added = httpx.post(a + "/v1/memories", headers=_auth(writer.token), timeout=60, json={
+            "messages": "The spare key is under the blue flowerpot", "user_id": "ann"})
+        assert added.status_code == 201
+        found = httpx.post(b + "/v1/search", headers=_auth(reader.token), timeout=60,
+                           json={"query": "where is the spare key", "user_id": "ann"})
+        assert found.status_code == 200
+        assert found.json()["results"][0]["id"] == added.json()["results"][0]["id"]
+        again = httpx.post(b + "/v1/search", headers=_auth(writer.token), timeout=60,
+                           json={"query": "spare key", "user_id": "ann"})
+        assert again.status_code == 429  # the writer's one request was spent on the other server
+        revoked = httpx.delete(f"{a}/v1/keys/{reader.key_id}", headers=_auth(admin.token))
+        assert revoked.status_code == 200
+        refused = httpx.get(b + "/v1/cubes", headers=_auth(reader.token))
+        assert refused.status_code == 401
+    finally:
+        for process in servers:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_a_server_restarted_under_load_loses_no_acknowledged_write(pg_url, embedder, tmp_path):
+    """Clients keep adding through two server processes while one is stopped (SIGTERM) and
+    started again, twice: every add that got a 201 is in the database afterwards, and is
+    found."""
+    import asyncio
+    import signal
+
+    import httpx
+
+    from memstack.bench.server import free_port, start
+    from memstack.server.auth import Keys
+
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as memory:
+        token = Keys(memory.store).create_key("ann").token
+    ports = [free_port(), free_port()]
+    servers = [start(pg_url, port, files=tmp_path) for port in ports]
+    acknowledged: list[str] = []
+    answers: dict[int, int] = {}
+    odd: list[str] = []
+
+    async def client(n: int, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                try:
+                    r = await http.post(f"http://127.0.0.1:{ports[k % 2]}/v1/memories",
+                                        headers=_auth(token), json={
+                                            "messages": f"client {n} note {k}", "user_id": "ann",
+                                            "session_id": f"c{n}"})
+                    answers[r.status_code] = answers.get(r.status_code, 0) + 1
+                    if r.status_code not in (201, 503):
+                        odd.append(r.text)
+                    if r.status_code == 201:
+                        acknowledged.append(r.json()["results"][0]["id"])
+                except httpx.HTTPError:  # refused while the server is down
+                    answers[0] = answers.get(0, 0) + 1
+                    await asyncio.sleep(0.05)
+
+    async def load() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(client(n, stop)) for n in range(4)]
+        for _ in range(2):
+            await asyncio.sleep(3)
+            servers[0].send_signal(signal.SIGTERM)
+            await asyncio.to_thread(servers[0].wait, 30)
+            odd.append(servers[0].log.read_text()[-3000:])
+            servers[0] = await asyncio.to_thread(start, pg_url, ports[0], files=tmp_path)
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(load())
+    finally:
+        for process in servers:
+            process.terminate()
+            process.wait(timeout=30)
+            odd.append(process.log.read_text()[-3000:])
+    assert len(acknowledged) > 20 and answers.get(201) == len(acknowledged), (answers, odd[:3])
+    assert set(answers) <= {0, 201, 503}, odd  # refused, or failed whole: never half done
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as memory:
+        stored = {i.id: i for i in memory.get_all(user_id="ann", cube="~ann", limit=100_000)}
+        assert not [i for i in acknowledged if i not in stored]
+        turns = [i for i in stored.values() if i.kind == "turn"]
+        assert len(turns) == len(acknowledged)  # a graceful stop answers what it committed
+        last = memory.search(stored[acknowledged[-1]].content, user_id="ann", cube="~ann",
+                             top_k=1)
+        assert last[0].item.id == acknowledged[-1]
+
+
+def test_losing_the_database_mid_run_fails_calls_cleanly_and_reconnects(embedder, tmp_path):
+    """PostgreSQL stops under a running store and server: calls fail with
+    StoreUnavailableError (503 store_unavailable over REST), nothing is half-written; once it is
+    back the pool reconnects by itself and every acknowledged write is there."""
+    import httpx
+    import pgserver
+    from conftest import RunningServer
+
+    from memstack import StoreUnavailableError
+
+    database = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")  # a server of its own
+    try:
+        url = database.get_uri("postgres")
+        with Memory(url, embedder=embedder, files=tmp_path / "files") as memory:
+            server = RunningServer(memory, rate_limit=1000.0)
+            try:
+                key = _auth(server.key("ann"))
+                kept = [memory.add("The boiler was serviced in March", user_id="ann").ids[0]]
+                pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=database.pgdata,
+                                user=database.system_user)
+                with pytest.raises(StoreUnavailableError):
+                    memory.add("This write cannot happen now", user_id="ann")
+                with pytest.raises(StoreUnavailableError):
+                    memory.search("boiler", user_id="ann")
+                down = httpx.post(server.url + "/v1/memories", headers=key, timeout=60,
+                                  json={"messages": "Nor can this one", "user_id": "ann"})
+                assert down.status_code == 503
+                assert down.json()["error"]["code"] == "store_unavailable"
+                database.ensure_postgres_running()
+                kept.append(memory.add("The gutters were cleaned in May", user_id="ann").ids[0])
+                up = httpx.post(server.url + "/v1/memories", headers=key, timeout=60,
+                                json={"messages": "The roof was checked in June", "user_id": "ann"})
+                assert up.status_code == 201
+                kept.append(up.json()["results"][0]["id"])
+                assert all(memory.get(i).content for i in kept)
+                with psycopg.connect(url) as conn:  # a superuser: row-level security aside
+                    turns = conn.execute("SELECT content FROM items WHERE kind = 'turn'").fetchall()
+                assert sorted(t for (t,) in turns) == sorted(memory.get(i).content for i in kept)
+                assert memory.search("boiler service", user_id="ann")[0].item.id == kept[0]
+            finally:
+                server.stop()
+    finally:
+        database.cleanup()

@@ -15,7 +15,7 @@ from ._errors import (AuthenticationError, CacheMismatchError, ModelError, Stale
                       LLMOutputError, LLMResponseError, LLMUnavailableError, MemstackError,
                       MissingExtraError, NotFoundError, PermissionDeniedError,
                       RateLimitedError, RemoteError, SchemaVersionError, StoreCorruptError,
-                      StoreError, UnknownKindError)
+                      StoreError, StoreUnavailableError, UnknownKindError)
 from ._async import AsyncMemory
 from ._memory import Memory
 from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Generation, Hit,
@@ -37,7 +37,8 @@ __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
-    "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
+    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "SchemaVersionError",
+    "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",

@@ -14,6 +14,7 @@
     │   ├── ItemNotFoundError
     │   └── CubeNotFoundError
     ├── StoreError                                   the database itself
+    │   ├── StoreUnavailableError                    cannot reach the database now (retry)
     │   ├── SchemaVersionError                       written by a newer memstack
     │   └── StoreCorruptError                        not a memstack database, or damaged
     ├── EmbeddingError                               the embedding model or endpoint failed
@@ -42,7 +43,7 @@ __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
-    "CubeNotFoundError", "StoreError", "SchemaVersionError", "StoreCorruptError",
+    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
@@ -104,6 +105,11 @@ class CubeNotFoundError(NotFoundError):
 
 class StoreError(MemstackError):
     pass
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or dropped the connection; nothing of the failed call was
+    committed, and a retry once it is back will work (the pool reconnects)."""
 
 
 class SchemaVersionError(StoreError):

@@ -120,10 +120,14 @@ class Memory(TiersMixin):
         self.store.flush()
 
     # cubes ------------------------------------------------------------------------------------
-    def create_cube(self, name: str, *, owner: str | None = None) -> Cube:
-        """Create an empty cube recording this Memory's embedding model."""
+    def create_cube(self, name: str, *, owner: str | None = None, exist_ok: bool = False
+                    ) -> Cube:
+        """Create an empty cube recording this Memory's embedding model. With `exist_ok`, a
+        cube of that name already there (made meanwhile by another process) is no error."""
         name = _name(name, "cube")
         if any(c.name == name for c in self.cubes()):
+            if exist_ok:
+                return next(c for c in self.cubes() if c.name == name)
             raise InvalidInputError(f"a cube named {name!r} exists already")
         with self.store.transaction():
             self.store.create_cube(name, owner, self.embedder.name, self.embedder.dim)

@@ -1,6 +1,7 @@
 """Load on a running server over loopback: concurrent clients mixing adds and searches.
 
-`memstack serve` runs as its own process on a fresh database preloaded with synthetic memories
+`memstack serve` runs as its own process on a fresh database (an SQLite file in the workdir, or
+the empty PostgreSQL database given as `db`) preloaded with synthetic memories
 (bench.speed's corpus); each client has its own API key and cube, and loops for the given time:
 an add (one user message) with probability `add_share`, else a search of its cube. Afterwards every
 acknowledged add is fetched back by id: a write the server acknowledged and lost is counted.
@@ -24,20 +25,21 @@ import httpx
 
 from .._memory import Memory
 from ..server.auth import Keys
-from .retrieval import _pct, machine, remove_db
+from .retrieval import _pct, machine, remove_db, require_empty
 from .speed import _turn, corpus, queries
 
 
 def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         preload: int = 5000, workdir: str | Path | None = None, seed: int = 0,
-        workers: int = 2, threads: int = 16) -> dict[str, Any]:
+        workers: int = 2, threads: int = 16, db: str | None = None) -> dict[str, Any]:
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-server-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    remove_db(folder, "server.db")
-    db = folder / "server.db"
-    tokens = _prepare(db, clients, preload)
-    port = _free_port()
-    process = _start(db, port, workers, threads)
+    if db is None:
+        remove_db(folder, "server.db")
+    target = db or str(folder / "server.db")
+    tokens = _prepare(target, clients, preload, folder)
+    port = free_port()
+    process = start(target, port, workers=workers, threads=threads, files=folder)
     try:
         url = f"http://127.0.0.1:{port}"
         stats, acknowledged = asyncio.run(_load(url, tokens, seconds, add_share, seed, preload))
@@ -47,12 +49,13 @@ def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         process.wait(timeout=30)
     return _report(stats, acknowledged, lost, clients=clients, seconds=seconds,
                    add_share=add_share, preload=preload, server_workers=workers,
-                   server_threads=threads)
+                   server_threads=threads, store="postgres" if db else "sqlite")
 
 
-def _prepare(db: Path, clients: int, preload: int) -> list[str]:
+def _prepare(db: str, clients: int, preload: int, folder: Path) -> list[str]:
     """Keys and cubes for the clients, and `preload` memories spread over their cubes."""
-    with Memory(db, track_access=False) as memory:
+    with Memory(db, track_access=False, files=folder) as memory:
+        require_empty(memory)
         keys = Keys(memory.store)
         tokens = [keys.create_key(f"client{n}").token for n in range(clients)]
         for n in range(clients):
@@ -64,19 +67,28 @@ def _prepare(db: Path, clients: int, preload: int) -> list[str]:
     return tokens
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(db: Path, port: int, workers: int, threads: int = 16) -> subprocess.Popen:
+def start(db: str, port: int, *, workers: int = 1, threads: int = 16, rate_limit: float = 0,
+          files: Path | None = None) -> subprocess.Popen:
+    """`memstack serve` on `db` (a file or URL) as a process of its own; returns once
+    /v1/health answers (a RuntimeError with the server's last words if it does not). Its
+    stderr goes to the file `process.log` (a pipe nobody reads would stall it once full)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "memstack", "--db", str(db), "serve",
-                                "--port", str(port), "--rate-limit", "0",
-                                "--workers", str(workers), "--threads", str(threads)],
-                               env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "memstack", "--db", db, "serve", "--port", str(port),
+               "--rate-limit", str(rate_limit), "--workers", str(workers),
+               "--threads", str(threads)]
+    if files is not None:
+        command[5:5] = ["--files", str(files)]
+    log = Path(files) / f"serve-{port}.log" if files is not None else \
+        Path(tempfile.mkstemp(prefix=f"memstack-serve-{port}-", suffix=".log")[1])
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+    process.log = log  # type: ignore[attr-defined]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -87,7 +99,7 @@ def _start(db: Path, port: int, workers: int, threads: int = 16) -> subprocess.P
         if process.poll() is not None:
             break
     process.kill()
-    raise RuntimeError(f"the server did not start: {process.stderr.read()[-2000:]!r}")
+    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]!r}")
 
 
 async def _load(url: str, tokens: list[str], seconds: float, add_share: float, seed: int,

@@ -45,7 +45,8 @@ class Group(click.Group):
 
 
 def open_memory(ctx: click.Context, db: str | None = None) -> Memory:
-    memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=llm_client(ctx.obj["llm"]))
+    memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=llm_client(ctx.obj["llm"]),
+                    files=ctx.obj.get("files"))
     ctx.call_on_close(memory.close)
     for report in memory.repaired:
         err.print(f"memstack: {memory.location}: {summary(report)}", markup=False)

@@ -390,10 +390,11 @@ def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, ou
 
     with console.status(f"{clients} clients for {seconds:g} s..."):
         data = server.run(clients=clients, seconds=seconds, add_share=add_share,
-                          preload=preload, workdir=workdir, workers=workers, threads=threads)
+                          preload=preload, workdir=workdir, workers=workers, threads=threads,
+                          db=_bench_db(ctx))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "server.json").write_text(json.dumps(data, indent=2))
-    table = Table(title=f"memstack server: {clients} clients, {seconds:g} s, "
+    table = Table(title=f"memstack server on {data['store']}: {clients} clients, {seconds:g} s, "
                         f"{preload:,} memories preloaded, {workers} worker(s)")
     for name in ("op", "per second", "p50 ms", "p95 ms", "p99 ms", "errors"):
         table.add_column(name, justify="right")

@@ -38,7 +38,8 @@ class Gate:
             if not (create or own):  # the caller's own cube exists from first use
                 raise
             self.may_create(who, name)
-            self.memory.create_cube(name, owner=who.user)
+            # another request or server process may be creating it at this moment
+            self.memory.create_cube(name, owner=who.user, exist_ok=True)
             row = self.memory.store.cube(name)
             self.memory.store.widen(row.id)  # the database's wall lets its creator in
         self.keys.require(who, row, need)

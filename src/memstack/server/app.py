@@ -4,7 +4,8 @@ the cube it touches, calls one library method and returns JSON. Errors map to HT
 
     400 invalid_input   401 unauthenticated   403 forbidden   404 not_found (also
     llm_not_configured: /v1/answer on a server without an LLM)   413 too_large
-    422 validation_error   429 rate_limited   502 llm_error   500 store_error / internal_error
+    422 validation_error   429 rate_limited   502 llm_error   503 store_unavailable
+    500 store_error / internal_error
 
 An item in a cube the caller cannot read answers 404, as if it did not exist (ids are not
 probed); a cube by name answers 403. With no API key in the database and `allow_open`, requests
@@ -34,7 +35,7 @@ from .auth import LOCAL_ADMIN, AuthError, ForbiddenError, Keys, Principal
 log = logging.getLogger("memstack.server")
 ERRORS = {400: {"model": S.ErrorBody}, 401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
           404: {"model": S.ErrorBody}, 413: {"model": S.ErrorBody},
-          422: {"model": S.ErrorBody}, 429: {"model": S.ErrorBody}}
+          422: {"model": S.ErrorBody}, 429: {"model": S.ErrorBody}, 503: {"model": S.ErrorBody}}
 
 
 class RateLimited(Exception):
@@ -79,7 +80,9 @@ def _status(exc: Exception) -> tuple[int, str]:
     table: list[tuple[type, int, str]] = [
         (AuthError, 401, "unauthenticated"), (ForbiddenError, 403, "forbidden"),
         (errors.NotFoundError, 404, "not_found"), (errors.InvalidInputError, 400, "invalid_input"),
-        (errors.LLMError, 502, "llm_error"), (errors.StoreError, 500, "store_error"),
+        (errors.LLMError, 502, "llm_error"),
+        (errors.StoreUnavailableError, 503, "store_unavailable"),
+        (errors.StoreError, 500, "store_error"),
         (errors.MemstackError, 500, "internal_error")]
     return next((status, code) for kind, status, code in table if isinstance(exc, kind))
 
@@ -130,6 +133,13 @@ def _install_errors(app: FastAPI) -> None:
         if status >= 500:
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(status, code, str(exc), type(exc).__name__)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: still a JSON error with a code, and the traceback in the log."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", f"internal error ({type(exc).__name__}); "
+                      "the server's log has the details")
 
     @app.exception_handler(RateLimited)
     async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:

@@ -40,7 +40,14 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     server = MCPServer("memstack", instructions="Long-term memory: add what should be "
                        "remembered, search it, answer from it.")
 
-    def caller(ctx: Context) -> Principal:
+    async def caller(ctx: Context) -> Principal:
+        """The caller, with the database told which cubes this call may see (PostgreSQL's
+        row-level security, the second wall, as for REST requests)."""
+        who = await run(verify, ctx)
+        memory.store.wall(await run(keys.visible_cubes, who))
+        return who
+
+    def verify(ctx: Context) -> Principal:
         headers = ctx.headers
         if headers is None:  # stdio: the key given at start
             if stdio_key is None and allow_open and not keys.any_key():
@@ -61,19 +68,21 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
                          user_id: str | None = None, session_id: str | None = None,
                          speaker: str | None = None) -> dict:
         """Remember a message (and, with an LLM, the facts in it)."""
-        who = caller(ctx)
-        row = await run(gate.cube, who, cube, "write", create=True)
+        who = await caller(ctx)
         message = {"role": "user", "content": text, **({"name": speaker} if speaker else {})}
-        result = await run(memory.add, message, cube=row.name, user_id=user_id,
-                           session_id=session_id)
-        return result.to_dict()
+
+        def add() -> Any:  # one thread: a cube created here widens this context's wall
+            row = gate.cube(who, cube, "write", create=True)
+            return memory.add(message, cube=row.name, user_id=user_id, session_id=session_id)
+
+        return (await run(add)).to_dict()
 
     @server.tool()
     @_reported
     async def search_memories(query: str, ctx: Context, cube: str | None = None,
                               user_id: str | None = None, top_k: int = 10) -> list[dict]:
         """Hybrid search of memories; returns the best hits with their scores."""
-        who = caller(ctx)
+        who = await caller(ctx)
         row = await run(gate.cube, who, cube, "read")
         hits = await run(memory.search, query, cube=row.name, user_id=user_id, top_k=top_k)
         return [{"id": h.item.id, "score": h.score, "content": h.item.content,
@@ -84,7 +93,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     @_reported
     async def get_memory(memory_id: str, ctx: Context) -> dict:
         """One memory with its metadata and provenance."""
-        item = await run(gate.item, caller(ctx), memory_id)
+        item = await run(gate.item, await caller(ctx), memory_id)
         return item.to_dict()
 
     @server.tool()
@@ -92,7 +101,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     async def list_memories(ctx: Context, cube: str | None = None, user_id: str | None = None,
                             limit: int = 50, offset: int = 0) -> list[dict]:
         """Memories of a cube, oldest first."""
-        row = await run(gate.cube, caller(ctx), cube, "read")
+        row = await run(gate.cube, await caller(ctx), cube, "read")
         items = await run(memory.get_all, cube=row.name, user_id=user_id, limit=limit,
                           offset=offset)
         return [i.to_dict() for i in items]
@@ -101,7 +110,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     @_reported
     async def delete_memory(memory_id: str, ctx: Context) -> dict:
         """Delete a memory everywhere (and the facts derived from it)."""
-        await run(gate.item, caller(ctx), memory_id, "write")
+        await run(gate.item, await caller(ctx), memory_id, "write")
         count = await run(memory.delete, memory_id)
         return {"deleted": memory_id, "items_deleted": count}
 
@@ -111,7 +120,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
         async def answer_question(question: str, ctx: Context, cube: str | None = None,
                                   user_id: str | None = None) -> dict:
             """Answer a question from memory with the configured LLM."""
-            row = await run(gate.cube, caller(ctx), cube, "read")
+            row = await run(gate.cube, await caller(ctx), cube, "read")
             reply = await run(memory.answer, question, cube=row.name, user_id=user_id)
             return {"text": reply.text, "memory_ids": reply.memory_ids}
 

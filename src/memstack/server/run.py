@@ -39,6 +39,9 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     from .mcp import build_mcp
 
     if not isinstance(memory.embedder, BatchingEmbedder):  # requests share forward passes
+        # load the model (and build its ONNX twin) now: ready means ready, and the first
+        # request does not wait seconds for it
+        memory.embedder.embed(["warm up"])
         memory.embedder = BatchingEmbedder(memory.embedder)
 
     loopback = is_loopback(host)

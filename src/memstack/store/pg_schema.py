@@ -10,7 +10,7 @@ the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -219,8 +219,22 @@ EXCEPTION WHEN insufficient_privilege THEN
 END $$;
 """
 
+# 2: two processes creating their first cube at once both ran CREATE INDEX IF NOT EXISTS, and
+# one failed on the catalog's unique index (IF NOT EXISTS does not serialise); now the second
+# waits for the first and finds the index
+_V2 = """
+CREATE OR REPLACE FUNCTION memstack_vector_index(dim INTEGER) RETURNS void LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(7446, dim);
+  EXECUTE format('CREATE INDEX IF NOT EXISTS keys_vec_%s ON keys USING hnsw '
+                 '((vec::vector(%s)) vector_cosine_ops) WHERE vector_dims(vec) = %s',
+                 dim, dim, dim);
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS}
+MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2}
 
 
 def vector_index(dim: int) -> str:

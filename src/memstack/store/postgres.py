@@ -30,7 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from .._errors import MissingExtraError, SchemaVersionError, StoreCorruptError, StoreError
+from .._errors import (MissingExtraError, SchemaVersionError, StoreCorruptError, StoreError,
+                       StoreUnavailableError)
 from .access import AccessRows
 from .base import KeyGroup, Ranked, Rows
 from .counts import CountRows
@@ -75,7 +76,10 @@ class PgConnection:
     memstack_app."""
 
     def __init__(self, pool: Any, errors: Any) -> None:
+        from psycopg_pool import PoolTimeout
+
         self.pool, self._errors = pool, errors
+        self._unreachable = (errors.OperationalError, PoolTimeout)
         self._local = threading.local()
         self._state: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
@@ -101,7 +105,9 @@ class PgConnection:
     def _run(self, conn: Any, call: Callable[[Any], Any]) -> Any:
         try:
             return call(conn)
-        except self._errors.OperationalError as exc:
+        except self._errors.Error as exc:  # everything the driver raises: one error tree
+            if conn.closed or conn.broken:  # the pool replaces it; the next call reconnects
+                raise StoreUnavailableError(f"lost the database connection: {exc}") from exc
             raise StoreError(f"the database failed a statement: {exc}") from exc
 
     @contextlib.contextmanager
@@ -110,9 +116,19 @@ class PgConnection:
         if pinned is not None:
             yield pinned
             return
-        with self.pool.connection() as conn:
+        with self._borrowed() as conn:
             self._enter(conn)
             yield conn
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[Any]:
+        """A connection from the pool (checked alive first); the database unreachable now, or a
+        commit cut off, is a StoreUnavailableError."""
+        try:
+            with self.pool.connection(timeout=10.0) as conn:
+                yield conn
+        except self._unreachable as exc:
+            raise StoreUnavailableError(f"cannot reach the database: {exc}") from exc
 
     def _enter(self, conn: Any) -> None:
         want = _VISIBLE.get()
@@ -133,7 +149,7 @@ class PgConnection:
     def transaction(self) -> Iterator[Any]:
         if self.in_transaction:
             raise StoreError("transactions do not nest")
-        with self.pool.connection() as conn:
+        with self._borrowed() as conn:
             self._local.conn = conn
             try:
                 with conn.transaction():
@@ -163,6 +179,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         self._counts: dict[tuple[int, ...], tuple[float, int]] = {}  # cubes -> (when, keys)
         self._pool = pool_module.ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="memstack",
+            check=pool_module.ConnectionPool.check_connection,  # a restarted server: reconnect
             kwargs={"autocommit": True}, configure=functools.partial(_configure, register_vector))
         try:
             self._pool.open(wait=True, timeout=10.0)
