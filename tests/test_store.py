@@ -142,6 +142,21 @@ def test_mixing_embedders_is_refused_and_reembed_converts(db_path, embedder):
             mem.search("bicycle", user_id="ann")
 
 
+def test_reembed_keys_every_item_as_an_add_does(db_path):
+    """reembed (and migrate, which shares `stored_keys`) rebuild a session's key from its header
+    as the add wrote it: with the same model, every vector comes out as it was."""
+    model = HashEmbedder()
+    with Memory(db_path, embedder=model) as mem:
+        added = mem.add([{"role": "user", "content": "We met at the harbour on Friday"}],
+                        user_id="ann", session_id="s1", observed_at="2024-05-03")
+        rowids = [mem.store.item_by_id(i.id)[0] for i in [*added.items, added.session]]
+        before = [sorted(map(tuple, (v for _, v in mem.store.key_vectors(r)))) for r in rowids]
+        mem.reembed()
+        after = [sorted(map(tuple, (v for _, v in mem.store.key_vectors(r)))) for r in rowids]
+    assert np.allclose(np.array(before[1]), np.array(after[1]))  # the session's header
+    assert np.allclose(np.array(before[0]), np.array(after[0]))
+
+
 def test_concurrent_threads_share_one_memory(mem):
     errors = []
 

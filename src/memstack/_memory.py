@@ -35,7 +35,7 @@ from .store.cubes import Cubes
 from .store.selection import Selection
 from .store import is_url, open_store
 from .store.uses import UseCounter
-from .write.drafts import Prepared, message_draft, session_draft
+from .write.drafts import Prepared, message_draft, session_draft, stored_keys
 from .write.repair import run_pending
 from .write.writer import Writer
 from ._tiers import TiersMixin
@@ -290,8 +290,7 @@ class Memory(TiersMixin):
         bodies = []
         for start in range(0, len(items), batch_size):
             part = items[start:start + batch_size]
-            keyed = [(rowid, *item_keys(i.kind, i.speaker, i.content or "", i.observed_at)[:2])
-                     for rowid, i in part]
+            keyed = [(rowid, *stored_keys(i)) for rowid, i in part]
             vectors = iter(self.embedder.embed([t for _, texts, _ in keyed for t in texts]))
             bodies += [(rowid, texts, roles, np.stack([next(vectors) for _ in texts]))
                        for rowid, texts, roles in keyed]

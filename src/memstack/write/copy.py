@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..ingest.rules import item_keys
 from ..store.base import Store
 from ..store.migrate import key_vectors, migrate, pair_vectors
 from ..store.selection import Selection
+from .drafts import stored_keys
 from .writer import Writer
 
 
@@ -20,11 +20,7 @@ def copy_store(source: Store, target: Store, writer: Writer,
         items = dst.select_items(Selection(status="live"))
         count = 0
         for rowid, item in items:
-            if item.kind == "session":  # as the writer keys it (write/drafts.py)
-                texts, roles = [item.content or ""], ["body"]
-            else:
-                texts, roles, _ = item_keys(item.kind, item.speaker, item.content or "",
-                                            item.observed_at)
+            texts, roles = stored_keys(item)
             vectors = pair_vectors(item.id, roles, key_vectors(src, rowid))
             dst.insert_keys([(rowid, texts, roles, vectors)])
             count += len(texts)

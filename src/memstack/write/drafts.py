@@ -59,6 +59,15 @@ def session_draft(scope: dict[str, str | None], first: dict[str, Any]) -> Draft:
     return Draft(fields, [header], ["body"])
 
 
+def stored_keys(item: Item) -> tuple[list[str], list[str]]:
+    """The key texts and roles of a stored item, as an add made them (rebuilt by reembed and
+    migrate): a session's header as it is, any other item through the ingest rules."""
+    if item.kind == "session":
+        return [item.content or ""], ["body"]
+    texts, roles, _ = item_keys(item.kind, item.speaker, item.content or "", item.observed_at)
+    return texts, roles
+
+
 def link(session: Item, drafts: list[Draft]) -> None:
     """Point turns at their session item and number them within it."""
     start = session.metadata.get("turn_count", 0)
