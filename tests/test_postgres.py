@@ -432,3 +432,57 @@ def test_losing_the_database_mid_run_fails_calls_cleanly_and_reconnects(embedder
                 server.stop()
     finally:
         database.cleanup()
+
+
+def test_a_read_replica_serves_reads_and_refuses_writes(embedder, tmp_path):
+    """A real streaming replica (pg_basebackup -R of a primary, both from pgserver): a Memory
+    opened on it with read_only=True finds what the primary stored, sees the primary's later
+    writes after replay, and refuses writes with ReadOnlyStoreError."""
+    import os
+    import pwd
+    import time
+    from urllib.parse import parse_qs, urlparse
+
+    import pgserver
+
+    from memstack import ReadOnlyStoreError
+
+    primary = pgserver.get_server(tmp_path / "primary", cleanup_mode="stop")
+    replica = None
+    try:
+        url = primary.get_uri("postgres")
+        with Memory(url, embedder=embedder, files=tmp_path / "files") as mem:
+            kept = mem.add("The spare tyre is in the boot", user_id="ann").ids[0]
+        copy = tmp_path / "replica"
+        copy.mkdir(mode=0o700)
+        if primary.system_user:  # as root, pgserver runs PostgreSQL as a user of its own
+            entry = pwd.getpwnam(primary.system_user)
+            os.chown(copy, entry.pw_uid, entry.pw_gid)
+        host = parse_qs(urlparse(url).query)["host"][0]
+        pgserver.pg_basebackup(["-D", str(copy), "-R", "-X", "stream", "-c", "fast", "-h",
+                                host, "-U", "postgres"], user=primary.system_user)
+        for stale in copy.glob(".s.PGSQL.*"):  # the primary's socket lock (its socket dir is
+            stale.unlink()                     # its data directory), copied with the files
+        replica = pgserver.get_server(copy, cleanup_mode="stop")
+        with psycopg.connect(replica.get_uri("postgres")) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # a standby
+        with pytest.raises(ReadOnlyStoreError, match="read_only=True"):
+            Memory(replica.get_uri("postgres"), embedder=embedder, files=tmp_path / "files")
+        with Memory(replica.get_uri("postgres"), embedder=embedder, files=tmp_path / "files",
+                    read_only=True) as ro:
+            assert ro.search("where is the spare tyre", user_id="ann")[0].item.id == kept
+            with pytest.raises(ReadOnlyStoreError, match="primary"):
+                ro.add("This goes nowhere", user_id="ann")
+            with pytest.raises(ReadOnlyStoreError):
+                ro.delete(kept)
+            with Memory(url, embedder=embedder, files=tmp_path / "files") as mem:
+                later = mem.add("The jack is under the back seat", user_id="ann").ids[0]
+            deadline = time.monotonic() + 30
+            while not [i for i in ro.get_all(user_id="ann") if i.id == later]:
+                assert time.monotonic() < deadline, "the replica never replayed the write"
+                time.sleep(0.2)
+            assert ro.search("where is the jack", user_id="ann")[0].item.id == later
+    finally:
+        if replica is not None:
+            replica.cleanup()
+        primary.cleanup()

@@ -15,7 +15,8 @@ from ._errors import (AuthenticationError, CacheMismatchError, ModelError, Stale
                       LLMOutputError, LLMResponseError, LLMUnavailableError, MemstackError,
                       MissingExtraError, NotFoundError, PermissionDeniedError,
                       RateLimitedError, RemoteError, SchemaVersionError, StoreCorruptError,
-                      StoreError, StoreUnavailableError, UnknownKindError)
+                      StoreError, StoreUnavailableError, ReadOnlyStoreError,
+                      UnknownKindError)
 from ._async import AsyncMemory
 from ._memory import Memory
 from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Generation, Hit,
@@ -37,7 +38,8 @@ __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
-    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "SchemaVersionError",
+    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "ReadOnlyStoreError",
+    "SchemaVersionError",
     "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",

@@ -15,6 +15,7 @@
     │   └── CubeNotFoundError
     ├── StoreError                                   the database itself
     │   ├── StoreUnavailableError                    cannot reach the database now (retry)
+    │   ├── ReadOnlyStoreError                       a write to a store opened read-only
     │   ├── SchemaVersionError                       written by a newer memstack
     │   └── StoreCorruptError                        not a memstack database, or damaged
     ├── EmbeddingError                               the embedding model or endpoint failed
@@ -43,7 +44,8 @@ __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
-    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "SchemaVersionError", "StoreCorruptError",
+    "CubeNotFoundError", "StoreError", "StoreUnavailableError", "ReadOnlyStoreError",
+    "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
@@ -110,6 +112,10 @@ class StoreError(MemstackError):
 class StoreUnavailableError(StoreError):
     """The database cannot be reached or dropped the connection; nothing of the failed call was
     committed, and a retry once it is back will work (the pool reconnects)."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """A write to a store opened with read_only=True (a read replica): write to the primary."""
 
 
 class SchemaVersionError(StoreError):

@@ -58,7 +58,9 @@ class Memory(TiersMixin):
     it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
     ingest; see docs/benchmarks.md), `search_settings` (SearchSettings: fusion weights and
     boosts of search). `files`: where a PostgreSQL store keeps the tiers' files (KV blocks,
-    shards); an SQLite store keeps them beside its file.
+    shards); an SQLite store keeps them beside its file. `read_only` (a PostgreSQL read
+    replica's URL): searches, gets and lists work, the schema is checked but never migrated,
+    access statistics are not kept, and every write raises ReadOnlyStoreError.
 
     With `llm` (an OpenAIChat or any ChatModel), add() also extracts facts, preferences and
     procedures and keeps them current (ADD / UPDATE / DELETE / NOOP, superseding instead of
@@ -72,14 +74,14 @@ class Memory(TiersMixin):
                  context_vectors: bool = False, llm: ChatModel | None = None,
                  extraction: ExtractionSettings | None = None,
                  search_settings: SearchSettings | None = None,
-                 files: str | Path | None = None) -> None:
+                 files: str | Path | None = None, read_only: bool = False) -> None:
         self.url = path if is_url(path) else None  # with its password: for worker processes
         self.embedder: Embedder = embedder or LocalEmbedder()
         self.default_cube = _name(cube, "cube")
         self.actor = actor or f"local:{_login()}"
-        self.track_access = track_access
+        self.track_access = track_access and not read_only
         self.llm = llm
-        self.store = open_store(path, files=files)
+        self.store = open_store(path, files=files, read_only=read_only)
         self.path = self.store.path
         self.location: str = self.store.location  # where the store is, without a password
         self._cubes = Cubes(self.store, self.embedder.name, self.embedder.dim, self.default_cube)
@@ -91,7 +93,8 @@ class Memory(TiersMixin):
         self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
         self._tiers: dict[str, Any] = {}
         # data repairs an older store needs (what each changed; the CLI and server print it)
-        self.repaired: list[dict[str, Any]] = run_pending(self.store, self.writer)
+        self.repaired: list[dict[str, Any]] = [] if read_only else \
+            run_pending(self.store, self.writer)
 
     @property
     def search_settings(self) -> SearchSettings:

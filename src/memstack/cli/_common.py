@@ -46,7 +46,7 @@ class Group(click.Group):
 
 def open_memory(ctx: click.Context, db: str | None = None) -> Memory:
     memory = Memory(db or ctx.obj["db"], cube=ctx.obj["cube"], llm=llm_client(ctx.obj["llm"]),
-                    files=ctx.obj.get("files"))
+                    files=ctx.obj.get("files"), read_only=ctx.obj.get("read_only", False))
     ctx.call_on_close(memory.close)
     for report in memory.repaired:
         err.print(f"memstack: {memory.location}: {summary(report)}", markup=False)

@@ -362,8 +362,8 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
 @click.option("--threads", default=16, show_default=True, type=int,
               help="Threads running requests in each worker.")
 @click.option("--workers", default=1, show_default=True, type=int,
-              help="Worker processes (2 uses both cores of a 2-core machine; rate limits are "
-                   "then per worker).")
+              help="Worker processes (2 uses both cores of a 2-core machine). On SQLite each "
+                   "worker keeps its own rate limits; on PostgreSQL every process shares them.")
 @click.pass_context
 def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
     """Serve the REST API (/docs, /openapi.json), MCP (/mcp) and the web page (/ui).
@@ -372,6 +372,9 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
     as a local admin, which is allowed only on a loopback address."""
     from ..server.run import serve as run_server
 
+    if ctx.obj.get("read_only"):
+        raise click.UsageError("serve writes (keys' use, rate limits, adds): point it at the "
+                               "primary; read replicas serve the library and read commands")
     memory = open_memory(ctx)
     err.print(f"memstack serving {memory.location} on http://{host}:{port} (/docs, /mcp, /ui)",
               markup=False)

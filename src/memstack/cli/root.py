@@ -18,6 +18,9 @@ from ._common import Group
               help="Folder for the files kept beside a PostgreSQL store (KV blocks, LoRA "
                    "shards); default ./memstack-files (env MEMSTACK_FILES). SQLite keeps them "
                    "beside its file.")
+@click.option("--read-only", is_flag=True, envvar="MEMSTACK_READ_ONLY",
+              help="Open a PostgreSQL read replica: searches and reads only, writes refused "
+                   "(env MEMSTACK_READ_ONLY).")
 @click.option("--cube", envvar="MEMSTACK_CUBE", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--llm-url", envvar="MEMSTACK_LLM_URL",
@@ -30,10 +33,10 @@ from ._common import Group
 @click.option("--llm-timeout", envvar="MEMSTACK_LLM_TIMEOUT", default=120.0, show_default=True,
               type=float, help="Seconds per LLM call.")
 @click.pass_context
-def cli(ctx: click.Context, db: str, files: str | None, cube: str, as_json: bool, llm_url: str | None,
+def cli(ctx: click.Context, db: str, files: str | None, read_only: bool, cube: str, as_json: bool, llm_url: str | None,
         llm_model: str | None, llm_key: str | None, llm_timeout: float) -> None:
     """memstack: memory for LLM applications and agents."""
-    ctx.obj = {"db": db, "files": files, "cube": cube, "json": as_json,
+    ctx.obj = {"db": db, "files": files, "read_only": read_only, "cube": cube, "json": as_json,
                "llm": {"url": llm_url, "model": llm_model, "key": llm_key,
                        "timeout": llm_timeout}}
 

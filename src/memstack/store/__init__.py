@@ -17,13 +17,18 @@ def is_url(target: str | Path) -> bool:
     return isinstance(target, str) and "://" in target
 
 
-def open_store(target: str | Path, *, files: str | Path | None = None) -> Store:
+def open_store(target: str | Path, *, files: str | Path | None = None,
+               read_only: bool = False) -> Store:
     """The store at `target`: a PostgreSQL URL (postgresql://user:pw@host/db) or an SQLite
-    file path. `files` is where a PostgreSQL store keeps the tiers' files.
+    file path. `files` is where a PostgreSQL store keeps the tiers' files. `read_only` (for a
+    PostgreSQL read replica): no schema migration, and every write is refused.
 
     >>> open_store("memory.db")
     """
     if not is_url(target):
+        if read_only:
+            raise InvalidInputError("read_only is for a PostgreSQL read replica; an SQLite "
+                                    "file is read by its own process")
         return SQLiteStore(target)
     if not str(target).startswith(URL_SCHEMES):
         scheme = str(target).split("://", 1)[0]
@@ -31,4 +36,4 @@ def open_store(target: str | Path, *, files: str | Path | None = None) -> Store:
                                 f"{scheme}:// is not supported")
     from .postgres import PostgresStore
 
-    return PostgresStore(str(target), files=files)
+    return PostgresStore(str(target), files=files, read_only=read_only)

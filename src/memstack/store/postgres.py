@@ -30,8 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from .._errors import (MissingExtraError, SchemaVersionError, StoreCorruptError, StoreError,
-                       StoreUnavailableError)
+from .._errors import (MissingExtraError, ReadOnlyStoreError, SchemaVersionError,
+                       StoreCorruptError, StoreError, StoreUnavailableError)
 from .access import AccessRows
 from .base import KeyGroup, Ranked, Rows
 from .counts import CountRows
@@ -168,10 +168,10 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
 
     dialect = "postgres"
 
-    def __init__(self, url: str, *, files: str | Path | None = None, pool_size: int = 8
-                 ) -> None:
+    def __init__(self, url: str, *, files: str | Path | None = None, pool_size: int = 8,
+                 read_only: bool = False) -> None:
         psycopg, pool_module, register_vector = _driver()
-        self.url, self.location = url, redact(url)
+        self.url, self.location, self.read_only = url, redact(url), read_only
         self.path = Path(files) if files is not None else Path("memstack-files") / "store"
         self._after: dict[int, list[Callable[[], None]]] = {}
         self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
@@ -184,15 +184,21 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         try:
             self._pool.open(wait=True, timeout=10.0)
             self.conn = PgConnection(self._pool, psycopg)
-            self._migrate(psycopg)
+            self._check_schema() if read_only else self._migrate(psycopg)
         except (pool_module.PoolTimeout, psycopg.OperationalError) as exc:
             self._pool.close()
             raise StoreError(f"cannot connect to the database at {self.location}: "
                              f"{_reason(exc, url)}") from None
+        except BaseException:  # a schema it cannot use: no pool left running
+            self._pool.close()
+            raise
 
     # lifecycle --------------------------------------------------------------------------------
     def _migrate(self, psycopg: Any) -> None:
         with self._pool.connection() as conn, conn.transaction():
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                raise ReadOnlyStoreError(f"{self.location} is a read replica: open it with "
+                                         "read_only=True, and write through the primary")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             version = self._version(conn)
             if version > SCHEMA_VERSION:
@@ -203,6 +209,19 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                 conn.execute(MIGRATIONS[version])
                 version += 1
                 conn.execute("UPDATE memstack_schema SET version = %s", (version,))
+
+    def _check_schema(self) -> None:
+        """A read-only store (a replica) only reads the schema's version: it must be this
+        code's (the primary creates and migrates it)."""
+        with self._pool.connection() as conn:
+            found = conn.execute("SELECT to_regclass('memstack_schema') IS NOT NULL").fetchone()[0]
+            version = conn.execute("SELECT version FROM memstack_schema").fetchone()[0] \
+                if found else None
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.location} has memstack schema version {version}, this memstack needs "
+                f"{SCHEMA_VERSION}; a read-only store does not migrate: open the primary with "
+                "this version first (or run the version that matches)")
 
     def _version(self, conn: Any) -> int:
         tables = {r[0] for r in conn.execute(
@@ -245,6 +264,9 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{self.location} was opened read-only (a replica): "
+                                     "write through the primary's URL")
         key = threading.get_ident()
         self._after[key] = []
         try:
