@@ -6,8 +6,9 @@ dimension), so a write is visible to every process's next search; there is no in
 
 Full text: each key's `tsvector` (the `memstack` configuration: English Snowball stemming, no
 stopwords) and its length in tokens; a search scores candidates with BM25 (k1 1.2, b 0.75, the
-idf of FTS5) from term statistics counted over all keys, as FTS5's bm25() does, so rankings
-match the SQLite store's (ts_rank_cd, measured, does not: docs/scaling.md).
+idf of FTS5) from term statistics over all keys, as FTS5's bm25() does, so rankings match the
+SQLite store's (ts_rank_cd, measured, does not: docs/scaling.md). The database keeps those
+statistics itself (triggers on keys fill term_stats and key_stats per cube).
 
 Deleting: rows, versions' text, keys, their tsvectors and vectors leave every query in the
 transaction; what MVCC leaves on disk (dead tuples, the WAL that logged the text) is removed by
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import math
 import re
 import threading
@@ -174,8 +176,6 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         self.url, self.location, self.read_only = url, redact(url), read_only
         self.path = Path(files) if files is not None else Path("memstack-files") / "store"
         self._after: dict[int, list[Callable[[], None]]] = {}
-        self._df: dict[str, tuple[float, int]] = {}  # lexeme -> (when counted, keys with it)
-        self._totals: tuple[float, int, float] | None = None  # (when, keys, mean length)
         self._counts: dict[tuple[int, ...], tuple[float, int]] = {}  # cubes -> (when, keys)
         self._pool = pool_module.ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="memstack",
@@ -302,7 +302,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         with self._pool.connection() as conn:
             conn.execute("RESET ROLE")  # VACUUM FULL needs the tables' owner
             self.conn.forget(conn)
-            for table in ("keys", "versions", "items"):
+            for table in ("keys", "versions", "items", "term_stats"):
                 conn.execute(f"VACUUM FULL {table}")
                 ran.append(f"VACUUM FULL {table}")
             for _ in range(2):
@@ -336,7 +336,6 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                  None if vectors is None else np.asarray(vectors[n], np.float32))
                 for rowid, texts, roles, vectors in groups
                 for n, (text, role) in enumerate(zip(texts, roles))]
-        self._totals = None
         return self.returning(
             "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
             "((SELECT cube_id FROM items WHERE rowid = ?), ?, ?, to_tsvector('memstack', ?), "
@@ -348,7 +347,6 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         where = "item_rowid = ANY(?)" + (" AND role = ?" if role else "")
         params = (list(item_rowids), role) if role else (list(item_rowids),)
         rows = self.conn.execute(f"DELETE FROM keys WHERE {where} RETURNING rowid", params)
-        self._totals = None
         return [r[0] for r in rows]
 
     def compact_indexes(self) -> None:
@@ -377,8 +375,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         lexemes = self._lexemes(words)
         if not lexemes:
             return {False: [], True: []}
-        idf = self._idf(lexemes)
-        _, count, mean = self._key_totals()
+        idf, mean = self._statistics(lexemes)
         where, params = self.where(sel)
         query = " | ".join("'" + lex.replace("'", "''") + "'" for lex in lexemes)
         rows = self.conn.execute(
@@ -405,28 +402,18 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
                                  (" ".join(words),))
         return sorted(r[0] for r in rows)
 
-    def _idf(self, lexemes: Sequence[str], ttl: float = 30.0) -> dict[str, float]:
-        """FTS5's idf: log((N - n + 0.5) / (n + 0.5)), at least 1e-6. Counts are cached for
-        `ttl` seconds (a write of this process clears them)."""
-        _, total, _ = self._key_totals()  # first: refreshing the totals clears the counts
-        now, counts = time.monotonic(), {}
-        for lex in lexemes:  # read into `counts`: another thread may clear the cache meanwhile
-            when, n = self._df.get(lex, (-1e9, 0))
-            if now - when > ttl:
-                n = self.conn.execute("SELECT count(*) FROM keys WHERE tsv @@ ?::tsquery",
-                                      ("'" + lex.replace("'", "''") + "'",)).fetchone()[0]
-                self._df[lex] = (now, n)
-            counts[lex] = n
-        return {lex: _idf(total, counts[lex]) for lex in lexemes}
-
-    def _key_totals(self, ttl: float = 30.0) -> tuple[float, int, float]:
-        totals = self._totals  # one read: a writing thread may reset it meanwhile
-        if totals is None or time.monotonic() - totals[0] > ttl:
-            count, mean = self.conn.execute("SELECT count(*), coalesce(avg(length), 0) "
-                                            "FROM keys").fetchone()
-            totals = self._totals = (time.monotonic(), int(count), float(mean))
-            self._df.clear()
-        return totals
+    def _statistics(self, lexemes: Sequence[str]) -> tuple[dict[str, float], float]:
+        """BM25's statistics in one query: FTS5's idf of each lexeme, log((N - n + 0.5) /
+        (n + 0.5)) at least 1e-6, and the keys' mean length, over every cube (FTS5's are
+        global); kept by the database as keys come and go (pg_schema.py, version 3)."""
+        keys, length, counts = self.conn.execute(
+            "SELECT coalesce(sum(keys), 0), coalesce(sum(length), 0), (SELECT "
+            "  coalesce(json_object_agg(lexeme, n), '{}') FROM (SELECT lexeme, sum(keys) n "
+            "  FROM term_stats WHERE lexeme = ANY(?) GROUP BY lexeme) t) FROM key_stats",
+            (list(lexemes),)).fetchone()
+        counts = json.loads(counts) if isinstance(counts, str) else counts
+        idf = {lex: _idf(int(keys), int(counts.get(lex, 0))) for lex in lexemes}
+        return idf, float(length) / max(int(keys), 1)
 
     def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked:
         """Best cosine similarity per selected item, best first, own keys (False) and context
