@@ -393,6 +393,8 @@ def test_losing_the_database_mid_run_fails_calls_cleanly_and_reconnects(embedder
     """PostgreSQL stops under a running store and server: calls fail with
     StoreUnavailableError (503 store_unavailable over REST), nothing is half-written; once it is
     back the pool reconnects by itself and every acknowledged write is there."""
+    import time
+
     import httpx
     import pgserver
     from conftest import RunningServer
@@ -418,7 +420,16 @@ def test_losing_the_database_mid_run_fails_calls_cleanly_and_reconnects(embedder
                 assert down.status_code == 503
                 assert down.json()["error"]["code"] == "store_unavailable"
                 database.ensure_postgres_running()
-                kept.append(memory.add("The gutters were cleaned in May", user_id="ann").ids[0])
+                # the pool reconnects by itself, after its back-off (seconds): the same Memory
+                # and server, no restart of either
+                deadline = time.monotonic() + 90
+                while True:
+                    try:
+                        kept.append(memory.add("The gutters were cleaned in May",
+                                               user_id="ann").ids[0])
+                        break
+                    except StoreUnavailableError:
+                        assert time.monotonic() < deadline, "the pool never reconnected"
                 up = httpx.post(server.url + "/v1/memories", headers=key, timeout=60,
                                 json={"messages": "The roof was checked in June", "user_id": "ann"})
                 assert up.status_code == 201

@@ -41,7 +41,8 @@ class Gate:
             # another request or server process may be creating it at this moment
             self.memory.create_cube(name, owner=who.user, exist_ok=True)
             row = self.memory.store.cube(name)
-            self.memory.store.widen(row.id)  # the database's wall lets its creator in
+        if row.owner == who.user:  # the database's wall, set as the request began, may predate
+            self.memory.store.widen(row.id)  # the cube (made since, here or by another process)
         self.keys.require(who, row, need)
         return row
 

@@ -256,7 +256,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     def widen(self, cube_id: int) -> None:
         """Add a cube to this context's wall (one the caller just created)."""
         current = _VISIBLE.get()
-        if current != "*":
+        if current != "*" and str(int(cube_id)) not in current.split(","):
             _VISIBLE.set(_visible([*filter(None, current.split(",")), cube_id]))
 
     def flush(self) -> None:
