@@ -224,16 +224,12 @@ class ItemRows:
     def add_version(self, item_rowid: int, item: Item, reason: str, actor: str,
                     source_ids: Sequence[str] = ()) -> None:
         """Record an item as it is now; `source_ids` are the items (turns) that caused it."""
-        self.conn.execute(
-            "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
-            "valid_to, changed_at, reason, actor, superseded_by, source_ids) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (item_rowid, item.version, item.content, json.dumps(item.metadata), item.status,
-             _epoch(item.valid_from), _epoch(item.valid_to), time.time(), reason, actor,
-             item.superseded_by, json.dumps(list(source_ids or item.source_ids))))
+        self.add_versions([(item_rowid, item)], reason, actor, source_ids)
 
-    def add_versions(self, rows: Sequence[tuple[int, Item]], reason: str, actor: str) -> None:
-        """Record several items as they are now, for one reason."""
+    def add_versions(self, rows: Sequence[tuple[int, Item]], reason: str, actor: str,
+                     source_ids: Sequence[str] = ()) -> None:
+        """Record several items as they are now, for one reason (`source_ids`, when given,
+        instead of each item's own)."""
         now = time.time()
         self.conn.executemany(
             "INSERT INTO versions (item_rowid, version, content, metadata, status, valid_from, "
@@ -241,7 +237,8 @@ class ItemRows:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(rowid, item.version, item.content, json.dumps(item.metadata), item.status,
               _epoch(item.valid_from), _epoch(item.valid_to), now, reason, actor,
-              item.superseded_by, json.dumps(list(item.source_ids))) for rowid, item in rows])
+              item.superseded_by, json.dumps(list(source_ids or item.source_ids)))
+             for rowid, item in rows])
 
     def purge_versions(self, item_rowid: int) -> None:
         self.conn.execute("UPDATE versions SET content = NULL, metadata = '{}' "

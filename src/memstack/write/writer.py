@@ -78,8 +78,9 @@ class Writer:
         rowids = self.store.insert_items(
             cube.id, [{**d.fields, "recorded_at": now, "updated_at": now} for d in drafts])
         starts = np.cumsum([0] + [len(d.key_texts) for d in drafts])
+        spans = zip(rowids, drafts, starts, starts[1:])
         self.store.insert_keys([(rowid, d.key_texts, d.key_roles, vectors[start:end])
-                                for rowid, d, start, end in zip(rowids, drafts, starts, starts[1:])])
+                                for rowid, d, start, end in spans])
         items = self.store.items_by_rowid(rowids)
         written = [(rowid, items[rowid]) for rowid in rowids]
         self.store.add_versions(written, "add", self.actor)
