@@ -158,3 +158,28 @@ def test_no_request_crosses_a_grant(shared_server, actions):
     world = World(shared_server, uuid.uuid4().hex[:8])
     for action in actions:
         _step(world, action)
+
+
+def test_the_walls_cubes_are_the_ones_the_access_check_allows(mem):
+    """The database's wall for a request (Keys.visible_cubes, one statement) agrees with the
+    access check cube by cube: owned, granted, limited by the key, admin, nobody's."""
+    from memstack.server.auth import Keys, Principal
+
+    keys = Keys(mem.store)
+    for user in ("ann", "bob", "carol"):
+        keys.ensure_user(user)
+    for name, owner in (("a1", "ann"), ("a2", "ann"), ("b1", "bob"), ("b2", "bob"),
+                        ("shared", None)):
+        mem.create_cube(name, owner=owner)
+    bob = Principal("bob", "user")
+    keys.grant(bob, mem.store.cube("b1"), "ann", "read")
+    keys.grant(bob, mem.store.cube("b2"), "carol", "write")
+    ids = {c.name: mem.store.cube(c.name).id for c in mem.cubes()}
+    callers = [Principal("ann", "user"), Principal("ann", "user", "k", ("a1", "b1", "b2")),
+               bob, Principal("carol", "user"), Principal("dave", "user"),
+               Principal("root", "admin", "k2", ("shared", "a2")), Principal("ann", "user", "k3", ())]
+    for who in callers:
+        allowed = {ids[n] for n in ids if keys.access(who, mem.store.cube(n)) is not None}
+        assert set(keys.visible_cubes(who)) == allowed, who
+    assert set(keys.visible_cubes(Principal("ann", "user"))) == {ids["a1"], ids["a2"], ids["b1"]}
+    assert keys.visible_cubes(Principal("root", "admin")) is None  # every cube

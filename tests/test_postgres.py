@@ -132,6 +132,50 @@ def test_row_level_security_is_a_second_wall_by_cube(pg_url, embedder, tmp_path)
                          "VALUES (%s, 'x', 'read', 'x', 0)", (bob,))
 
 
+def test_one_connection_for_a_block_follows_the_wall_and_its_transactions(pg_url, embedder,
+                                                                          tmp_path):
+    """store.session() holds one pooled connection for a block (a search's reads): the wall
+    set for the context still applies, a wall widened inside the block applies at once, and a
+    transaction inside that rolls back leaves the connection as it found it."""
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+        mem.add("Ann keeps her passport in the red drawer", user_id="ann", cube="ann-cube")
+        mem.add("Bob keeps his passport in the blue box", user_id="bob", cube="bob-cube")
+        ann, bob = mem.store.cube("ann-cube").id, mem.store.cube("bob-cube").id
+        with mem.store.restricted([ann]), mem.store.session() as held:
+            assert mem.search("passport", cube="bob-cube") == []
+            mem.store.widen(bob)
+            assert "blue box" in mem.search("passport", cube="bob-cube")[0].item.content
+            with pytest.raises(RuntimeError), mem.store.transaction():
+                mem.store.conn.execute("SELECT set_config('memstack.cubes', '', false)")
+                raise RuntimeError("roll back")
+            assert "blue box" in mem.search("passport", cube="bob-cube")[0].item.content
+            with mem.store.session() as inner:  # nests: the same connection
+                assert inner is held
+
+
+def test_a_busy_pool_does_not_check_each_connection_it_lends(pg_url, embedder, tmp_path,
+                                                            monkeypatch):
+    """The liveness round trip before each borrow is skipped for a connection that served a
+    statement within the last second, and made for one idle longer (a restarted database)."""
+    import time
+
+    from psycopg_pool import ConnectionPool
+
+    checks = []
+    real = ConnectionPool.check_connection
+    monkeypatch.setattr(ConnectionPool, "check_connection",
+                        staticmethod(lambda conn: (checks.append(conn), real(conn))[1]))
+    with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+        mem.add("The boiler was serviced in March", user_id="ann")
+        checks.clear()
+        for _ in range(10):
+            assert mem.search("boiler", user_id="ann")
+        assert checks == []
+        time.sleep(1.2)
+        assert mem.search("boiler", user_id="ann")
+        assert len(checks) >= 1
+
+
 def test_the_databases_wall_holds_when_the_servers_check_has_a_bug(pg_url, embedder, tmp_path,
                                                                     monkeypatch):
     from conftest import RunningServer

@@ -46,7 +46,8 @@ class Searcher:
                         [k for k in KINDS if k != "session"] if kinds is None else kinds,
                         filters, since, until, as_of_t, exact=exact)
         qvec = embed_query(self.embedder, query_obj.text)
-        return hybrid(self.store, query_obj, qvec, sel, top_k, settings=self.settings)
+        with self.store.session():  # its reads on one connection of a pool
+            return hybrid(self.store, query_obj, qvec, sel, top_k, settings=self.settings)
 
 
 def selection(cubes: Sequence[CubeRow], scope: dict[str, str | None],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,21 @@ class AccessRows:
         return KeyLogin(row[0], row[1], row[2], _cubes(row[3]), row[4]) if row else None
 
     # grants ----------------------------------------------------------------------------------
+    def readable_cube_ids(self, user_id: str | None, names: Sequence[str] | None) -> list[int]:
+        """Ids of the cubes `user_id` owns or holds a grant on (None: every cube), within
+        `names` when given: one statement, however many cubes there are."""
+        where, params = [], []
+        if user_id is not None:
+            where.append("(c.owner = ? OR c.id IN (SELECT g.cube_id FROM grants g "
+                         "WHERE g.user_id = ?))")
+            params += [user_id, user_id]
+        if names is not None:
+            where.append(f"c.name IN ({', '.join('?' * len(names))})" if names else "false")
+            params += list(names)
+        rows = self.conn.execute("SELECT c.id FROM cubes c WHERE " + (" AND ".join(where) or
+                                 "true") + " ORDER BY c.id", params)
+        return [int(r[0]) for r in rows]
+
     def grant_access(self, cube_id: int, user_id: str) -> str | None:
         """The access ("read" or "write") granted to a user on a cube, None without a grant."""
         row = self.conn.execute("SELECT access FROM grants WHERE cube_id = ? AND user_id = ?",

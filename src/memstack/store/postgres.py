@@ -20,14 +20,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import json
-import math
 import re
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -44,6 +42,20 @@ from .selection import Selection
 from .shards import ShardRows
 
 K1, B = 1.2, 0.75  # FTS5's bm25() defaults
+# BM25's terms and statistics, as FTS5's bm25() has them: the query's lexemes; over every cube
+# (FTS5's statistics are global) the keys' count and mean length; each lexeme's idf,
+# log((N - n + 0.5) / (n + 0.5)) and at least 1e-6, from term_stats and key_stats (kept by the
+# database as keys come and go, pg_schema.py version 3). MATERIALIZED: computed once per query,
+# not once per key scored
+_BM25_TERMS = (
+    "terms AS MATERIALIZED (SELECT DISTINCT lexeme FROM unnest(to_tsvector('memstack', ?))), "
+    "totals AS MATERIALIZED (SELECT coalesce(sum(keys), 0)::float8 AS n, greatest(1e-9, "
+    "  coalesce(sum(length), 0)::float8 / greatest(coalesce(sum(keys), 0), 1)) AS mean "
+    "  FROM key_stats), "
+    "weights AS MATERIALIZED (SELECT lexeme, CASE WHEN r > 0 THEN greatest(1e-6, ln(r)) "
+    "  ELSE 1e-6 END AS idf FROM (SELECT x.lexeme, ((SELECT n FROM totals) - x.n + 0.5) / "
+    "  (x.n + 0.5) AS r FROM (SELECT terms.lexeme, coalesce(sum(t.keys), 0)::float8 AS n "
+    "  FROM terms LEFT JOIN term_stats t ON t.lexeme = terms.lexeme GROUP BY terms.lexeme) x) r)")
 EXACT_LIMIT = 20_000  # as the SQLite store: fewer keys in scope are compared one by one
 _TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
 _MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
@@ -77,17 +89,20 @@ class PgConnection:
     when the login is a superuser (whom row-level security does not bind), the role
     memstack_app."""
 
-    def __init__(self, pool: Any, errors: Any) -> None:
+    def __init__(self, pool: Any, errors: Any,
+                 used: weakref.WeakKeyDictionary[Any, float] | None = None) -> None:
         from psycopg_pool import PoolTimeout
 
         self.pool, self._errors = pool, errors
+        self._used = weakref.WeakKeyDictionary() if used is None else used  # see _check()
         self._unreachable = (errors.OperationalError, PoolTimeout)
         self._local = threading.local()
-        self._state: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._state: weakref.WeakKeyDictionary[Any, dict[str, str]] = \
+            weakref.WeakKeyDictionary()
 
     @property
     def in_transaction(self) -> bool:
-        return getattr(self._local, "conn", None) is not None
+        return getattr(self._local, "transaction", False)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
         with self._connection() as conn:
@@ -106,7 +121,9 @@ class PgConnection:
 
     def _run(self, conn: Any, call: Callable[[Any], Any]) -> Any:
         try:
-            return call(conn)
+            result = call(conn)
+            self._used[conn] = time.monotonic()
+            return result
         except self._errors.Error as exc:  # everything the driver raises: one error tree
             if conn.closed or conn.broken:  # the pool replaces it; the next call reconnects
                 raise StoreUnavailableError(f"lost the database connection: {exc}") from exc
@@ -116,11 +133,28 @@ class PgConnection:
     def _connection(self) -> Iterator[Any]:
         pinned = getattr(self._local, "conn", None)
         if pinned is not None:
+            self._enter(pinned)  # the wall may have widened since the block began
             yield pinned
             return
         with self._borrowed() as conn:
             self._enter(conn)
             yield conn
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        """Every statement of this thread in the block on one connection, borrowed (and checked
+        alive) once, each statement committed as it runs: a read of several statements costs
+        one borrow, not one each. Nests; a transaction inside uses the same connection."""
+        pinned = getattr(self._local, "conn", None)
+        if pinned is not None:
+            yield pinned
+            return
+        with self._borrowed() as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
 
     @contextlib.contextmanager
     def _borrowed(self) -> Iterator[Any]:
@@ -134,14 +168,25 @@ class PgConnection:
 
     def _enter(self, conn: Any) -> None:
         want = _VISIBLE.get()
-        if self._state.get(conn) == want:
+        state = self._state.get(conn)
+        if state is not None and state.get("memstack.cubes") == want:
             return
-        if conn not in self._state and conn.execute(
+        if state is None and conn.execute(
                 "SELECT rolsuper AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = "
                 "'memstack_app') FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
             conn.execute("SET ROLE memstack_app")
         conn.execute("SELECT set_config('memstack.cubes', %s, false)", (want,))
-        self._state[conn] = want
+        self._state.setdefault(conn, {})["memstack.cubes"] = want
+
+    def setting(self, name: str, value: str) -> None:
+        """Set a run-time parameter of the connection this thread holds (in session() or
+        transaction()), unless it has that value already: no round trip per query."""
+        conn = self._local.conn
+        state = self._state.setdefault(conn, {})
+        if state.get(name) != value:
+            self._run(conn, lambda c: c.execute(
+                "SELECT set_config(%s, %s, false)", (name, value)))
+            state[name] = value
 
     def forget(self, conn: Any) -> None:
         """The connection's settings are unknown (a rollback undid them, or RESET ROLE)."""
@@ -151,8 +196,8 @@ class PgConnection:
     def transaction(self) -> Iterator[Any]:
         if self.in_transaction:
             raise StoreError("transactions do not nest")
-        with self._borrowed() as conn:
-            self._local.conn = conn
+        with self.session() as conn:
+            self._local.transaction = True
             try:
                 with conn.transaction():
                     self._enter(conn)
@@ -161,7 +206,7 @@ class PgConnection:
                 self.forget(conn)
                 raise
             finally:
-                self._local.conn = None
+                self._local.transaction = False
 
 
 class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
@@ -177,13 +222,14 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         self.path = Path(files) if files is not None else Path("memstack-files") / "store"
         self._after: dict[int, list[Callable[[], None]]] = {}
         self._counts: dict[tuple[int, ...], tuple[float, int]] = {}  # cubes -> (when, keys)
+        used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._pool = pool_module.ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="memstack",
-            check=pool_module.ConnectionPool.check_connection,  # a restarted server: reconnect
+            check=functools.partial(_check, used, pool_module.ConnectionPool.check_connection),
             kwargs={"autocommit": True}, configure=functools.partial(_configure, register_vector))
         try:
             self._pool.open(wait=True, timeout=10.0)
-            self.conn = PgConnection(self._pool, psycopg)
+            self.conn = PgConnection(self._pool, psycopg, used)
             self._check_schema() if read_only else self._migrate(psycopg)
         except (pool_module.PoolTimeout, psycopg.OperationalError) as exc:
             self._pool.close()
@@ -261,6 +307,10 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
 
     def flush(self) -> None:
         """Nothing to save: every index lives in the database."""
+
+    def session(self) -> ContextManager[Any]:
+        """The statements of this thread in the block share one pooled connection."""
+        return self.conn.session()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -371,49 +421,26 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     # candidates -------------------------------------------------------------------------------
     def fts(self, words: Sequence[str], sel: Selection, limit: int) -> Ranked:
         """Best BM25 score per selected item for any of `words`, own keys (False) and context
-        keys (True) apart, best first."""
-        lexemes = self._lexemes(words)
-        if not lexemes:
+        keys (True) apart, best first. One statement: the words' lexemes, their statistics
+        and the scores (three round trips cost more than the scoring under load)."""
+        if not words:
             return {False: [], True: []}
-        idf, mean = self._statistics(lexemes)
         where, params = self.where(sel)
-        query = " | ".join("'" + lex.replace("'", "''") + "'" for lex in lexemes)
         rows = self.conn.execute(
-            "SELECT k.item_rowid, k.role = 'context' AS ctx, max((SELECT sum(q.idf * "
-            "  (array_length(t.positions, 1) * ?) / (array_length(t.positions, 1) + "
-            "  ? * (1 - ? + ? * k.length / ?))) FROM unnest(k.tsv) t "
-            "  JOIN unnest(?::text[], ?::float8[]) q(lexeme, idf) ON q.lexeme = t.lexeme)) "
-            "AS score FROM keys k JOIN items i ON i.rowid = k.item_rowid "
-            f"WHERE k.tsv @@ ?::tsquery AND {_key_cubes(sel)} AND {where} "
-            "GROUP BY k.item_rowid, ctx "
+            f"WITH {_BM25_TERMS} SELECT k.item_rowid, k.role = 'context' AS ctx, max((SELECT "
+            "  sum(w.idf * (array_length(t.positions, 1) * ?) / (array_length(t.positions, 1) "
+            "  + ? * (1 - ? + ? * k.length / (SELECT mean FROM totals)))) FROM unnest(k.tsv) t "
+            "  JOIN weights w ON w.lexeme = t.lexeme)) AS score "
+            "FROM keys k JOIN items i ON i.rowid = k.item_rowid "
+            "WHERE k.tsv @@ (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery FROM terms) "
+            f"AND {_key_cubes(sel)} AND {where} GROUP BY k.item_rowid, ctx "
             "ORDER BY score DESC, k.item_rowid LIMIT ?",
-            (K1 + 1, K1, B, B, max(mean, 1e-9), list(idf), list(idf.values()), query, *params,
-             2 * limit))
+            (" ".join(words), K1 + 1, K1, B, B, *params, 2 * limit))
         out: Ranked = {False: [], True: []}
         for rowid, ctx, score in rows:
             if len(out[bool(ctx)]) < limit:
                 out[bool(ctx)].append((int(rowid), float(score or 0.0)))
         return out
-
-    def _lexemes(self, words: Sequence[str]) -> list[str]:
-        if not words:
-            return []
-        rows = self.conn.execute("SELECT DISTINCT lexeme FROM unnest(to_tsvector('memstack', ?))",
-                                 (" ".join(words),))
-        return sorted(r[0] for r in rows)
-
-    def _statistics(self, lexemes: Sequence[str]) -> tuple[dict[str, float], float]:
-        """BM25's statistics in one query: FTS5's idf of each lexeme, log((N - n + 0.5) /
-        (n + 0.5)) at least 1e-6, and the keys' mean length, over every cube (FTS5's are
-        global); kept by the database as keys come and go (pg_schema.py, version 3)."""
-        keys, length, counts = self.conn.execute(
-            "SELECT coalesce(sum(keys), 0), coalesce(sum(length), 0), (SELECT "
-            "  coalesce(json_object_agg(lexeme, n), '{}') FROM (SELECT lexeme, sum(keys) n "
-            "  FROM term_stats WHERE lexeme = ANY(?) GROUP BY lexeme) t) FROM key_stats",
-            (list(lexemes),)).fetchone()
-        counts = json.loads(counts) if isinstance(counts, str) else counts
-        idf = {lex: _idf(int(keys), int(counts.get(lex, 0))) for lex in lexemes}
-        return idf, float(length) / max(int(keys), 1)
 
     def vector_candidates(self, qvec: np.ndarray, sel: Selection, limit: int) -> Ranked:
         """Best cosine similarity per selected item, best first, own keys (False) and context
@@ -454,8 +481,8 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         """Keys nearest by the HNSW index of q's dimension, then the selection applied."""
         dim = len(q)
         where, params = self.where(sel)
-        with self.transaction():
-            self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, 2 * k))}")
+        with self.conn.session():
+            self.conn.setting("hnsw.ef_search", str(max(40, min(1000, 2 * k))))
             return self.conn.execute(
                 f"SELECT k.item_rowid, k.role = 'context', 1 - (k.vec::vector({dim}) <=> ?) "
                 f"FROM (SELECT * FROM keys k WHERE vector_dims(k.vec) = {dim} "
@@ -527,12 +554,6 @@ def _visible(cube_ids: Iterable[Any]) -> str:
     return ",".join(str(int(c)) for c in cube_ids)
 
 
-def _idf(total: int, n: int) -> float:
-    """FTS5's idf (a count cached before other writes may exceed the total: then the least)."""
-    ratio = (total - n + 0.5) / (n + 0.5)
-    return max(1e-6, math.log(ratio)) if ratio > 0 else 1e-6
-
-
 def _driver() -> tuple[Any, Any, Any]:
     try:
         import psycopg
@@ -542,6 +563,17 @@ def _driver() -> tuple[Any, Any, Any]:
         raise MissingExtraError("the PostgreSQL store needs the postgres extra: "
                                 "pip install 'memstack[postgres]'") from exc
     return psycopg, psycopg_pool, register_vector
+
+
+def _check(used: weakref.WeakKeyDictionary[Any, float], check: Callable[[Any], None],
+           conn: Any, fresh: float = 1.0) -> None:
+    """Before the pool lends a connection: one that served a statement within `fresh` seconds
+    is taken as alive (under load a round trip per borrow costs more than the statement); an
+    older one is checked, so after a restart of the database the next call reconnects. A
+    restart within that second fails the call that meets it (StoreUnavailableError), once."""
+    if not conn.closed and time.monotonic() - used.get(conn, -fresh) < fresh:
+        return
+    check(conn)
 
 
 def _configure(register_vector: Callable[[Any], None], conn: Any) -> None:

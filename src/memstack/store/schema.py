@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _V1 = """
 CREATE TABLE cubes (
@@ -174,5 +174,12 @@ CREATE TABLE repairs (
 INSERT INTO repairs (name, state) VALUES ('split_sessions', 'pending');
 """
 
+# v7: the cubes a user may read, found by owner and by grantee in one indexed statement (the
+# server asks it for every request's wall)
+_V7 = """
+CREATE INDEX cubes_owner ON cubes (owner);
+CREATE INDEX grants_user ON grants (user_id);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7}

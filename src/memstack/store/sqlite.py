@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -156,6 +156,10 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         done, self._on_commit = self._on_commit, []
         for action in done:
             action()
+
+    def session(self) -> ContextManager[None]:
+        """Nothing to hold: one connection serves every statement."""
+        return contextlib.nullcontext()
 
     def flush(self) -> None:
         """Save the vector indexes now (otherwise when writes pause, and at close)."""
