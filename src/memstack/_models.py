@@ -60,12 +60,22 @@ class Item:
     shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name in ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-                     "last_accessed"):
+        """The item as JSON-ready values (times in ISO 8601). Its lists and metadata are
+        copied one level deep (asdict's deep copy was a sixth of a search's time in the
+        server)."""
+        out = {name: getattr(self, name) for name in _ITEM_FIELDS}
+        for name in _ITEM_TIMES:
             out[name] = _iso(out[name])
+        for name in _ITEM_CONTAINERS:
+            out[name] = out[name].copy()
         out["memory"] = self.content  # the mem0 name for the text
         return out
+
+
+_ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(Item))
+_ITEM_TIMES = ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
+               "last_accessed")
+_ITEM_CONTAINERS = ("metadata", "tags", "source_ids", "kv_blocks", "shards")
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,16 @@ K1, B = 1.2, 0.75  # FTS5's bm25() defaults
 # database as keys come and go, pg_schema.py version 3). MATERIALIZED: computed once per query,
 # not once per key scored
 _BM25_TERMS = (
-    "terms AS MATERIALIZED (SELECT DISTINCT lexeme FROM unnest(to_tsvector('memstack', ?))), "
+    "terms AS MATERIALIZED (SELECT lexeme, (SELECT coalesce(sum(t.keys), 0) FROM term_stats t "
+    "  WHERE t.lexeme = q.lexeme)::float8 AS n FROM (SELECT DISTINCT lexeme FROM "
+    "  unnest(to_tsvector('memstack', ?))) q), "
     "totals AS MATERIALIZED (SELECT coalesce(sum(keys), 0)::float8 AS n, greatest(1e-9, "
     "  coalesce(sum(length), 0)::float8 / greatest(coalesce(sum(keys), 0), 1)) AS mean "
     "  FROM key_stats), "
-    "weights AS MATERIALIZED (SELECT lexeme, CASE WHEN r > 0 THEN greatest(1e-6, ln(r)) "
-    "  ELSE 1e-6 END AS idf FROM (SELECT x.lexeme, ((SELECT n FROM totals) - x.n + 0.5) / "
-    "  (x.n + 0.5) AS r FROM (SELECT terms.lexeme, coalesce(sum(t.keys), 0)::float8 AS n "
-    "  FROM terms LEFT JOIN term_stats t ON t.lexeme = terms.lexeme GROUP BY terms.lexeme) x) r)")
+    "weights AS MATERIALIZED (SELECT array_agg(lexeme) AS lexemes, array_agg(CASE WHEN r > 0 "
+    "  THEN greatest(1e-6, ln(r)) ELSE 1e-6 END) AS idf, (SELECT mean FROM totals) AS mean, "
+    "  string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM (SELECT lexeme, "
+    "  ((SELECT n FROM totals) - n + 0.5) / (n + 0.5) AS r FROM terms) r)")
 EXACT_LIMIT = 20_000  # as the SQLite store: fewer keys in scope are compared one by one
 _TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
 _MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
@@ -382,14 +384,33 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
 
     def insert_keys(self, groups: Sequence[KeyGroup]) -> list[int]:
         """Insert items' keys; a group whose vectors are None is text-only (full text only)."""
-        rows = [(rowid, rowid, role, text, len(_TOKEN.findall(text)),
+        rows = [(rowid, role, text, len(_TOKEN.findall(text)),
                  None if vectors is None else np.asarray(vectors[n], np.float32))
                 for rowid, texts, roles, vectors in groups
                 for n, (text, role) in enumerate(zip(texts, roles))]
-        return self.returning(
-            "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) VALUES "
-            "((SELECT cube_id FROM items WHERE rowid = ?), ?, ?, to_tsvector('memstack', ?), "
-            "?, ?) RETURNING rowid", rows)
+        if not rows:
+            return []
+        # one statement for all of them: the statistics trigger runs once, not once a key
+        rowids, roles, texts, lengths, vectors = (list(column) for column in zip(*rows))
+        return [r[0] for r in self.conn.execute(
+            "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) "
+            "SELECT i.cube_id, k.item_rowid, k.role, to_tsvector('memstack', k.text), k.length, "
+            "k.vec FROM unnest(?::bigint[], ?::text[], ?::text[], ?::integer[], ?::vector[]) "
+            "WITH ORDINALITY AS k(item_rowid, role, text, length, vec, n) "
+            "JOIN items i ON i.rowid = k.item_rowid ORDER BY k.n RETURNING rowid",
+            (rowids, roles, texts, lengths, vectors))]
+
+    def touch(self, uses: dict[str, tuple[int, float]]) -> None:
+        """Record use, {item id: (times used, last time)}, in one statement."""
+        if not uses:
+            return
+        ids = list(uses)
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE items i SET access_count = i.access_count + u.n, last_accessed = CASE "
+                "WHEN i.last_accessed > u.t THEN i.last_accessed ELSE u.t END FROM "
+                "unnest(?::text[], ?::bigint[], ?::float8[]) AS u(id, n, t) WHERE i.id = u.id",
+                (ids, [uses[i][0] for i in ids], [uses[i][1] for i in ids]))
 
     def delete_keys(self, item_rowids: Sequence[int], role: str | None = None) -> list[int]:
         if not item_rowids:
@@ -426,16 +447,16 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         if not words:
             return {False: [], True: []}
         where, params = self.where(sel)
+        cubes, cube_ids = _key_cubes(sel)
         rows = self.conn.execute(
             f"WITH {_BM25_TERMS} SELECT k.item_rowid, k.role = 'context' AS ctx, max((SELECT "
-            "  sum(w.idf * (array_length(t.positions, 1) * ?) / (array_length(t.positions, 1) "
-            "  + ? * (1 - ? + ? * k.length / (SELECT mean FROM totals)))) FROM unnest(k.tsv) t "
-            "  JOIN weights w ON w.lexeme = t.lexeme)) AS score "
-            "FROM keys k JOIN items i ON i.rowid = k.item_rowid "
-            "WHERE k.tsv @@ (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery FROM terms) "
-            f"AND {_key_cubes(sel)} AND {where} GROUP BY k.item_rowid, ctx "
+            "  sum(w.idf[array_position(w.lexemes, t.lexeme)] * (array_length(t.positions, 1) "
+            "  * ?) / (array_length(t.positions, 1) + ? * (1 - ? + ? * k.length / w.mean))) "
+            "  FROM unnest(k.tsv) t WHERE t.lexeme = ANY(w.lexemes))) AS score "
+            "FROM weights w, keys k JOIN items i ON i.rowid = k.item_rowid "
+            f"WHERE k.tsv @@ w.query AND {cubes} AND {where} GROUP BY k.item_rowid, ctx "
             "ORDER BY score DESC, k.item_rowid LIMIT ?",
-            (" ".join(words), K1 + 1, K1, B, B, *params, 2 * limit))
+            (" ".join(words), K1 + 1, K1, B, B, *cube_ids, *params, 2 * limit))
         out: Ranked = {False: [], True: []}
         for rowid, ctx, score in rows:
             if len(out[bool(ctx)]) < limit:
@@ -452,11 +473,12 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
             rows = self._ann(q, sel, 2 * limit)
         if len({r[0] for r in rows}) < limit:
             where, params = self.where(sel)
+            cubes, cube_ids = _key_cubes(sel)
             rows = self.conn.execute(
                 "SELECT k.item_rowid, k.role = 'context', 1 - (k.vec <=> ?) AS sim FROM keys k "
                 "JOIN items i ON i.rowid = k.item_rowid WHERE k.vec IS NOT NULL AND "
-                f"{_key_cubes(sel)} AND {where} ORDER BY k.vec <=> ? LIMIT ?",
-                (q, *params, q, 2 * limit)).fetchall()
+                f"{cubes} AND {where} ORDER BY k.vec <=> ? LIMIT ?",
+                (q, *cube_ids, *params, q, 2 * limit)).fetchall()
         out: Ranked = {}
         for ctx in (False, True):
             best: dict[int, float] = {}
@@ -472,8 +494,9 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         key, now = tuple(sorted(cube_ids)), time.monotonic()
         cached = self._counts.get(key)
         if cached is None or now - cached[0] > ttl:
+            cubes, cube_ids = _key_cubes(Selection(cube_ids=key))
             n = self.conn.execute(f"SELECT count(*) FROM keys k WHERE k.vec IS NOT NULL AND "
-                                  f"{_key_cubes(Selection(cube_ids=key))}").fetchone()[0]
+                                  f"{cubes}", cube_ids).fetchone()[0]
             cached = self._counts[key] = (now, int(n))
         return cached[1]
 
@@ -542,12 +565,13 @@ def _many(cursor: Any, sql: str, rows: list[Sequence[Any]], returning: bool) -> 
     return out
 
 
-def _key_cubes(sel: Selection) -> str:
+def _key_cubes(sel: Selection) -> tuple[str, list[Any]]:
     """The selection's cubes as a condition on keys k (their own cube column: the primary key
-    index narrows the keys before they are joined to items)."""
+    index narrows the keys before they are joined to items), and its parameters: one text
+    for any cubes, so each connection prepares it once."""
     if not sel.cube_ids:
-        return "true"
-    return f"k.cube_id IN ({', '.join(str(int(c)) for c in sel.cube_ids)})"
+        return "true", []
+    return "k.cube_id = ANY(?)", [[int(c) for c in sel.cube_ids]]
 
 
 def _visible(cube_ids: Iterable[Any]) -> str:

@@ -22,7 +22,10 @@ def where(sel: Selection, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """
     parts: list[str] = []
     params: list[Any] = []
-    if sel.cube_ids:
+    if sel.cube_ids and dialect == "postgres":  # one text for any cubes: prepared once
+        parts.append("i.cube_id = ANY(?)")
+        params.append([int(c) for c in sel.cube_ids])
+    elif sel.cube_ids:
         parts.append(f"i.cube_id IN ({', '.join(str(int(c)) for c in sel.cube_ids)})")
     _lifecycle(sel, parts, params)
     for name, value in sel.scope.items():
