@@ -45,8 +45,9 @@ K1, B = 1.2, 0.75  # FTS5's bm25() defaults
 # BM25's terms and statistics, as FTS5's bm25() has them: the query's lexemes; over every cube
 # (FTS5's statistics are global) the keys' count and mean length; each lexeme's idf,
 # log((N - n + 0.5) / (n + 0.5)) and at least 1e-6, from term_stats and key_stats (kept by the
-# database as keys come and go, pg_schema.py version 3). MATERIALIZED: computed once per query,
-# not once per key scored
+# database as keys come and go, pg_schema.py version 3), each term's count one indexed read.
+# `weights` is one row of arrays (lexemes, idf) and the query: a key's score looks its own
+# lexemes up in them, no join per key. MATERIALIZED: computed once per query.
 _BM25_TERMS = (
     "terms AS MATERIALIZED (SELECT lexeme, (SELECT coalesce(sum(t.keys), 0) FROM term_stats t "
     "  WHERE t.lexeme = q.lexeme)::float8 AS n FROM (SELECT DISTINCT lexeme FROM "
