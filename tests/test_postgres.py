@@ -176,6 +176,20 @@ def test_a_busy_pool_does_not_check_each_connection_it_lends(pg_url, embedder, t
         assert len(checks) >= 1
 
 
+def test_the_planners_statistics_follow_a_store_that_fills(pg_url, embedder, tmp_path):
+    """After a share of new keys the store runs ANALYZE (through the owner's function) in a
+    thread: before it, PostgreSQL knows nothing of the table's size (reltuples -1)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        size = "SELECT reltuples FROM pg_class WHERE relname = 'keys'"
+        with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
+            assert conn.execute(size).fetchone()[0] < 0  # never analysed
+            mem.store.statistics.least = 5
+            mem.add([f"note {n} about the garden" for n in range(8)], user_id="ann")
+            mem.store.statistics.wait()
+            assert mem.store.statistics.runs == 1
+            assert conn.execute(size).fetchone()[0] >= 8
+
+
 def test_the_databases_wall_holds_when_the_servers_check_has_a_bug(pg_url, embedder, tmp_path,
                                                                     monkeypatch):
     from conftest import RunningServer

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import re
 import threading
 import time
@@ -62,6 +63,7 @@ _BM25_TERMS = (
 EXACT_LIMIT = 20_000  # as the SQLite store: fewer keys in scope are compared one by one
 _TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
 _MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
+log = logging.getLogger(__name__)
 
 
 def redact(url: str) -> str:
@@ -212,6 +214,44 @@ class PgConnection:
                 self._local.transaction = False
 
 
+class Statistics:
+    """Keeps the planner's statistics of keys and items current while a store fills: after
+    this process has written `share` of the keys counted at the last ANALYZE (and at least
+    `least`), it runs one in a thread of its own. Autovacuum looks once a minute; a store that
+    doubles within it is planned as the small one it was (see memstack_analyze in
+    pg_schema.py)."""
+
+    def __init__(self, conn: PgConnection, least: int = 1000, share: float = 0.2) -> None:
+        self.conn, self.least, self.share = conn, least, share
+        self.runs, self._grown, self._keys = 0, 0, 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def grew(self, keys: int) -> None:
+        with self._lock:
+            self._grown += keys
+            busy = self._thread is not None and self._thread.is_alive()
+            if busy or self._grown < max(self.least, self.share * self._keys):
+                return
+            self._grown = 0
+            self._thread = threading.Thread(target=self._analyze, name="memstack-analyze",
+                                            daemon=True)
+            self._thread.start()
+
+    def _analyze(self) -> None:
+        try:
+            self._keys = int(self.conn.execute("SELECT memstack_analyze()").fetchone()[0])
+            self.runs += 1
+        except StoreError as exc:  # the next write tries again; searches still work
+            log.warning("could not refresh the planner's statistics: %s", exc)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Let a running ANALYZE finish (before the pool closes under it)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
 class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
     """A memstack store in a PostgreSQL database with pgvector. `files` is the folder for
     what lives beside the database (KV block and shard files of the tiers)."""
@@ -233,6 +273,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         try:
             self._pool.open(wait=True, timeout=10.0)
             self.conn = PgConnection(self._pool, psycopg, used)
+            self.statistics = Statistics(self.conn)
             self._check_schema() if read_only else self._migrate(psycopg)
         except (pool_module.PoolTimeout, psycopg.OperationalError) as exc:
             self._pool.close()
@@ -286,6 +327,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
         return 0
 
     def close(self) -> None:
+        self.statistics.wait()
         self._pool.close()
 
     @contextlib.contextmanager
@@ -393,6 +435,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
             return []
         # one statement for all of them: the statistics trigger runs once, not once a key
         rowids, roles, texts, lengths, vectors = (list(column) for column in zip(*rows))
+        self.after_commit(functools.partial(self.statistics.grew, len(rows)))
         return [r[0] for r in self.conn.execute(
             "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) "
             "SELECT i.cube_id, k.item_rowid, k.role, to_tsvector('memstack', k.text), k.length, "
