@@ -177,7 +177,8 @@ def test_the_walls_cubes_are_the_ones_the_access_check_allows(mem):
     ids = {c.name: mem.store.cube(c.name).id for c in mem.cubes()}
     callers = [Principal("ann", "user"), Principal("ann", "user", "k", ("a1", "b1", "b2")),
                bob, Principal("carol", "user"), Principal("dave", "user"),
-               Principal("root", "admin", "k2", ("shared", "a2")), Principal("ann", "user", "k3", ())]
+               Principal("root", "admin", "k2", ("shared", "a2")),
+               Principal("ann", "user", "k3", ())]
     for who in callers:
         allowed = {ids[n] for n in ids if keys.access(who, mem.store.cube(n)) is not None}
         assert set(keys.visible_cubes(who)) == allowed, who

@@ -299,7 +299,8 @@ END $$;
 # time (a search's BM25 statement paid ~1 ms for it with 16 cubes visible). The same rows
 # pass. And the cubes a user may read, found by owner and by grantee in one indexed statement
 # (the server asks it for every request's wall).
-_WALL = "(SELECT memstack_cubes()) IS NULL OR cube_id = ANY ((SELECT memstack_cubes())::bigint[])"
+_WALL = ("(SELECT memstack_cubes()) IS NULL OR "
+         "cube_id = ANY ((SELECT memstack_cubes())::bigint[])")
 _V4 = """
 CREATE FUNCTION memstack_cubes() RETURNS bigint[] LANGUAGE sql STABLE AS $$
   SELECT CASE coalesce(current_setting('memstack.cubes', true), '')
