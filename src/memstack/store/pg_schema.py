@@ -322,8 +322,8 @@ BEGIN
   ANALYZE keys;
   RETURN (SELECT reltuples FROM pg_class WHERE oid = 'keys'::regclass)::bigint;
 END $$;
-CREATE INDEX cubes_owner ON cubes (owner);
-CREATE INDEX grants_user ON grants (user_id);
+CREATE INDEX IF NOT EXISTS cubes_owner ON cubes (owner);
+CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
 """
 
 # MIGRATIONS[n] takes a database at version n to version n + 1.

@@ -177,8 +177,8 @@ INSERT INTO repairs (name, state) VALUES ('split_sessions', 'pending');
 # v7: the cubes a user may read, found by owner and by grantee in one indexed statement (the
 # server asks it for every request's wall)
 _V7 = """
-CREATE INDEX cubes_owner ON cubes (owner);
-CREATE INDEX grants_user ON grants (user_id);
+CREATE INDEX IF NOT EXISTS cubes_owner ON cubes (owner);
+CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
 """
 
 # MIGRATIONS[n] takes a database at version n to version n + 1.
