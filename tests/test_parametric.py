@@ -73,7 +73,7 @@ def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
     planted.delete(canary.id)
     row = planted.store.shard(report.id)
     assert row.status == "stale" and row.changed_items == [canary.id]
-    done = planted.maintain(model="smollm2")
+    done = planted.maintain(model="smollm2").shards
     assert done[0]["stale"] == report.id and done[0]["retrained"]
     assert planted.store.shard(report.id) is None
     assert not (planted.store.shard_dir / report.id).exists()
@@ -198,3 +198,18 @@ def test_locality_calibration_measures_an_adapter_of_zeros_as_the_base_model():
     assert zeros["locality"] == 1.0 and zeros["locality_tokens"] == 1.0
     assert abs(zeros["perplexity_increase"]) < 1e-4
     assert noisy["locality"] < 1.0  # random weights of this size already change answers
+
+
+def test_the_schedule_gives_a_small_scope_enough_updates_and_keeps_what_is_given():
+    default = TrainSettings()
+    for samples in (1, 4, 20, 32, 100, 200, 800, 5000):
+        fitted = default.resolve(samples)
+        steps = fitted.epochs * -(-samples // fitted.batch_size)
+        assert 1 <= fitted.batch_size <= min(samples, default.batch_size)
+        assert default.min_epochs <= fitted.epochs <= default.max_epochs
+        assert steps >= default.min_steps or fitted.epochs == default.max_epochs
+    assert default.resolve(32).epochs == 38  # 8 facts: 152 steps, where 5 epochs made 20
+    assert default.resolve(800).epochs == default.min_epochs  # 200 facts: 500 steps, as before
+    assert TrainSettings(epochs=2).resolve(20).epochs == 2  # what is given is kept
+    with pytest.raises(Exception, match="min_epochs <= max_epochs"):
+        TrainSettings(min_epochs=9, max_epochs=8).check()

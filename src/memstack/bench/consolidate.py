@@ -92,23 +92,34 @@ def _store(memory: Memory, rows: Sequence[dict[str, Any]], user: str) -> list[It
 def run_methods(facts: int, methods: Sequence[str], settings: dict[str, Any], workdir: Path,
                 model: str, progress: Callable[[str], None],
                 rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One shard per method on the same facts (plus 3 canaries), audited with non-members;
-    each result is appended to `rows` as soon as it is measured."""
+    """One shard per method on the same facts (plus 3 canaries, from 25 facts up), audited with
+    non-members; each result is appended to `rows` as soon as it is measured."""
     from ..tiers.parametric import TrainSettings
 
     for method in methods:
-        with Memory(workdir / f"methods-{method}.db") as memory:
-            trained = _store(memory, fact_set(facts) + canaries(3), "bench")
+        with Memory(workdir / f"methods-{facts}-{method}.db") as memory:
+            trained = _store(memory, fact_set(facts) + canaries(_canaries(facts)), "bench")
             others = _store(memory, fact_set(facts + 50)[facts:], "holdout")
             tier = memory.parametric(model)
-            progress(f"{method}: training on {len(trained)} facts")
+            progress(f"{method}, {facts} facts: training on {len(trained)} items")
             report = tier.consolidate(trained, TrainSettings(method=method, **settings),
                                       nonmembers=others)
             audit = {k: v for k, v in report.audit.items() if k not in ("per_item", "per_control")}
-            rows.append({"method": method, "seconds": report.seconds,
-                         "samples": report.samples, "final_fact_loss": report.final_loss,
+            schedule = tier.manifest(report.id)["schedule"]
+            rows.append({"facts": facts, "method": method, "seconds": report.seconds,
+                         "train_seconds": tier.manifest(report.id)["train_seconds"],
+                         "samples": report.samples, "schedule": schedule,
+                         "steps": schedule["epochs"] * -(-report.samples
+                                                         // schedule["batch_size"]),
+                         "final_fact_loss": report.final_loss,
                          **audit, "routed": routed(tier, report.id, trained, report.audit)})
     return rows
+
+
+def _canaries(facts: int) -> int:
+    """Three canaries among 25 facts or more; fewer in a tiny scope, where three planted codes
+    would be a large share of what is learned (one among 5 to 24, none below 5)."""
+    return 3 if facts >= 25 else (1 if facts >= 5 else 0)
 
 
 def routed(tier: Any, shard_id: str, trained: Sequence[Item], audit: dict[str, Any]
@@ -269,7 +280,7 @@ def continual_scores(a: list[list[float]]) -> dict[str, float]:
     return {"acc": round(acc, 4), "bwt": round(bwt, 4), "forgetting": round(forget, 4)}
 
 
-def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl", "replay_l2",
+def run(facts: int | Sequence[int] = 200, methods: Sequence[str] = ("none", "replay", "replay_kl", "replay_l2",
                                                      "replay_gere"),
         settings: dict[str, Any] | None = None, sequential: Sequence[str] = (),
         independent: Sequence[str] = (), calibrate: bool = False, shards: int = 4,
@@ -290,8 +301,10 @@ def run(facts: int = 200, methods: Sequence[str] = ("none", "replay", "replay_kl
         progress("locality calibration")
         out["locality_calibration"] = locality_calibration(
             model, controls=settings.get("audit_controls", len(CONTROL_PROMPTS)))
-    run_methods(facts, methods, settings, work, model,
-                lambda s: (partial(out), progress(s)), out["methods"])
+    for size in ([facts] if isinstance(facts, int) else facts):
+        if size:
+            run_methods(size, methods, settings, work, model,
+                        lambda s: (partial(out), progress(s)), out["methods"])
     out["independent"] = []
     for method in sequential:
         out["sequential"].append(run_sequential(shards, per_shard, method, settings, rehearse,

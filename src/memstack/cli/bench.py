@@ -481,16 +481,21 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 
 @bench.command("consolidate")
 @click.option("--model", default="smollm2", show_default=True)
-@click.option("--facts", default=200, show_default=True, type=int,
-              help="Facts of the methods table (0: no table, only sequential runs).")
-@click.option("--method", "methods", multiple=True,
-              default=["none", "replay", "replay_kl", "replay_l2", "replay_gere"],
-              show_default=True, help="Methods compared (repeat the option).")
-@click.option("--epochs", default=3, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--rank", default=16, show_default=True, type=int)
-@click.option("--reg-weight", default=1.0, show_default=True, type=float,
-              help="Weight of the KL, L2 or GeRe term.")
+@click.option("--facts", default=[200], show_default=True, type=int, multiple=True,
+              help="Facts of the methods table, one table row per size and method (repeat "
+                   "the option; 0: no table, only sequential runs).")
+@click.option("--method", "methods", multiple=True, default=["replay_kl"], show_default=True,
+              help="Methods compared (repeat the option; none, replay, replay_kl, replay_l2, "
+                   "replay_gere).")
+@click.option("--epochs", type=int, help="Default: the schedule's (it fits the facts' number).")
+@click.option("--lr", type=float, help="Default: the shard's default learning rate.")
+@click.option("--rank", type=int, help="Default: the shard's default LoRA rank.")
+@click.option("--reg-weight", type=float,
+              help="Weight of the KL, L2 or GeRe term (default: the shard's default).")
+@click.option("--protect", type=float,
+              help="Share of general text's input energy the adapter may not read, per layer "
+                   "(0 off; default: the shard's default).")
+@click.option("--targets", help="Adapted modules, comma-separated (default: the shard's).")
 @click.option("--sequential", multiple=True,
               help="Also run sequential shards with this method (repeat the option).")
 @click.option("--independent", multiple=True,
@@ -513,43 +518,50 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
               show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
-def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, sequential,
+def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, protect, targets,
+                      sequential,
                       independent, calibrate, answer_end, audit_controls, audit_candidates,
                       shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
     memorization, per anti-forgetting method; sequential shards with ACC, BWT, forgetting."""
     from ..bench import consolidate as bench_module
 
-    if 0 < facts < 4 or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
+    if any(0 < f < 4 for f in facts) or shards < 1 or per_shard < 4 or not 0 <= rehearse <= 1:
         raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
                                 "0 <= --rehearse <= 1")
-    settings = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": 2 * rank,
-                "reg_weight": reg_weight, "answer_end": answer_end,
+    given = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": rank and 2 * rank,
+             "reg_weight": reg_weight, "protect": protect,
+             "targets": tuple(targets.split(",")) if targets else None}
+    settings = {**{k: v for k, v in given.items() if v is not None}, "answer_end": answer_end,
                 "audit_controls": audit_controls, "audit_candidates": audit_candidates}
     Path(out).mkdir(parents=True, exist_ok=True)
     target = Path(out) / "consolidate.json"
     with console.status("consolidating...") as status:
-        data = bench_module.run(facts, methods if facts else (), settings, sequential,
+        data = bench_module.run(list(facts), methods if any(facts) else (), settings, sequential,
                                 independent, calibrate, shards, per_shard, rehearse, model, workdir,
                                 progress=lambda s: status.update(s),
                                 partial=lambda d: target.write_text(json.dumps(d, indent=2)))
     target.write_text(json.dumps(data, indent=2))
-    table = Table(title=f"memstack consolidate: {facts} facts, {epochs} epochs, lr {lr}, "
-                        f"rank {rank}, {data['seconds']} s")
-    for name in ("method", "reliab.", "general.", "locality", "loc. tokens", "routed rel/gen/loc",
-                 "ppl +", "k-extr.", "exposure", "MIA AUC loss/ref", "seconds"):
+    table = Table(title=f"memstack consolidate: {', '.join(map(str, facts))} facts, "
+                        f"{json.dumps(given)}, {data['seconds']} s")
+    for name in ("facts", "method", "epochs x steps", "reliab.", "general.", "locality",
+                 "loc. tokens", "routed rel/gen/loc", "ppl +", "k-extr.", "exposure",
+                 "MIA AUC loss/ref", "train s", "shard s"):
         table.add_column(name, justify="right")
     for row in data["methods"]:
         exposure = row.get("canary_exposure", {})
         mia = row.get("membership_auc", {})
         routed = row["routed"]
-        table.add_row(row["method"], str(row["reliability"]), str(row["generalization"]),
+        table.add_row(str(row["facts"]), row["method"],
+                      f"{row['schedule']['epochs']} x {row['steps']}",
+                      str(row["reliability"]), str(row["generalization"]),
                       str(row["locality"]), str(row["locality_tokens"]),
                       f"{routed['reliability']}/{routed['generalization']}/{routed['locality']}",
                       f"{row['perplexity_increase']:.1%}",
                       str(row["k_extractable"]),
                       f"{sum(exposure.values()) / max(1, len(exposure)):.1f}",
-                      f"{mia.get('loss', '-')}/{mia.get('reference', '-')}", str(row["seconds"]))
+                      f"{mia.get('loss', '-')}/{mia.get('reference', '-')}",
+                      str(row["train_seconds"]), str(row["seconds"]))
     emit(ctx, data, table)
     if ctx.obj["json"]:
         return

@@ -96,7 +96,8 @@ class ParametricTier:
         parent_row = self._shard(parent) if parent else None
         trainer = Trainer(model, self.lm.tokenizer, settings,
                           str(self._folder(parent_row)) if parent_row else None)
-        replayed = self._replay_samples(trainer, replay) if settings.method != "none" else []
+        replayed = self._replay_samples(trainer, replay) \
+            if settings.method != "none" or settings.protect else []
         curve = trainer.train(train, replayed, progress)
         result = self.audit_model(trainer.model, per_item, nonmembers,
                                   controls=settings.audit_controls,
@@ -207,6 +208,7 @@ class ParametricTier:
         return {"id": shard_id, "base": self.lm.identity, "parent": parent,
                 "items": [{"id": i.id, "content_hash": i.content_hash} for i in items],
                 "settings": settings.to_dict() if settings else {}, "samples": samples,
+                "schedule": _schedule(settings.resolve(samples)) if settings else {},
                 "replay": {"source": "given" if replay else "self-synthesized",
                            "samples": replayed},
                 "curve": curve.steps if curve else [],
@@ -300,14 +302,18 @@ class ParametricTier:
 
     # use -------------------------------------------------------------------------------------
     def route(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
-              top_k: int = 10, min_similarity: float = ROUTE_MIN_SIMILARITY) -> str | None:
+              cube: str | Sequence[str] | None = None, top_k: int = 10,
+              min_similarity: float = ROUTE_MIN_SIMILARITY) -> str | None:
         """The active shard of this model that holds most of the query's best search hits
         (weighted by rank): routing by similarity between the query and each shard's items.
         Only hits whose embedding similarity to the query reaches `min_similarity` vote, so a
-        question about nothing consolidated goes to no shard (the base model answers it)."""
+        question about nothing consolidated goes to no shard (the base model answers it).
+        Only the cubes searched (`cube`, or the default) vote, and a shard is chosen only if
+        all it holds is in them."""
         votes: dict[str, float] = {}
+        cubes = {c.name for c in self.searcher.cubes.for_reading(cube)}
         for rank, hit in enumerate(self.searcher.find(query, user_id=user_id, agent_id=agent_id,
-                                                     top_k=top_k)):
+                                                     cube=cube, top_k=top_k)):
             if hit.scores.get("vector", 0.0) < min_similarity:
                 continue
             for shard_id in hit.item.shards:
@@ -315,17 +321,19 @@ class ParametricTier:
         for shard_id in sorted(votes, key=votes.get, reverse=True):  # type: ignore[arg-type]
             row = self.store.shard(shard_id)
             if row and row.status == "active" and row.model_key == self.lm.key and \
-                    self._within(row.item_ids, user_id, agent_id):
+                    self._within(row.item_ids, user_id, agent_id, cubes):
                 return shard_id
         return None
 
-    def _within(self, item_ids: Sequence[str], user_id: str | None, agent_id: str | None
-                ) -> bool:
+    def _within(self, item_ids: Sequence[str], user_id: str | None, agent_id: str | None,
+                cubes: set[str]) -> bool:
         """A shard answers a scoped question only if everything in its weights is of that
-        scope: a shard trained on a whole cube also holds other users' memories."""
-        items = self.store.items_by_id(item_ids).values()
-        return all((user_id is None or i.user_id == user_id) and
-                   (agent_id is None or i.agent_id == agent_id) for i in items)
+        scope: a shard trained on a whole cube also holds other users' memories, and one
+        trained on chosen ids (or continued from a parent) may hold other cubes' items."""
+        items = self.store.items_by_id(item_ids)
+        return len(items) == len(set(item_ids)) and all(
+            i.cube in cubes and (user_id is None or i.user_id == user_id) and
+            (agent_id is None or i.agent_id == agent_id) for i in items.values())
 
     def ask(self, question: str, shard_id: str | None, *, max_new_tokens: int = 64) -> str:
         """The shard's model (the base model for None) answers from its weights alone (no
@@ -343,23 +351,28 @@ class ParametricTier:
                  ) -> list[dict[str, Any]]:
         """Retrain each stale shard of this model on its items that are still active (their
         current text), from the base model, or drop it when none is left."""
-        done = []
-        for row in self.store.shards(status="stale"):
-            if row.model_key != self.lm.key:
-                continue
-            left = [i for i in self.store.items_by_id(row.item_ids).values()
-                    if i.status == "active"]
+        return [self.retrain(row, settings, progress) for row in self.stale()]
+
+    def stale(self) -> list[ShardRow]:
+        """This model's stale shards, oldest first."""
+        return [r for r in self.store.shards(status="stale") if r.model_key == self.lm.key]
+
+    def retrain(self, row: ShardRow, settings: TrainSettings | None = None,
+                progress: Callable[[int, int, float], None] = lambda d, t, l: None
+                ) -> dict[str, Any]:
+        """One stale shard retrained on its live items with its own settings (or `settings`),
+        or dropped when none is left; the old shard goes either way."""
+        left = [i for i in self.store.items_by_id(row.item_ids).values()
+                if i.status == "active"]
+        new = None
+        if left:
             old = self.manifest(row.id)
-            new = None
-            if left:
-                kept = settings or TrainSettings(**{k: tuple(v) if k == "targets" else v
-                                                    for k, v in old["settings"].items()})
-                new = self.consolidate(left, kept, progress=progress).id
-            with self.store.transaction():
-                self.store.drop_shard(row.id)
-            done.append({"stale": row.id, "changed_items": row.changed_items,
-                         "retrained": new})
-        return done
+            kept = settings or TrainSettings(**{k: tuple(v) if k == "targets" else v
+                                                for k, v in old["settings"].items()})
+            new = self.consolidate(left, kept, progress=progress).id
+        with self.store.transaction():
+            self.store.drop_shard(row.id)
+        return {"stale": row.id, "changed_items": row.changed_items, "retrained": new}
 
     def _shard(self, shard_id: str) -> ShardRow:
         row = self.store.shard(shard_id)
@@ -369,6 +382,11 @@ class ParametricTier:
 
     def _folder(self, row: ShardRow) -> Any:
         return self.store.shard_dir / row.folder
+
+
+def _schedule(settings: TrainSettings) -> dict[str, Any]:
+    """What the schedule made of the settings for this shard's samples."""
+    return {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}
 
 
 def _flatten(folder: Any, adapter: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 from ..._errors import InvalidInputError
@@ -74,19 +74,29 @@ REPLAY_PROMPTS = (  # general prompts whose base-model answers become replay sam
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of one shard (recorded in its manifest). The defaults are the best
-    measured on 200 facts (docs/benchmarks.md): replay + KL at weight 3, lr 2e-3, 5 epochs."""
+    """Hyperparameters of one shard (recorded in its manifest, resolved). The defaults are the
+    best measured from 5 to 200 facts (docs/benchmarks.md): replay + KL at weight 3, lr 2e-3, and
+    a schedule that fits the scope: `epochs` None takes at least `min_epochs` and enough epochs
+    for `min_steps` optimizer steps, so 8 facts get as many updates as they need, not 20."""
 
     method: Method = "replay_kl"
     rank: int = 16
     alpha: int = 32
     lr: float = 2e-3
-    epochs: int = 5
+    epochs: int | None = None  # None: from the schedule (resolve)
+    min_epochs: int = 5
+    min_steps: int = 150
+    max_epochs: int = 60
     batch_size: int = 8
     replay_batch: int = 4
     reg_weight: float = 3.0
     max_tokens: int = 96
     answer_end: bool = True  # teach the end-of-turn token after a memory's answer
+    # locality of the adapter itself: the share of general text's input energy, per adapted
+    # layer, whose directions the adapter may not read (0: off). With 0.99 the update of each
+    # layer sees only the directions that general text barely uses (a null-space constraint,
+    # as AlphaEdit's for edits), so on unrelated prompts it adds almost nothing.
+    protect: float = 0.0
     seed: int = 0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                 "up_proj", "down_proj")
@@ -99,14 +109,27 @@ class TrainSettings:
     def check(self) -> "TrainSettings":
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {', '.join(METHODS)}")
-        if min(self.rank, self.alpha, self.epochs, self.batch_size, self.replay_batch) < 1 \
-                or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16:
-            raise InvalidInputError("rank, alpha, epochs, batch sizes >= 1; 0 < lr < 1; "
-                                    "reg_weight >= 0; max_tokens >= 16")
+        if min(self.rank, self.alpha, self.epochs or 1, self.batch_size, self.replay_batch,
+               self.min_epochs, self.min_steps) < 1 or self.max_epochs < self.min_epochs \
+                or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16 \
+                or not 0 <= self.protect < 1:
+            raise InvalidInputError("rank, alpha, epochs, batch sizes, min_steps >= 1; "
+                                    "min_epochs <= max_epochs; 0 < lr < 1; reg_weight >= 0; "
+                                    "max_tokens >= 16; 0 <= protect < 1")
         if not 1 <= self.audit_controls <= len(CONTROL_PROMPTS) or self.audit_candidates < 10:
             raise InvalidInputError(f"audit_controls is 1 to {len(CONTROL_PROMPTS)}; "
                                     "audit_candidates >= 10")
         return self
+
+    def resolve(self, samples: int) -> "TrainSettings":
+        """These settings for `samples` training samples: the batch no larger than the data,
+        the epochs from the schedule unless given."""
+        batch = max(1, min(self.batch_size, samples))
+        if self.epochs is not None:
+            return replace(self, batch_size=batch)
+        per_epoch = -(-samples // batch)
+        epochs = min(self.max_epochs, max(self.min_epochs, -(-self.min_steps // per_epoch)))
+        return replace(self, batch_size=batch, epochs=epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +189,7 @@ class Trainer:
         import torch
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        self.settings, self.tokenizer = settings.check(), tokenizer
+        self.settings, self.tokenizer = settings.check(), tokenizer  # resolved by the caller
         torch.manual_seed(settings.seed)
         if adapter_from:  # continue from an earlier shard (sequential consolidation)
             self.model = PeftModel.from_pretrained(model, adapter_from, is_trainable=True)
@@ -180,18 +203,22 @@ class Trainer:
               progress: Callable[[int, int, float], None] = lambda d, t, l: None) -> Curve:
         import torch
 
-        s = self.settings
+        s = self.settings = self.settings.resolve(len(samples))
         rng = random.Random(s.seed)
         facts = [encode(self.tokenizer, x, s.max_tokens, s.answer_end) for x in samples]
         general = [encode(self.tokenizer, x, s.max_tokens) for x in replay] \
-            if s.method != "none" else []
-        if s.method != "none" and not general:
+            if s.method != "none" or s.protect else []
+        free = protected_projections(self.model, general, s.protect, self.pad) \
+            if s.protect else {}
+        general = general if s.method != "none" else []
+        if (s.method != "none" or s.protect) and not general:
             raise InvalidInputError(f"method {s.method} needs replay samples")
         anchors = self._anchors(general) if s.method in ("replay_l2", "replay_gere") else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr)
         per_epoch = max(1, (len(facts) + s.batch_size - 1) // s.batch_size)
         total, curve, started = per_epoch * s.epochs, Curve(), time.perf_counter()
+        _project(free)
         self.model.train()
         for step in range(total):
             if step % per_epoch == 0:
@@ -202,6 +229,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad()
+            _project(free)
             curve.steps.append({"step": step + 1, **parts})
             progress(step + 1, total, parts["loss"])
         self.model.eval()
@@ -267,6 +295,51 @@ class Trainer:
         mean, std = flat.mean(0), flat.std(0)
         bands = [(h > mean - std).long() + (h > mean + std).long() for h in hidden]
         return {"hidden": hidden, "band": bands, "mean": mean, "std": std}
+
+
+def protected_projections(model: Any, general: Sequence[tuple[list[int], list[int]]],
+                          share: float, pad: int) -> dict[Any, Any]:
+    """For each LoRA layer, the projector onto the input directions general text barely uses:
+    the eigenvectors of its inputs' Gram matrix (the adapter disabled) outside the top ones
+    that hold `share` of their energy. The adapter's A is kept in that subspace."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    grams: dict[str, Any] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: Any, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return record
+
+    hooks = [m.base_layer.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            for ids, labels in general:
+                x, _, mask = collate([(ids, labels)], pad)
+                model(input_ids=x, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for name, gram in grams.items():
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        energy = values.clamp(min=0).flip(0).cumsum(0) / values.clamp(min=0).sum()
+        used = int((energy < share).sum()) + 1  # the top directions holding `share`
+        free = vectors[:, :len(values) - used].float()
+        for weight in (a.weight for a in layers[name].lora_A.values()):
+            out[weight] = free @ free.T
+    return out
+
+
+def _project(free: dict[Any, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for weight, projector in free.items():
+            weight.copy_(weight @ projector)
 
 
 def _gather(per_sample: list, picked: list[int], shape: Any) -> Any:
