@@ -213,3 +213,37 @@ def test_the_schedule_gives_a_small_scope_enough_updates_and_keeps_what_is_given
     assert TrainSettings(epochs=2).resolve(20).epochs == 2  # what is given is kept
     with pytest.raises(Exception, match="min_epochs <= max_epochs"):
         TrainSettings(min_epochs=9, max_epochs=8).check()
+
+
+def test_a_protected_adapter_reads_only_what_general_text_barely_uses():
+    """protect: A stays in the subspace general text barely uses, so the same training changes
+    the model's output on general text far less than without it."""
+    import torch
+
+    from memstack.tiers.activation.model import LocalModel
+    from memstack.tiers.parametric.samples import Sample
+    from memstack.tiers.parametric.train import (REPLAY_PROMPTS, Trainer, collate, encode,
+                                                 protected_projections)
+
+    lm = LocalModel.load("smollm2")
+    general = [Sample(p, "It depends on the situation, but usually yes.")
+               for p in REPLAY_PROMPTS[:24]]
+    facts = [Sample(q, r["content"]) for r in fact_set(4) for q in r["metadata"]["questions"]]
+    probe = collate([encode(lm.tokenizer, s, 64) for s in general[:4]], 0)
+    change = {}
+    for protect in (0.0, 0.99):
+        trainer = Trainer(LocalModel.load("smollm2").model, lm.tokenizer, TrainSettings(
+            method="none", epochs=2, lr=2e-3, protect=protect, **LIGHT))
+        trainer.train(facts, general)
+        with torch.no_grad():
+            adapted = trainer.model(input_ids=probe[0], attention_mask=probe[2]).logits
+            with trainer.model.disable_adapter():
+                base = trainer.model(input_ids=probe[0], attention_mask=probe[2]).logits
+        change[protect] = float((adapted - base).abs().mean())
+        if protect:
+            free = protected_projections(trainer.model, [encode(lm.tokenizer, s, 64)
+                                                         for s in general], protect, 0)
+            for weight, projector in free.items():  # A's rows lie in the free subspace
+                assert torch.allclose(weight @ projector, weight, atol=1e-5)
+                assert torch.allclose(projector @ projector, projector, atol=1e-4)
+    assert change[0.99] < change[0.0] / 3, change

@@ -7,7 +7,8 @@
 """
 
 from ._client import AsyncClient, Client
-from ._errors import (AuthenticationError, CacheMismatchError, ModelError, StaleBlockError,
+from ._errors import (AuthenticationError, CacheMismatchError, LockHeldError, ModelError,
+                      StaleBlockError,
                       TierError, ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       EmbeddingMismatchError, EmptyContentError, InvalidDateError,
                       InvalidEncodingError, InvalidFilterError, InvalidInputError,
@@ -44,5 +45,5 @@ __all__ = [
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
-    "CacheMismatchError", "StaleBlockError",
+    "CacheMismatchError", "StaleBlockError", "LockHeldError",
 ]

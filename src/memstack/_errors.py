@@ -29,6 +29,8 @@
     ├── PermissionDeniedError                        a valid key without the grant needed (403)
     ├── RateLimitedError                             too many requests for a key (429)
     ├── RemoteError                                  a server answered with an error not above
+    ├── LockHeldError                                another process holds the lease this work
+    │                                                needs (maintenance runs once at a time)
     ├── TierError                                    the activation or parametric tier
     │   ├── ModelError                               a local model that cannot be loaded or used
     │   ├── CacheMismatchError                       a KV block made for another model or template
@@ -48,7 +50,8 @@ __all__ = [
     "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
-    "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
+    "RateLimitedError", "RemoteError", "MissingExtraError", "LockHeldError", "TierError",
+    "ModelError",
     "CacheMismatchError", "StaleBlockError",
 ]
 
@@ -172,6 +175,11 @@ class RemoteError(MemstackError):
 
 class MissingExtraError(MemstackError, ImportError):
     pass
+
+
+class LockHeldError(MemstackError):
+    """Another process holds the lease (store/locks.py) this work needs; try again once it ends
+    (a killed holder's lease runs out by itself)."""
 
 
 class TierError(MemstackError):

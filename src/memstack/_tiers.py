@@ -3,8 +3,9 @@ LoRA shards). A mixin so that the facade in _memory.py stays one readable module
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._errors import InvalidInputError
 from ._models import Generation
@@ -14,7 +15,11 @@ from .ingest.rules import clean_text
 if TYPE_CHECKING:
     from .store.kvblocks import BlockRow
     from .tiers.activation import ActivationTier, LocalModel, Stream
+    from .tiers.maintenance import Maintenance, MaintenanceReport, MaintenanceSettings
     from .tiers.parametric import ParametricTier, ShardReport, TrainSettings
+
+
+_LOADING = threading.Lock()
 
 
 class TiersMixin:
@@ -30,8 +35,9 @@ class TiersMixin:
         if not isinstance(model, (str, Path)) or not str(model):
             raise InvalidInputError("model is a LocalModel, 'smollm2' or a model folder")
         key = str(model)
-        if key not in self._models:
-            self._models[key] = LocalModel.load(model)
+        with _LOADING:  # the server's requests and its maintenance thread load it once
+            if key not in self._models:
+                self._models[key] = LocalModel.load(model)
         return self._models[key]
 
     def activation(self, model: "LocalModel | str | Path", **settings: Any) -> "ActivationTier":
@@ -104,17 +110,20 @@ class TiersMixin:
 
     def ask(self, question: str, *, model: "LocalModel | str | Path", shard: str = "auto",
             user_id: str | None = None, agent_id: str | None = None,
-            max_new_tokens: int = 64) -> dict[str, Any]:
+            cube: str | Sequence[str] | None = None, max_new_tokens: int = 64
+            ) -> dict[str, Any]:
         """Answer from a shard's weights alone, no retrieval; shard "auto" routes the question
-        to the shard holding most of its best search hits, and a question close to no
-        consolidated memory goes to the base model (shard None). Returns {"shard", "text"}.
+        to the shard holding most of its best search hits in `cube` (the default cube when
+        None), and a question close to no consolidated memory goes to the base model (shard
+        None). Returns {"shard", "text"}.
 
         >>> m.ask("Where does Ann live?", model="smollm2", user_id="ann")["text"]
         'Ann lives in Lisbon.'
         """
         question = clean_text(question, what="question")
+        max_new_tokens = _limit(max_new_tokens, "max_new_tokens", maximum=4096)
         tier = self.parametric(model)
-        chosen = tier.route(question, user_id=user_id, agent_id=agent_id) \
+        chosen = tier.route(question, user_id=user_id, agent_id=agent_id, cube=cube) \
             if shard == "auto" else shard
         return {"shard": chosen, "text": tier.ask(question, chosen,
                                                   max_new_tokens=max_new_tokens)}
@@ -127,9 +136,36 @@ class TiersMixin:
         return self.parametric(model).merge(shard_ids, combination=combination,
                                             weights=weights, replace=replace)
 
-    def maintain(self, *, model: "LocalModel | str | Path") -> list[dict[str, Any]]:
-        """Retrain stale shards without the items deleted since (or drop them)."""
-        return self.parametric(model).maintain()
+    def maintain(self, *, model: "LocalModel | str | Path", cpu_seconds: float | None = None,
+                 budget_bytes: int | None = None) -> "MaintenanceReport":
+        """One maintenance run now, under the store's lease (LockHeldError when another
+        process runs one): the KV scheduler, then stale shards retrained without the items
+        changed or deleted since (or dropped), until `cpu_seconds` are spent.
+
+        >>> [s["retrained"] for s in m.maintain(model="smollm2").shards]
+        ['shard_3f2a...']
+        """
+        from .tiers.maintenance import MaintenanceSettings
+
+        settings = MaintenanceSettings(every=0, cpu_seconds=cpu_seconds,
+                                       budget_bytes=budget_bytes)
+        return self.maintenance(model=model, settings=settings).run()
+
+    def maintenance(self, *, model: "LocalModel | str | Path",
+                    settings: "MaintenanceSettings | None" = None,
+                    last_activity: "Callable[[], float | None] | None" = None
+                    ) -> "Maintenance":
+        """The maintenance service of this memory for a model: `.run()` once, `.start()` in a
+        background thread, `.loop()` in the foreground (tiers/maintenance.py). The model
+        loads at the first run. `last_activity` gives the time of the last request (the
+        server's), for the quiet time."""
+        from .tiers.maintenance import Maintenance, MaintenanceSettings
+
+        settings = (settings or MaintenanceSettings()).check()
+        kv = {} if settings.budget_bytes is None else {"budget_bytes": settings.budget_bytes}
+        store = self.store  # type: ignore[attr-defined]
+        return Maintenance(store, lambda: (self.activation(model, **kv), self.parametric(model)),
+                           settings, last_activity=last_activity or (lambda: None))
 
     def kv_blocks(self) -> "list[BlockRow]":
         """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""

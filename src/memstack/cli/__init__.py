@@ -2,8 +2,8 @@
 
 Tables for people by default, --json for machines. Errors map to exit codes in one place
 (_common.py): 2 invalid input, 3 not found, 4 store problem, 5 embedding problem, 6 LLM problem
-(also: an add whose turns were stored but whose fact extraction failed), 1 any other memstack
-error.
+(also: an add whose turns were stored but whose fact extraction failed), 7 busy (another
+process holds the maintenance lease), 1 any other memstack error.
 
 The LLM is configured by --llm-url / --llm-model / --llm-key or MEMSTACK_LLM_URL,
 MEMSTACK_LLM_MODEL, MEMSTACK_LLM_API_KEY (any OpenAI-compatible server).

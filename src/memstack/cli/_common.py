@@ -20,7 +20,8 @@ from ..write.repair import summary
 
 EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
     (errors.InvalidInputError, 2), (errors.NotFoundError, 3), (errors.StoreError, 4),
-    (errors.EmbeddingError, 5), (errors.LLMError, 6), (errors.MemstackError, 1),
+    (errors.EmbeddingError, 5), (errors.LLMError, 6), (errors.LockHeldError, 7),
+    (errors.MemstackError, 1),
 ]
 # messages and errors are never hard-wrapped: a path or an id stays whole at any terminal
 # width, and output read by a program does not depend on the width (tables still fit it)

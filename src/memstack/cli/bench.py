@@ -495,6 +495,9 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--protect", type=float,
               help="Share of general text's input energy the adapter may not read, per layer "
                    "(0 off; default: the shard's default).")
+@click.option("--lines", type=float,
+              help="LiNeS: the first layer's share of its update, rising to 1 at the last "
+                   "(1 off; default: the shard's default).")
 @click.option("--targets", help="Adapted modules, comma-separated (default: the shard's).")
 @click.option("--sequential", multiple=True,
               help="Also run sequential shards with this method (repeat the option).")
@@ -518,8 +521,8 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
               show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
-def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, protect, targets,
-                      sequential,
+def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, protect, lines,
+                      targets, sequential,
                       independent, calibrate, answer_end, audit_controls, audit_candidates,
                       shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
@@ -530,7 +533,7 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
         raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
                                 "0 <= --rehearse <= 1")
     given = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": rank and 2 * rank,
-             "reg_weight": reg_weight, "protect": protect,
+             "reg_weight": reg_weight, "protect": protect, "lines": lines,
              "targets": tuple(targets.split(",")) if targets else None}
     settings = {**{k: v for k, v in given.items() if v is not None}, "answer_end": answer_end,
                 "audit_controls": audit_controls, "audit_candidates": audit_candidates}

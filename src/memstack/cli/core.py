@@ -364,8 +364,22 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Worker processes (2 uses both cores of a 2-core machine). On SQLite each "
                    "worker keeps its own rate limits; on PostgreSQL every process shares them.")
+@click.option("--model", envvar="MEMSTACK_MODEL",
+              help="Serve /v1/generate and /v1/ask with this local model: 'smollm2' or a "
+                   "transformers model folder, loaded once per worker (env MEMSTACK_MODEL).")
+@click.option("--maintain-every", default=3600.0, show_default=True, type=float,
+              help="With --model: run the KV scheduler and retrain stale shards in the "
+                   "background every this many seconds (the first run one interval after "
+                   "start); 0 turns it off. One process at a time (a lock in the store).")
+@click.option("--maintain-quiet", default=60.0, show_default=True, type=float,
+              help="Start a run only after this many seconds without a request.")
+@click.option("--maintain-window", help="Start runs only inside this daily window, "
+                                        "HH:MM-HH:MM in UTC (e.g. 01:00-05:00).")
+@click.option("--maintain-cpu", type=float,
+              help="CPU seconds a run may use; then it starts no new work.")
 @click.pass_context
-def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
+def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers, model, maintain_every,
+          maintain_quiet, maintain_window, maintain_cpu):
     """Serve the REST API (/docs, /openapi.json), MCP (/mcp) and the web page (/ui).
 
     Requests need an API key (memstack keys create). With no key at all the server runs open
@@ -384,7 +398,9 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers):
             if value:
                 os.environ[f"MEMSTACK_LLM_{name}"] = value
     run_server(memory, host=host, port=port, rate_limit=rate_limit,
-               max_body_bytes=max_body_bytes, threads=threads, workers=workers)
+               max_body_bytes=max_body_bytes, threads=threads, workers=workers, model=model,
+               maintenance={"every": maintain_every, "quiet": maintain_quiet,
+                            "window": maintain_window, "cpu_seconds": maintain_cpu})
 
 
 @click.command()

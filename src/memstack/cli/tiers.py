@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import _errors as errors
@@ -127,7 +128,9 @@ def _train_progress(description: str) -> Any:
               show_default=True, help="Guard against forgetting.")
 @click.option("--reg-weight", default=TrainSettings.reg_weight, show_default=True, type=float,
               help="Weight of the KL, L2 or GeRe term.")
-@click.option("--epochs", default=TrainSettings.epochs, show_default=True, type=int)
+@click.option("--epochs", type=int,
+              help="Default: the schedule (at least 5 epochs and 150 optimizer steps, at most "
+                   "60 epochs).")
 @click.option("--rank", default=TrainSettings.rank, show_default=True, type=int)
 @click.option("--lr", default=TrainSettings.lr, show_default=True, type=float)
 @click.option("--audit-controls", default=TrainSettings.audit_controls, show_default=True,
@@ -185,12 +188,74 @@ def merge(ctx, shard_ids, model, combination, replace):
 
 @click.command()
 @model_option
+@click.option("--watch", is_flag=True,
+              help="Keep running in the foreground, a run every --every seconds (embedded use; "
+                   "Ctrl-C stops). Without it: one run now.")
+@click.option("--every", type=float, help="With --watch: seconds between runs [default: 3600].")
+@click.option("--window", help="With --watch: start runs only inside this daily window, "
+                               "HH:MM-HH:MM in UTC (e.g. 01:00-05:00).")
+@click.option("--runs", "max_runs", type=int, help="With --watch: stop after this many runs.")
+@click.option("--cpu", "cpu_seconds", type=float,
+              help="CPU seconds a run may use; then it starts no new work (the rest waits).")
+@click.option("--budget-mb", type=float, help="Budget of this model's KV blocks [default: 512].")
 @click.pass_context
-def maintain(ctx, model):
-    """Retrain stale shards without the items changed or deleted since (or drop them)."""
-    done = open_memory(ctx).maintain(model=model)
-    emit(ctx, done, "\n".join(f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in done)
-         or "no stale shard")
+def maintain(ctx, model, watch, every, window, max_runs, cpu_seconds, budget_mb):
+    """Run the KV scheduler and retrain stale shards without the items changed or deleted since
+    (or drop them), under the store's lock: one process at a time (exit code 7 when another
+    holds it)."""
+    from ..tiers.maintenance import MaintenanceSettings
+
+    if not watch and (every is not None or window or max_runs is not None):
+        raise errors.InvalidInputError("--every, --window and --runs go with --watch")
+    if every is not None and every <= 0:
+        raise errors.InvalidInputError("--every is a number of seconds > 0")
+    budget = None if budget_mb is None else int(budget_mb * (1 << 20))
+    memory = open_memory(ctx)
+    settings = MaintenanceSettings(every=every or 3600.0, window=window,
+                                   cpu_seconds=cpu_seconds, budget_bytes=budget)
+    service = memory.maintenance(model=model, settings=settings)
+    if watch:
+        _watch(ctx, service, max_runs)
+        return
+    report = service.run()
+    emit(ctx, report.to_dict(), _run_text(report))
+    if report.errors:
+        ctx.exit(1)
+
+
+def _watch(ctx: click.Context, service: Any, max_runs: int | None) -> None:
+    import threading
+
+    stop = threading.Event()
+    settings = service.settings
+    err.print(f"maintaining every {settings.every:g} s"
+              + (f" within {settings.window} UTC" if settings.window else "")
+              + "; Ctrl-C stops", markup=False)
+
+    def report(run: Any, problem: str | None) -> None:
+        if ctx.obj["json"]:
+            click.echo(json.dumps(run.to_dict() if run else {"error": problem}, default=str))
+        else:
+            console.print(_run_text(run) if run else f"[yellow]skipped:[/] {problem}")
+
+    try:
+        service.loop(stop, max_runs=max_runs, on_run=report)
+    except KeyboardInterrupt:  # the run in progress released the lock on its way out
+        stop.set()
+        err.print("stopped")
+
+
+def _run_text(report: Any) -> str:
+    kv = report.kv or {}
+    lines = [f"KV blocks: built {len(kv.get('built', []))}, kept {len(kv.get('kept', []))}, "
+             f"evicted {len(kv.get('evicted', []))}" if report.kv is not None else "KV: not run"]
+    lines += [f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in report.shards]
+    if not report.shards:
+        lines.append("no stale shard retrained")
+    if report.stopped:
+        lines.append(f"stopped: {report.stopped}; left for the next run: {', '.join(report.left)}")
+    lines += [f"[red]error:[/] {escape(e)}" for e in report.errors]
+    return "\n".join(lines)
 
 
 @click.command()

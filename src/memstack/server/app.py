@@ -3,7 +3,8 @@ the cube it touches, calls one library method and returns JSON. Errors map to HT
 (`_status`), with a stable `code`:
 
     400 invalid_input   401 unauthenticated   403 forbidden   404 not_found (also
-    llm_not_configured: /v1/answer on a server without an LLM)   413 too_large
+    llm_not_configured: /v1/answer on a server without an LLM; model_not_loaded: /v1/generate
+    and /v1/ask on a server without --model)   413 too_large
     422 validation_error   429 rate_limited   502 llm_error   503 store_unavailable
     500 store_error / internal_error
 
@@ -31,6 +32,10 @@ from .._memory import Memory
 from . import schemas as S
 from .access import Gate, default_cube
 from .auth import LOCAL_ADMIN, AuthError, ForbiddenError, Keys, Principal
+from .background import install as install_maintenance
+from .background import status as maintenance_status
+from .generation import ServedModel
+from .generation import install as install_generation
 
 log = logging.getLogger("memstack.server")
 ERRORS = {400: {"model": S.ErrorBody}, 401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
@@ -94,8 +99,13 @@ def _error(status: int, code: str, message: str, kind: str | None = None,
 
 
 def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 100.0,
-               burst: float = 200.0, max_body_bytes: int = 2_000_000) -> FastAPI:
-    """The ASGI app. `memory` is shared by all requests (it is thread-safe)."""
+               burst: float = 200.0, max_body_bytes: int = 2_000_000, model: Any = None,
+               maintenance: Any = None) -> FastAPI:
+    """The ASGI app. `memory` is shared by all requests (it is thread-safe). `model` ("smollm2",
+    a model folder, a LocalModel or a ServedModel) is loaded now and serves /v1/generate and
+    /v1/ask (server/generation.py); with it, background maintenance runs by `maintenance` (a
+    MaintenanceSettings or its fields; None: hourly after 60 s without requests;
+    server/background.py)."""
     app = FastAPI(title="memstack", version="0.1.0",
                   description="Memory for LLM applications and agents: add, search, answer.")
     keys, limiter = Keys(memory.store), RateLimiter(rate_limit, burst, memory.store)
@@ -120,6 +130,9 @@ def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 
         return who
 
     _routes(app, memory, keys, walled)
+    app.state.served = ServedModel.load(memory, model) if model is not None else None
+    install_generation(app, app.state.served, walled, _status)
+    install_maintenance(app, memory, app.state.served, maintenance)
     from .ui import mount_ui
 
     mount_ui(app)
@@ -207,8 +220,10 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         return {**cube.to_dict(), "access": keys.access(who, row)}
 
     @app.get("/v1/health", tags=["meta"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        """Up; and the background maintenance: enabled, running, the last run (start, end,
+        what it did, errors), the next run and what it waits for."""
+        return {"status": "ok", "maintenance": maintenance_status(app)}
 
     @app.get("/v1/me", response_model=S.MeOut, responses=ERRORS, tags=["meta"])
     def me(who: Principal = Who):

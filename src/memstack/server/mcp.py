@@ -1,7 +1,8 @@
 """MCP tools over the same Memory and the same API keys: add, search, get, list, delete memories
-(and answer, when an LLM is configured). Over streamable HTTP (mounted at /mcp by `memstack
-serve`) the key comes in the Authorization header of each request; over stdio (`memstack mcp`)
-it is the key given at start (MEMSTACK_API_KEY), or the local admin when the database has none.
+(and answer, when an LLM is configured; generate_from_memory and ask_shard, when the server has
+a local model). Over streamable HTTP (mounted at /mcp by `memstack serve`) the key comes in the
+Authorization header of each request; over stdio (`memstack mcp`) it is the key given at start
+(MEMSTACK_API_KEY), or the local admin when the database has none.
 """
 
 import asyncio
@@ -10,8 +11,10 @@ from typing import Any
 
 from .._errors import MemstackError, MissingExtraError
 from .._memory import Memory
+from . import schemas as S
 from .access import Gate
 from .auth import LOCAL_ADMIN, Keys, Principal
+from .generation import ServedModel, parse
 
 try:  # the tools' annotations name Context, so it must be a module global
     from mcp.server.mcpserver import Context, MCPServer
@@ -31,8 +34,10 @@ def _reported(fn):
     return tool
 
 
-def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool = True):
-    """An MCPServer whose tools check the caller's key and grants like the REST API."""
+def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool = True,
+              served: ServedModel | None = None):
+    """An MCPServer whose tools check the caller's key and grants like the REST API. With
+    `served` (the server's local model), the tools generate_from_memory and ask_shard too."""
     if MCPServer is None:
         raise MissingExtraError("MCP needs the mcp package: pip install 'memstack[server]'")
     keys = Keys(memory.store)
@@ -124,4 +129,33 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
             reply = await run(memory.answer, question, cube=row.name, user_id=user_id)
             return {"text": reply.text, "memory_ids": reply.memory_ids}
 
+    if served is not None:
+        _tier_tools(server, served, caller, run)
     return server
+
+
+def _tier_tools(server: Any, served: ServedModel, caller: Any, run: Any) -> None:
+    """The tools of /v1/generate and /v1/ask, with the same checks and limits."""
+    @server.tool()
+    @_reported
+    async def generate_from_memory(query: str, ctx: Context, cube: str | None = None,
+                                   user_id: str | None = None, session_id: str | None = None,
+                                   max_new_tokens: int = 128, temperature: float = 0.0
+                                   ) -> dict:
+        """Answer with the server's local model from your memories (KV blocks of hot ones
+        first): the text, the memory ids and KV blocks used, and timings."""
+        body = parse(S.GenerateRequest, query=query, cube=cube, user_id=user_id,
+                     session_id=session_id, max_new_tokens=max_new_tokens,
+                     temperature=temperature, stream=False)
+        return await run(served.generate, await caller(ctx), body)
+
+    @server.tool()
+    @_reported
+    async def ask_shard(question: str, ctx: Context, shard: str = "auto",
+                        cube: str | None = None, user_id: str | None = None,
+                        max_new_tokens: int = 64) -> dict:
+        """Answer from a LoRA shard's weights alone (no retrieval); "auto" routes the question
+        to the shard of your cubes that holds most of its best search hits."""
+        body = parse(S.AskRequest, question=question, shard=shard, cube=cube, user_id=user_id,
+                     max_new_tokens=max_new_tokens)
+        return await run(served.ask, await caller(ctx), body)

@@ -25,9 +25,11 @@ def is_loopback(host: str) -> bool:
 
 
 def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
-          max_body_bytes: int = 2_000_000, threads: int = 16) -> Any:
+          max_body_bytes: int = 2_000_000, threads: int = 16, model: Any = None,
+          maintenance: dict[str, Any] | None = None) -> Any:
     """The full ASGI app: REST + /mcp (streamable HTTP) + /ui. Refuses to run open (without
-    any API key) on a non-loopback address."""
+    any API key) on a non-loopback address. `model` ("smollm2" or a folder) is loaded once,
+    for /v1/generate, /v1/ask and their MCP tools."""
     try:
         import anyio.to_thread
         from fastapi import FastAPI  # noqa: F401
@@ -36,6 +38,7 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
                                 "pip install 'memstack[server]'") from exc
     from ..embed.batching import BatchingEmbedder
     from .app import create_app
+    from .generation import ServedModel
     from .mcp import build_mcp
 
     if not isinstance(memory.embedder, BatchingEmbedder):  # requests share forward passes
@@ -49,7 +52,8 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
         raise InvalidInputError(
             f"refusing to serve on {host} without any API key: anyone could read and change "
             "every memory. Create one first: memstack keys create --user you --role admin")
-    mcp_server = build_mcp(memory, allow_open=loopback)
+    served = ServedModel.load(memory, model) if model is not None else None
+    mcp_server = build_mcp(memory, allow_open=loopback, served=served)
     mcp_app = mcp_server.streamable_http_app(streamable_http_path="/", stateless_http=True,
                                              json_response=True, host=host,
                                              max_request_body_size=max_body_bytes)
@@ -57,11 +61,14 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     @contextlib.asynccontextmanager
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = threads
-        async with mcp_app.router.lifespan_context(mcp_app):  # MCP's session manager
+        # MCP's session manager, and the app's own (background maintenance)
+        async with mcp_app.router.lifespan_context(mcp_app), inner(app):
             yield
 
     app = create_app(memory, allow_open=loopback, rate_limit=rate_limit,
-                     burst=max(2 * rate_limit, 1), max_body_bytes=max_body_bytes)
+                     burst=max(2 * rate_limit, 1), max_body_bytes=max_body_bytes,
+                     model=served, maintenance=maintenance)
+    inner = app.router.lifespan_context
     app.router.lifespan_context = lifespan
     app.mount("/mcp", mcp_app)
     return app
@@ -73,7 +80,12 @@ def serve(memory: Memory, *, host: str, port: int, workers: int = 1, **options: 
     writes through the cube's generation counter), so Python work uses every core."""
     import uvicorn
 
-    app = build(memory, host=host, **options)  # also checks the key rule before forking
+    from ..tiers.activation.model import model_folder
+
+    if workers > 1 and options.get("model") is not None:
+        model_folder(options["model"])  # checked (smollm2 converted) once; each worker loads it
+    # also checks the key rule before forking
+    app = build(memory, host=host, **({**options, "model": None} if workers > 1 else options))
     if workers <= 1:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
         return

@@ -237,3 +237,47 @@ class DeletedOut(BaseModel):
 class ImportOut(BaseModel):
     turns: int
     sessions: int
+
+
+# the derived tiers (memstack serve --model) ------------------------------------------------------
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1, max_length=4096)
+    cube: str | list[str] | None = None
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+    session_id: str | None = Field(default=None, max_length=200)
+    top_k: int = Field(default=10, ge=1, le=100)
+    max_new_tokens: int = Field(default=128, ge=1, le=1024)
+    temperature: float = Field(default=0.0, ge=0, le=5, description="0 decodes greedily")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    use_cache: bool = Field(default=True, description="start from KV blocks of hot memories")
+    stream: bool = Field(default=True, description="server-sent events; false: one JSON body")
+
+
+class AskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=4096)
+    shard: str = Field(default="auto", min_length=1, max_length=200,
+                       description="a shard id, or auto: routed among the cubes' shards")
+    cube: str | list[str] | None = None
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+    max_new_tokens: int = Field(default=64, ge=1, le=1024)
+
+
+class GenerationOut(BaseModel):
+    text: str
+    token_ids: list[int]
+    memory_ids: list[str] = Field(description="the memories the model was given")
+    block_ids: list[str] = Field(description="the KV blocks it started from")
+    cached_tokens: int
+    prefilled_tokens: int
+    ttft_seconds: float
+    seconds: float
+    finish_reason: Literal["stop", "length"]
+
+
+class AskOut(BaseModel):
+    shard: str | None = Field(description="the shard that answered; null: the base model")
+    text: str

@@ -2,9 +2,10 @@
 
 Everything memstack keeps goes through a `Store`: cubes, items and their search keys, versions,
 full-text and vector candidates, the audit log, access statistics, users, keys and grants, KV
-block and shard rows, data repairs and migrations, all inside `transaction()`. Services above it
-(write/, retrieve/, ingest/, tiers/, server/) pass values (`Selection`, dicts of fields, numpy
-vectors) and get values back (`Item`, `CubeRow`, ranked rowids); none of them writes SQL.
+block and shard rows, leases, data repairs and migrations, all inside `transaction()`. Services
+above it (write/, retrieve/, ingest/, tiers/, server/) pass values (`Selection`, dicts of
+fields, numpy vectors) and get values back (`Item`, `CubeRow`, ranked rowids); none of them
+writes SQL.
 
 `SQLiteStore` (store/sqlite.py) is the embedded default. A second store implements the same
 protocol and passes the same tests.
@@ -20,6 +21,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, P
 import numpy as np
 
 from .._models import AuditEntry, Cube, Item, Version
+from .locks import Lease
 from .selection import Selection
 
 Order = Literal["rowid", "rowid_desc", "observed"]
@@ -132,6 +134,12 @@ class Store(Protocol):
     def insert_grant(self, cube_id: int, user_id: str, access: str, granted_by: str) -> None: ...
     def grant_rows(self, cube_id: int) -> list[Any]: ...
     def count_items(self, *, kind: str, status: str = "active") -> int: ...
+
+    # leases: one owner at a time across processes, until released or run out (store/locks.py)
+    def try_acquire(self, name: str, owner: str, seconds: float) -> bool: ...
+    def renew(self, name: str, owner: str, seconds: float) -> bool: ...
+    def release(self, name: str, owner: str) -> bool: ...
+    def lease(self, name: str) -> Lease | None: ...
 
     # whole-store copies (store/migrate.py)
     def dump_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]: ...

@@ -10,7 +10,7 @@ the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -326,8 +326,25 @@ CREATE INDEX IF NOT EXISTS cubes_owner ON cubes (owner);
 CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
 """
 
+# 5: leases (store/locks.py): work that runs in one process at a time, such as background
+# maintenance, holds one until it releases it or the lease runs out. IF NOT EXISTS: a store
+# whose version was set back runs this again. Not by cube: no row-level security.
+_V5 = """
+CREATE TABLE IF NOT EXISTS locks (
+  name TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  expires_at DOUBLE PRECISION NOT NULL  -- seconds since the epoch, the database's clock
+);
+DO $$
+BEGIN
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON locks TO memstack_app');
+EXCEPTION WHEN undefined_object THEN
+  NULL;  -- no memstack_app role (created by version 1 only when it could be)
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4}
+MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
 
 
 def vector_index(dim: int) -> str:

@@ -37,6 +37,7 @@ from .access import AccessRows
 from .base import KeyGroup, Ranked, Rows
 from .counts import CountRows
 from .kvblocks import KVBlockRows
+from .locks import LockRows
 from .pg_schema import MIGRATIONS, SCHEMA_VERSION, vector_index
 from .rows import ItemRows
 from .selection import Selection
@@ -252,11 +253,12 @@ class Statistics:
             thread.join(timeout)
 
 
-class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
+class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockRows):
     """A memstack store in a PostgreSQL database with pgvector. `files` is the folder for
     what lives beside the database (KV block and shard files of the tiers)."""
 
     dialect = "postgres"
+    now_sql = "extract(epoch from clock_timestamp())::float8"  # leases, on the database's clock
 
     def __init__(self, url: str, *, files: str | Path | None = None, pool_size: int = 8,
                  read_only: bool = False) -> None:

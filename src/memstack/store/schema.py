@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _V1 = """
 CREATE TABLE cubes (
@@ -181,5 +181,17 @@ CREATE INDEX IF NOT EXISTS cubes_owner ON cubes (owner);
 CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
 """
 
+# v8: leases (store/locks.py): work that runs in one process at a time, such as background
+# maintenance, holds one until it releases it or the lease runs out. IF NOT EXISTS: a store
+# whose version was set back runs this again.
+_V8 = """
+CREATE TABLE IF NOT EXISTS locks (
+  name TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  expires_at REAL NOT NULL  -- seconds since the epoch
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7,
+                              7: _V8}

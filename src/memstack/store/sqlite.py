@@ -23,6 +23,7 @@ from .counts import CountRows
 from .rows import ItemRows
 from .base import KeyGroup, Ranked, Rows
 from .kvblocks import KVBlockRows
+from .locks import LockRows
 from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .selection import Selection
@@ -69,11 +70,12 @@ class LockedConnection:
             self._conn.close()
 
 
-class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows):
+class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockRows):
     """The source of truth. Thread-safe: one connection guarded by a re-entrant lock
     (LockedConnection); transactions hold the lock from BEGIN to COMMIT."""
 
     dialect = "sqlite"
+    now_sql = "unixepoch('subsec')"  # leases (store/locks.py)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -85,6 +85,15 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def model_folder(spec: str | Path) -> Path:
+    """The transformers folder a model spec names ("smollm2": converted the first time)."""
+    folder = smollm2_folder() if str(spec) == SMOLLM2 else Path(spec)
+    if not (folder / "config.json").exists():
+        raise ModelError(f"{folder} is not a transformers model folder (no config.json); "
+                         f"give a folder or {SMOLLM2!r}")
+    return folder
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     torch = _torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,10 +161,7 @@ class LocalModel:
         torch = _torch()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = smollm2_folder() if str(spec) == SMOLLM2 else Path(spec)
-        if not (folder / "config.json").exists():
-            raise ModelError(f"{folder} is not a transformers model folder (no config.json); "
-                             f"give a folder or {SMOLLM2!r}")
+        folder = model_folder(spec)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ModelError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         from transformers.utils import logging as hf_logging

@@ -248,13 +248,19 @@ class ActivationTier:
 
     def _blocks_for(self, hits: list[Hit], session_id: str | None) -> list[BlockRow]:
         """Blocks of this model holding a hit, best hit first, within max_blocks. A block is
-        used only when all its items are in the search's scope: the hit's user and agent, and
-        the session when the search was limited to one."""
+        used only when all its items are in the search's scope: the hit's cube (a block is
+        packed from one cube's items; checked again here, so the cubes a caller may read
+        bound the blocks too), user and agent, and the session when the search was limited
+        to one."""
         rows: dict[str, BlockRow] = {}
+        cube_ids: dict[str, int] = {}
         for hit in hits:
+            if hit.item.kv_blocks and hit.item.cube not in cube_ids:
+                cube_ids[hit.item.cube] = self.store.cube(hit.item.cube).id
             for block_id in hit.item.kv_blocks:
                 row = self.store.block(block_id)
                 if row and row.model_key == self.lm.key and block_id not in rows \
+                        and row.cube_id == cube_ids[hit.item.cube] \
                         and _same_scope(row, hit.item) and (session_id is None or all(
                             i.session_id == session_id for i in self._ordered(row))):
                     rows[block_id] = row

@@ -97,6 +97,10 @@ class TrainSettings:
     # layer sees only the directions that general text barely uses (a null-space constraint,
     # as AlphaEdit's for edits), so on unrelated prompts it adds almost nothing.
     protect: float = 0.0
+    # LiNeS (Wang et al. 2024): after training, the update of layer l of L is scaled by
+    # lines + (1 - lines) * l / (L - 1), so shallow layers, which hold general features, change
+    # least (1: off)
+    lines: float = 1.0
     seed: int = 0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                 "up_proj", "down_proj")
@@ -112,10 +116,10 @@ class TrainSettings:
         if min(self.rank, self.alpha, self.epochs or 1, self.batch_size, self.replay_batch,
                self.min_epochs, self.min_steps) < 1 or self.max_epochs < self.min_epochs \
                 or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16 \
-                or not 0 <= self.protect < 1:
+                or not 0 <= self.protect < 1 or not 0 <= self.lines <= 1:
             raise InvalidInputError("rank, alpha, epochs, batch sizes, min_steps >= 1; "
                                     "min_epochs <= max_epochs; 0 < lr < 1; reg_weight >= 0; "
-                                    "max_tokens >= 16; 0 <= protect < 1")
+                                    "max_tokens >= 16; 0 <= protect < 1; 0 <= lines <= 1")
         if not 1 <= self.audit_controls <= len(CONTROL_PROMPTS) or self.audit_candidates < 10:
             raise InvalidInputError(f"audit_controls is 1 to {len(CONTROL_PROMPTS)}; "
                                     "audit_candidates >= 10")
@@ -208,11 +212,12 @@ class Trainer:
         facts = [encode(self.tokenizer, x, s.max_tokens, s.answer_end) for x in samples]
         general = [encode(self.tokenizer, x, s.max_tokens) for x in replay] \
             if s.method != "none" or s.protect else []
+        if (s.method != "none" or s.protect) and not general:
+            raise InvalidInputError(f"method {s.method}" + (" with protect" if s.protect else "")
+                                    + " needs replay samples")
         free = protected_projections(self.model, general, s.protect, self.pad) \
             if s.protect else {}
         general = general if s.method != "none" else []
-        if (s.method != "none" or s.protect) and not general:
-            raise InvalidInputError(f"method {s.method} needs replay samples")
         anchors = self._anchors(general) if s.method in ("replay_l2", "replay_gere") else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr)
@@ -233,6 +238,8 @@ class Trainer:
             curve.steps.append({"step": step + 1, **parts})
             progress(step + 1, total, parts["loss"])
         self.model.eval()
+        if s.lines < 1:
+            scale_by_depth(self.model, s.lines)
         curve.seconds = round(time.perf_counter() - started, 1)
         return curve
 
@@ -307,31 +314,49 @@ def protected_projections(model: Any, general: Sequence[tuple[list[int], list[in
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     grams: dict[str, Any] = {}
+    valid: list[Any] = [None]  # the token mask of the batch running
 
     def recorder(name: str) -> Callable[..., None]:
         def record(module: Any, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach()[valid[0]]  # (tokens, d_in), padding left out
             grams[name] = grams.get(name, 0) + x.T @ x
         return record
 
     hooks = [m.base_layer.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
     try:
         with torch.no_grad(), model.disable_adapter():
-            for ids, labels in general:
-                x, _, mask = collate([(ids, labels)], pad)
+            for start in range(0, len(general), 8):
+                x, _, mask = collate(general[start:start + 8], pad)
+                valid[0] = mask.bool()
                 model(input_ids=x, attention_mask=mask)
     finally:
         for hook in hooks:
             hook.remove()
     out = {}
     for name, gram in grams.items():
-        values, vectors = torch.linalg.eigh(gram)  # ascending
+        values, vectors = torch.linalg.eigh(gram.double())  # ascending
         energy = values.clamp(min=0).flip(0).cumsum(0) / values.clamp(min=0).sum()
         used = int((energy < share).sum()) + 1  # the top directions holding `share`
         free = vectors[:, :len(values) - used].float()
         for weight in (a.weight for a in layers[name].lora_A.values()):
             out[weight] = free @ free.T
     return out
+
+
+def scale_by_depth(model: Any, first: float) -> None:
+    """LiNeS: each layer's LoRA B scaled from `first` (layer 0) linearly up to 1 (last)."""
+    import re
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(int(m.group(1)), module) for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and (m := re.search(r"\.layers\.(\d+)\.", name))]
+    deepest = max((n for n, _ in layers), default=0) or 1
+    with torch.no_grad():
+        for n, module in layers:
+            for b in module.lora_B.values():
+                b.weight.mul_(first + (1 - first) * n / deepest)
 
 
 def _project(free: dict[Any, Any]) -> None:
