@@ -56,7 +56,7 @@ def install(app: FastAPI, memory: Memory, served: Any,
     seen = LastRequest()
     app.add_middleware(NoteRequests, seen=seen)
     service = memory.maintenance(model=served.lm, settings=settings, last_activity=seen)
-    service.guard = served._turn  # the model's tokenizer and caches are shared with requests
+    service.guard = served.turn  # the model's tokenizer and caches are shared with requests
     app.state.maintenance = service
     inner = app.router.lifespan_context
 

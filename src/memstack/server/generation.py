@@ -49,7 +49,7 @@ class ServedModel:
     def __init__(self, memory: Memory, lm: LocalModel) -> None:
         self.memory, self.lm = memory, lm
         self.gate = Gate(memory, Keys(memory.store))
-        self._turn = threading.Lock()
+        self.turn = threading.Lock()
 
     @classmethod
     def load(cls, memory: Memory, model: ServedModel | LocalModel | str | Path
@@ -70,7 +70,7 @@ class ServedModel:
         still reads (an HTTP client that hangs up leaves the response's iterator unclosed
         until garbage collection; closing this one stops decoding at the next piece)."""
         cubes = self.readable(who, body.cube)
-        self._turn.acquire()
+        self.turn.acquire()
         try:
             stream = self.memory.generate(
                 body.query, model=self.lm, cube=cubes, user_id=body.user_id,
@@ -78,7 +78,7 @@ class ServedModel:
                 max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                 seed=body.seed, use_cache=body.use_cache, stream=True)
         except BaseException:
-            self._turn.release()
+            self.turn.release()
             raise
         out: queue.SimpleQueue = queue.SimpleQueue()
         gone = threading.Event()
@@ -96,7 +96,7 @@ class ServedModel:
         except Exception as exc:  # the reader raises it
             out.put(exc)
         finally:
-            self._turn.release()
+            self.turn.release()
             out.put(_END)
 
     def generate(self, who: Principal, body: S.GenerateRequest) -> dict[str, Any]:
@@ -111,7 +111,7 @@ class ServedModel:
         else:
             self.shard(who, body.shard)
             scope = {}
-        with self._turn:
+        with self.turn:
             return self.memory.ask(body.question, model=self.lm, shard=body.shard,
                                    user_id=body.user_id, agent_id=body.agent_id,
                                    max_new_tokens=body.max_new_tokens, **scope)
