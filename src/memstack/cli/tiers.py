@@ -194,7 +194,9 @@ def merge(ctx, shard_ids, model, combination, replace):
 @click.option("--every", type=float, help="With --watch: seconds between runs [default: 3600].")
 @click.option("--window", help="With --watch: start runs only inside this daily window, "
                                "HH:MM-HH:MM in UTC (e.g. 01:00-05:00).")
-@click.option("--runs", "max_runs", type=int, help="With --watch: stop after this many runs.")
+@click.option("--runs", "max_runs", type=int,
+              help="With --watch: stop after this many turns (one skipped outside the window "
+                   "or while another process holds the lease counts too).")
 @click.option("--cpu", "cpu_seconds", type=float,
               help="CPU seconds a run may use; then it starts no new work (the rest waits).")
 @click.option("--budget-mb", type=float, help="Budget of this model's KV blocks [default: 512].")

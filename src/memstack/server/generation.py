@@ -71,19 +71,19 @@ class ServedModel:
         until garbage collection; closing this one stops decoding at the next piece)."""
         cubes = self.readable(who, body.cube)
         self.turn.acquire()
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        gone = threading.Event()
         try:
             stream = self.memory.generate(
                 body.query, model=self.lm, cube=cubes, user_id=body.user_id,
                 agent_id=body.agent_id, session_id=body.session_id, top_k=body.top_k,
                 max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                 seed=body.seed, use_cache=body.use_cache, stream=True)
-        except BaseException:
+            threading.Thread(target=self._decode, args=(stream, out, gone), daemon=True,
+                             name="memstack-generate").start()
+        except BaseException:  # the decode thread never started: the turn is still ours
             self.turn.release()
             raise
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        gone = threading.Event()
-        threading.Thread(target=self._decode, args=(stream, out, gone), daemon=True,
-                         name="memstack-generate").start()
         return _drain(out, gone)
 
     def _decode(self, stream: Stream, out: queue.SimpleQueue, gone: threading.Event) -> None:
@@ -121,7 +121,7 @@ class ServedModel:
         key can read. Otherwise it is reported missing, like an item."""
         store = self.memory.store
         row, missing = store.shard(shard_id), errors.NotFoundError(f"no shard {shard_id!r}")
-        if row is None:
+        if row is None or row.status != "active":  # a stale shard may hold deleted memories
             raise missing
         items = store.items_by_id(row.item_ids)
         visible = self.gate.keys.visible_cubes(who)

@@ -340,6 +340,9 @@ class ParametricTier:
         retrieval), greedily."""
         from .audit import _chat, greedy
 
+        if shard_id and self._shard(shard_id).status != "active":
+            raise InvalidInputError(f"shard {shard_id} is stale (an item it holds changed or was "
+                                    "deleted): run maintain, or ask another shard")
         model = self.load(shard_id) if shard_id else self.lm.model
         reply = greedy(model, self.lm.tokenizer, [_chat(self.lm.tokenizer, question)],
                        max_new_tokens)[0]

@@ -74,10 +74,11 @@ REPLAY_PROMPTS = (  # general prompts whose base-model answers become replay sam
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of one shard (recorded in its manifest, resolved). The defaults are the
-    best measured from 5 to 200 facts (docs/benchmarks.md): replay + KL at weight 3, lr 2e-3, and
-    a schedule that fits the scope: `epochs` None takes at least `min_epochs` and enough epochs
-    for `min_steps` optimizer steps, so 8 facts get as many updates as they need, not 20."""
+    """Hyperparameters of one shard (the manifest records them as given and, under "schedule",
+    what resolve() made of them for the shard's samples). The defaults are the best measured
+    at 200 facts (docs/benchmarks.md): replay + KL at weight 3, lr 2e-3, 5 epochs; with `epochs`
+    None a smaller scope gets more: at least `min_epochs` and enough for `min_steps` optimizer
+    steps, so 8 facts get 152 updates, not 20."""
 
     method: Method = "replay_kl"
     rank: int = 16
@@ -113,7 +114,8 @@ class TrainSettings:
     def check(self) -> "TrainSettings":
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {', '.join(METHODS)}")
-        if min(self.rank, self.alpha, self.epochs or 1, self.batch_size, self.replay_batch,
+        epochs = 1 if self.epochs is None else self.epochs
+        if min(self.rank, self.alpha, epochs, self.batch_size, self.replay_batch,
                self.min_epochs, self.min_steps) < 1 or self.max_epochs < self.min_epochs \
                 or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16 \
                 or not 0 <= self.protect < 1 or not 0 <= self.lines <= 1:
