@@ -132,6 +132,12 @@ def _train_progress(description: str) -> Any:
               help="Default: the schedule (at least 5 epochs and 150 optimizer steps, at most "
                    "60 epochs).")
 @click.option("--rank", default=TrainSettings.rank, show_default=True, type=int)
+@click.option("--protect", default=TrainSettings.protect, show_default=True, type=float,
+              help="Share of general text's input energy the adapter may not read, per layer "
+                   "(0: off; experimental, docs/parametric.md).")
+@click.option("--lines", default=TrainSettings.lines, show_default=True, type=float,
+              help="LiNeS: the first layer's share of its update, rising to 1 at the last "
+                   "(1: off; experimental).")
 @click.option("--lr", default=TrainSettings.lr, show_default=True, type=float)
 @click.option("--audit-controls", default=TrainSettings.audit_controls, show_default=True,
               type=int, help="Control prompts of the locality audit (the first n of 40).")
@@ -142,7 +148,7 @@ def _train_progress(description: str) -> Any:
 @click.option("--parent", help="Continue from this shard (sequential consolidation).")
 @click.pass_context
 def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, reg_weight, epochs,
-                rank, lr, audit_controls, audit_candidates, replay_file, parent):
+                rank, protect, lines, lr, audit_controls, audit_candidates, replay_file, parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
 
     memory = open_memory(ctx)
@@ -150,6 +156,7 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, re
         [s.strip() for s in selection.split(",") if s.strip()]
     replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
     settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr,
+                             protect=protect, lines=lines,
                              reg_weight=reg_weight, audit_controls=audit_controls,
                              audit_candidates=audit_candidates).check()
     with _train_progress("consolidating") as bar:
