@@ -220,9 +220,10 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         return {**cube.to_dict(), "access": keys.access(who, row)}
 
     @app.get("/v1/health", tags=["meta"])
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         """Up; and the background maintenance: enabled, running, the last run (start, end,
-        what it did, errors), the next run and what it waits for."""
+        what it did, how many errors), the next run and what it waits for. On the event loop
+        (it reads attributes only), so it answers while every worker thread waits."""
         return {"status": "ok", "maintenance": maintenance_status(app)}
 
     @app.get("/v1/me", response_model=S.MeOut, responses=ERRORS, tags=["meta"])
