@@ -253,7 +253,9 @@ def test_health_shows_the_servers_background_maintenance(db_path, embedder, lm):
                 time.sleep(0.1)
         assert health["enabled"] and health["every_seconds"] == 0.3 and health["runs"] >= 1
         run = health["last_run"]
-        assert run["did"]["kv_built"] >= 1 and run["errors"] == 0 and run["started_at"]
+        # runs follow each other every 0.3 s: the last one may be a later run that found the
+        # blocks built, so what the first built is read from the store and the audit log
+        assert run["errors"] == 0 and run["started_at"] and memory.kv_blocks()
         assert health["next_run"] or health["running"]
         assert memory.store.lease(LOCK) is None  # stopped with the app, lease given back
         assert [e.action for e in memory.audit_log() if e.actor == "maintenance"][:2] == \
