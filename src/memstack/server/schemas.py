@@ -42,13 +42,17 @@ class AddRequest(BaseModel):
     infer: bool = True
 
 
-class SearchRequest(BaseModel):
+class ScopedQuery(BaseModel):
+    """A query and the scope it reads (the cubes, or the key's own; user, agent, session)."""
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1, max_length=4096)
     cube: str | list[str] | None = None
     user_id: str | None = Field(default=None, max_length=200)
     agent_id: str | None = Field(default=None, max_length=200)
     session_id: str | None = Field(default=None, max_length=200)
+
+
+class SearchRequest(ScopedQuery):
     kinds: list[Literal["turn", "session", "fact", "insight", "procedure", "core"]] | None = None
     filters: dict[str, Any] | None = None
     since: str | None = None
@@ -240,13 +244,7 @@ class ImportOut(BaseModel):
 
 
 # the derived tiers (memstack serve --model) ------------------------------------------------------
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=4096)
-    cube: str | list[str] | None = None
-    user_id: str | None = Field(default=None, max_length=200)
-    agent_id: str | None = Field(default=None, max_length=200)
-    session_id: str | None = Field(default=None, max_length=200)
+class GenerateRequest(ScopedQuery):
     top_k: int = Field(default=10, ge=1, le=100)
     max_new_tokens: int = Field(default=128, ge=1, le=1024)
     temperature: float = Field(default=0.0, ge=0, le=5, description="0 decodes greedily")
