@@ -282,3 +282,53 @@ def test_cli_maintain_takes_the_lock_and_watch_stops_after_its_runs(db_path, emb
         assert m.store.lease(LOCK) is None
         again = runner.invoke(cli, [*base, "maintain"])
         assert again.exit_code == 0 and "kept 1" in again.output
+
+
+def test_a_stop_ends_a_retrain_between_two_steps_and_gives_the_lease_back(sqlite_mem, lm):
+    facts, shard = _hot_facts_and_a_stale_shard(sqlite_mem, lm)
+    service = sqlite_mem.maintenance(model=lm)
+    steps, real = [], service._between_steps
+
+    def step(done: int, total: int, loss: float) -> None:  # the server shuts down mid-retrain
+        steps.append(done)
+        service._stop.set()
+        real(done, total, loss)
+
+    service._between_steps = step
+    report = service.run()
+    assert steps == [1] and report.stopped == "asked to stop" and report.left == [shard]
+    assert report.shards == [] and report.errors == []
+    assert [(r.id, r.status) for r in sqlite_mem.store.shards()] == [(shard, "stale")]
+    assert sqlite_mem.store.lease(LOCK) is None  # the next process need not wait it out
+
+
+def test_a_long_holder_hands_the_models_turn_to_a_waiting_request():
+    from memstack.server.generation import Turn
+
+    turn, inside, order, holding = Turn(), [], [], threading.Event()
+
+    def holder() -> None:  # a retrain: 40 steps of 10 ms, pausing after each
+        with turn:
+            holding.set()
+            for n in range(40):
+                inside.append("holder")
+                time.sleep(0.01)
+                order.append(("step", n))
+                inside.pop()
+                turn.pause()
+
+    def request() -> None:
+        with turn:
+            inside.append("request")
+            assert inside == ["request"]  # never at once with a step
+            order.append(("request", None))
+            inside.pop()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait()
+    request()
+    thread.join()
+    served_at = order.index(("request", None))
+    assert served_at < 40 and len(order) == 41  # between two steps, not after all 40
+    assert turn.waiting == 0 and not turn.locked()

@@ -247,3 +247,28 @@ def test_a_protected_adapter_reads_only_what_general_text_barely_uses():
                 assert torch.allclose(weight @ projector, weight, atol=1e-5)
                 assert torch.allclose(projector @ projector, projector, atol=1e-4)
     assert change[0.99] < change[0.0] / 3, change
+
+
+def test_ask_keeps_recent_shards_loaded_and_answers_as_a_fresh_load(db_path, embedder,
+                                                                    monkeypatch):
+    from memstack.tiers.parametric import audit, tier as tier_module
+
+    rows = fact_set(4)
+    with Memory(db_path, embedder=embedder) as m:
+        for user, part in (("ann", rows[:2]), ("bob", rows[2:])):
+            for r in part:
+                m.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"])
+        one = TrainSettings(method="none", epochs=3, lr=2e-3, **LIGHT)
+        a, b = (m.consolidate(model="smollm2", user_id=u, settings=one).id for u in ("ann", "bob"))
+        tier = m.parametric("smollm2")
+        question = rows[0]["metadata"]["questions"][0]
+        fresh = {s: tier.lm.tokenizer.decode(audit.greedy(
+            tier.load(s), tier.lm.tokenizer, [audit._chat(tier.lm.tokenizer, question)], 12)[0],
+            skip_special_tokens=True).strip() for s in (a, b)}
+        loads = []
+        real = tier._fresh_model
+        monkeypatch.setattr(tier, "_fresh_model", lambda: loads.append(1) or real())
+        monkeypatch.setattr(tier_module, "HOSTED", 1)
+        answers = [(s, tier.ask(question, s, max_new_tokens=12)) for s in (a, a, b, a)]
+        assert answers == [(s, fresh[s]) for s in (a, a, b, a)]  # each its own adapter's answer
+        assert len(loads) == 1 and list(tier._hosted) == [a]  # one base copy; b evicted

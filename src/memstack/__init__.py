@@ -7,8 +7,8 @@
 """
 
 from ._client import AsyncClient, Client
-from ._errors import (AuthenticationError, CacheMismatchError, LockHeldError, ModelError,
-                      StaleBlockError,
+from ._errors import (AuthenticationError, CacheMismatchError, LockHeldError, ModelBusyError,
+                      ModelError, StaleBlockError,
                       TierError, ContentTooLargeError, CubeNotFoundError, EmbeddingError,
                       EmbeddingMismatchError, EmptyContentError, InvalidDateError,
                       InvalidEncodingError, InvalidFilterError, InvalidInputError,
@@ -45,5 +45,6 @@ __all__ = [
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "TierError", "ModelError",
+    "ModelBusyError",
     "CacheMismatchError", "StaleBlockError", "LockHeldError",
 ]

@@ -19,7 +19,8 @@ from urllib.parse import quote
 import httpx
 
 from . import _errors as errors
-from ._models import AddResult, Answer, Cube, Extraction, FactOp, Hit, Item, Version
+from ._models import (AddResult, Answer, Cube, Extraction, FactOp, Generation, Hit, Item,
+                      Version)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,27 @@ class _Api:
                       session_id=session_id, cube=cube, as_of=_iso(as_of), top_k=top_k,
                       max_context_tokens=max_context_tokens)
         return _Request("POST", "/v1/answer", lambda d: Answer(**d), body)
+
+    def generate(self, query: str, *, model: Any = None, user_id: str | None = None,
+                 agent_id: str | None = None, session_id: str | None = None,
+                 cube: str | list[str] | None = None, top_k: int = 10,
+                 max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                 use_cache: bool = True) -> _Request:
+        """The server's local model (`memstack serve --model`; `model` is accepted for
+        Memory's signature and not sent) answers from the caller's memories: a Generation."""
+        body = _scope(query=query, user_id=user_id, agent_id=agent_id, session_id=session_id,
+                      cube=cube, top_k=top_k, max_new_tokens=max_new_tokens,
+                      temperature=temperature, seed=seed, use_cache=use_cache, stream=False)
+        return _Request("POST", "/v1/generate", lambda d: Generation(**d), body)
+
+    def ask(self, question: str, *, model: Any = None, shard: str = "auto",
+            user_id: str | None = None, agent_id: str | None = None,
+            cube: str | list[str] | None = None, max_new_tokens: int = 64) -> _Request:
+        """A LoRA shard of the server's model answers from its weights alone:
+        {"shard", "text"} (`model` as for generate)."""
+        body = _scope(question=question, shard=shard, user_id=user_id, agent_id=agent_id,
+                      cube=cube, max_new_tokens=max_new_tokens)
+        return _Request("POST", "/v1/ask", lambda d: d, body)
 
     def cubes(self) -> _Request:
         return _Request("GET", "/v1/cubes",

@@ -33,6 +33,7 @@
     │                                                needs (maintenance runs once at a time)
     ├── TierError                                    the activation or parametric tier
     │   ├── ModelError                               a local model that cannot be loaded or used
+    │   │   └── ModelBusyError                       the model served others for too long (retry)
     │   ├── CacheMismatchError                       a KV block made for another model or template
     │   └── StaleBlockError                          a KV block whose items changed or were deleted
     └── MissingExtraError (also ImportError)         an optional dependency is not installed
@@ -51,7 +52,7 @@ __all__ = [
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
     "LLMResponseError", "LLMOutputError", "AuthenticationError", "PermissionDeniedError",
     "RateLimitedError", "RemoteError", "MissingExtraError", "LockHeldError", "TierError",
-    "ModelError",
+    "ModelError", "ModelBusyError",
     "CacheMismatchError", "StaleBlockError",
 ]
 
@@ -188,6 +189,10 @@ class TierError(MemstackError):
 
 class ModelError(TierError):
     pass
+
+
+class ModelBusyError(ModelError):
+    """The local model stayed busy with other requests past the wait allowed; retry later."""
 
 
 class CacheMismatchError(TierError):

@@ -406,12 +406,15 @@ def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers, model, 
 @click.command()
 @click.option("--key", envvar="MEMSTACK_API_KEY", help="API key the MCP client acts with "
                                                        "(env MEMSTACK_API_KEY).")
+@click.option("--model", envvar="MEMSTACK_MODEL",
+              help="Also offer generate_from_memory and ask_shard with this local model: "
+                   "'smollm2' or a transformers model folder (env MEMSTACK_MODEL).")
 @click.pass_context
-def mcp(ctx, key):
+def mcp(ctx, key, model):
     """Serve MCP over stdio (for assistants that start memstack as a subprocess)."""
     from ..server.run import serve_stdio
 
-    serve_stdio(open_memory(ctx), key)
+    serve_stdio(open_memory(ctx), key, model)
 
 
 @click.group()

@@ -87,6 +87,7 @@ def _status(exc: Exception) -> tuple[int, str]:
         (errors.NotFoundError, 404, "not_found"), (errors.InvalidInputError, 400, "invalid_input"),
         (errors.LLMError, 502, "llm_error"),
         (errors.StoreUnavailableError, 503, "store_unavailable"),
+        (errors.ModelBusyError, 503, "model_busy"),
         (errors.StoreError, 500, "store_error"),
         (errors.MemstackError, 500, "internal_error")]
     return next((status, code) for kind, status, code in table if isinstance(exc, kind))

@@ -3,7 +3,9 @@ served, a thread started in the app's lifespan runs the KV scheduler and retrain
 every `every` seconds (the first run one interval after start), when no request but
 /v1/health came for `quiet` seconds and inside the daily window. With several workers each
 process has the thread, and the store's lease lets one run at a time. Each unit of a run holds
-the served model's turn, so a generate or ask request waits for the unit in progress.
+the served model's turn; a shard's retrain hands it to a waiting generate or ask request
+between two optimizer steps (a few seconds), so requests do not wait for a whole retrain.
+Shutting down stops a retrain at its next step and releases the lease.
 """
 
 from __future__ import annotations

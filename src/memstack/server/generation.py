@@ -18,6 +18,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
@@ -37,19 +38,69 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memstack.server")
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": S.ErrorBody} for status in (400, 401, 403, 404, 422, 429)}
+    status: {"model": S.ErrorBody} for status in (400, 401, 403, 404, 422, 429, 503)}
 Body = TypeVar("Body", bound=BaseModel)
+
+
+class Turn:
+    """A lock on the model that a long holder hands over between its steps: background
+    maintenance retraining a shard calls `pause()` after each optimizer step, so a request
+    waiting for the model runs then instead of after the whole retrain."""
+
+    def __init__(self) -> None:
+        self._lock, self._count = threading.Lock(), threading.Lock()
+        self.waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._count:
+            self.waiting += 1
+        try:
+            return self._lock.acquire(blocking, timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def pause(self, patience: float = 1.0) -> None:
+        """Called by the holder: when someone waits, let them take the turn, then wait for it
+        again (`patience`: how long to wait for a waiter to take it before going on)."""
+        if not self.waiting:
+            return
+        self._lock.release()
+        deadline = time.monotonic() + patience
+        while self.waiting and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._lock.acquire()
+
+    def __enter__(self) -> "Turn":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class ServedModel:
     """The one local model of a server process, and what a caller may do with it. Calls take
     turns (a lock): the model's prefix caches, its loaded KV blocks and its tokenizer are
-    shared state, and on a CPU a second decode at once would only halve the speed of both."""
+    shared state, and on a CPU a second decode at once would only halve the speed of both.
+    A request that waits longer than `wait` seconds for its turn gets ModelBusyError (503
+    model_busy) instead of holding a worker thread."""
 
-    def __init__(self, memory: Memory, lm: LocalModel) -> None:
-        self.memory, self.lm = memory, lm
+    def __init__(self, memory: Memory, lm: LocalModel, wait: float = 60.0) -> None:
+        self.memory, self.lm, self.wait = memory, lm, wait
         self.gate = Gate(memory, Keys(memory.store))
-        self.turn = threading.Lock()
+        self.turn = Turn()
+
+    def _take_turn(self) -> None:
+        if not self.turn.acquire(timeout=self.wait):
+            raise errors.ModelBusyError(f"the model served other requests for {self.wait:g} s; "
+                                        "retry later")
 
     @classmethod
     def load(cls, memory: Memory, model: ServedModel | LocalModel | str | Path
@@ -70,7 +121,7 @@ class ServedModel:
         still reads (an HTTP client that hangs up leaves the response's iterator unclosed
         until garbage collection; closing this one stops decoding at the next piece)."""
         cubes = self.readable(who, body.cube)
-        self.turn.acquire()
+        self._take_turn()
         out: queue.SimpleQueue = queue.SimpleQueue()
         gone = threading.Event()
         try:
@@ -111,10 +162,13 @@ class ServedModel:
         else:
             self.shard(who, body.shard)
             scope = {}
-        with self.turn:
+        self._take_turn()
+        try:
             return self.memory.ask(body.question, model=self.lm, shard=body.shard,
                                    user_id=body.user_id, agent_id=body.agent_id,
                                    max_new_tokens=body.max_new_tokens, **scope)
+        finally:
+            self.turn.release()
 
     def shard(self, who: Principal, shard_id: str) -> ShardRow:
         """A shard the caller may use: everything in its weights (its items) is in cubes the

@@ -138,24 +138,27 @@ def _tier_tools(server: Any, served: ServedModel, caller: Any, run: Any) -> None
     """The tools of /v1/generate and /v1/ask, with the same checks and limits."""
     @server.tool()
     @_reported
-    async def generate_from_memory(query: str, ctx: Context, cube: str | None = None,
-                                   user_id: str | None = None, session_id: str | None = None,
-                                   max_new_tokens: int = 128, temperature: float = 0.0
-                                   ) -> dict:
+    async def generate_from_memory(query: str, ctx: Context, cube: str | list[str] | None = None,
+                                   user_id: str | None = None, agent_id: str | None = None,
+                                   session_id: str | None = None, top_k: int = 10,
+                                   max_new_tokens: int = 128, temperature: float = 0.0,
+                                   seed: int = 0, use_cache: bool = True) -> dict:
         """Answer with the server's local model from your memories (KV blocks of hot ones
-        first): the text, the memory ids and KV blocks used, and timings."""
+        first): the text, the memory ids and KV blocks used, and timings. temperature 0
+        decodes greedily; use_cache false reads every memory as text."""
         body = parse(S.GenerateRequest, query=query, cube=cube, user_id=user_id,
-                     session_id=session_id, max_new_tokens=max_new_tokens,
-                     temperature=temperature, stream=False)
+                     agent_id=agent_id, session_id=session_id, top_k=top_k,
+                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     use_cache=use_cache, stream=False)
         return await run(served.generate, await caller(ctx), body)
 
     @server.tool()
     @_reported
     async def ask_shard(question: str, ctx: Context, shard: str = "auto",
-                        cube: str | None = None, user_id: str | None = None,
-                        max_new_tokens: int = 64) -> dict:
+                        cube: str | list[str] | None = None, user_id: str | None = None,
+                        agent_id: str | None = None, max_new_tokens: int = 64) -> dict:
         """Answer from a LoRA shard's weights alone (no retrieval); "auto" routes the question
         to the shard of your cubes that holds most of its best search hits."""
         body = parse(S.AskRequest, question=question, shard=shard, cube=cube, user_id=user_id,
-                     max_new_tokens=max_new_tokens)
+                     agent_id=agent_id, max_new_tokens=max_new_tokens)
         return await run(served.ask, await caller(ctx), body)

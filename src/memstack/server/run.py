@@ -118,7 +118,11 @@ def worker_app() -> Any:
     return build(memory, **config)
 
 
-def serve_stdio(memory: Memory, key: str | None) -> None:
+def serve_stdio(memory: Memory, key: str | None, model: str | None = None) -> None:
+    """MCP over stdio; with `model` ("smollm2" or a folder, loaded now) the tools
+    generate_from_memory and ask_shard too."""
+    from .generation import ServedModel
     from .mcp import build_mcp
 
-    build_mcp(memory, stdio_key=key).run("stdio")
+    served = ServedModel.load(memory, model) if model else None
+    build_mcp(memory, stdio_key=key, served=served).run("stdio")

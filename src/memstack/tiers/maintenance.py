@@ -282,9 +282,23 @@ class Maintenance:
 
     def _shard(self, parametric: "ParametricTier", row: "ShardRow",
                report: MaintenanceReport) -> None:
-        done = parametric.retrain(row)
+        try:
+            done = parametric.retrain(row, progress=self._between_steps)
+        except _Stopped:  # the shard stays stale; the next run retrains it
+            report.stopped = "asked to stop"
+            report.left.append(row.id)
+            return
         report.shards.append(done)
         self._audit("maintain_shard", done, done["changed_items"])
+
+    def _between_steps(self, done: int, total: int, loss: float) -> None:
+        """After each optimizer step of a retrain: a stop ends it there (so a server that shuts
+        down releases the lease at once), and a request waiting for the model goes first."""
+        if self._stop.is_set():
+            raise _Stopped
+        pause = getattr(self.guard, "pause", None)
+        if pause is not None:
+            pause()
 
     def _failed(self, report: MaintenanceReport, what: str, exc: Exception) -> None:
         log.error("maintenance: %s failed", what, exc_info=exc)
@@ -407,6 +421,10 @@ class Maintenance:
                 "last_run": self.last.summary() if self.last else None,
                 "next_run": None if running or not self._looping else _iso(self._expected),
                 "waiting": None if running else self._waiting, "skipped": self._skipped}
+
+
+class _Stopped(Exception):
+    """A retrain interrupted between two steps because the run was asked to stop."""
 
 
 def _iso(at: float | None) -> str | None:

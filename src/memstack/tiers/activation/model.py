@@ -113,11 +113,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
-    partial = target.with_name(target.name + ".partial")
+    # a folder of this process's own: two processes converting at once (the first use of two
+    # benches, or of the workers of one server) must not write into each other's files
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # a crash mid-way leaves only the .partial folder
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)  # a crash mid-way leaves only the .partial folder
+    except OSError:
+        if not (target / "config.json").exists():  # not another process's conversion, done
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def weights_sha256(folder: Path) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -38,6 +40,7 @@ ROUTE_MIN_SIMILARITY = 0.55
 MERGES = ("cat", "linear", "svd", "ties", "dare_ties")
 _REPLAY: dict[str, list[Sample]] = {}  # self-synthesized replay per base model, per process
 _BASE: dict[str, dict[str, Any]] = {}  # the base model's side of every audit, per process
+HOSTED = 8  # adapters `ask` keeps loaded beside one copy of the base model (least recently used)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class ShardReport:
 class ParametricTier:
     def __init__(self, store: "Store", searcher: "Searcher", model: LocalModel) -> None:
         self.store, self.searcher, self.lm = store, searcher, model
+        self._host: Any = None  # one copy of the base model holding the adapters asked of
+        self._hosted: OrderedDict[str, None] = OrderedDict()
+        self._hosting = threading.RLock()
 
     # consolidation ---------------------------------------------------------------------------
     def select(self, *, user_id: str | None = None, agent_id: str | None = None,
@@ -287,15 +293,38 @@ class ParametricTier:
                 "candidates": audit.get("canary_candidates", 200)}
 
     def load(self, shard_id: str) -> Any:
-        """The base model with the shard's adapter, for audits and generation."""
+        """The base model with the shard's adapter, a model of its own (for audits)."""
         from peft import PeftModel
 
-        row = self._shard(shard_id)
-        manifest = self.manifest(shard_id)
-        if manifest["base"]["weights_sha256"] != self.lm.weights:
-            raise TierError(f"shard {shard_id} was trained on another base model")
-        model = PeftModel.from_pretrained(self._fresh_model(), str(self._folder(row)))
+        model = PeftModel.from_pretrained(self._fresh_model(), str(self._checked(shard_id)))
         return model.eval()
+
+    def _checked(self, shard_id: str) -> Any:
+        """The folder of a shard trained on this tier's base model."""
+        row = self._shard(shard_id)
+        if self.manifest(shard_id)["base"]["weights_sha256"] != self.lm.weights:
+            raise TierError(f"shard {shard_id} was trained on another base model")
+        return self._folder(row)
+
+    def _hosted_model(self, shard_id: str) -> Any:
+        """The shard's adapter active on the host model: loaded once, kept while it is among
+        the HOSTED most recently asked (a shard's weights never change: a retrain is a new
+        shard). The caller holds `_hosting` while it uses the model."""
+        from peft import PeftModel
+
+        if shard_id not in self._hosted:
+            folder = str(self._checked(shard_id))
+            if self._host is None:
+                self._host = PeftModel.from_pretrained(self._fresh_model(), folder,
+                                                       adapter_name=shard_id)
+            else:
+                self._host.load_adapter(folder, adapter_name=shard_id)
+            self._hosted[shard_id] = None
+        self._hosted.move_to_end(shard_id)
+        self._host.set_adapter(shard_id)
+        while len(self._hosted) > HOSTED:
+            self._host.delete_adapter(self._hosted.popitem(last=False)[0])
+        return self._host.eval()
 
     def manifest(self, shard_id: str) -> dict[str, Any]:
         return json.loads((self._folder(self._shard(shard_id)) / "manifest.json").read_text())
@@ -343,9 +372,13 @@ class ParametricTier:
         if shard_id and self._shard(shard_id).status != "active":
             raise InvalidInputError(f"shard {shard_id} is stale (an item it holds changed or was "
                                     "deleted): run maintain, or ask another shard")
-        model = self.load(shard_id) if shard_id else self.lm.model
-        reply = greedy(model, self.lm.tokenizer, [_chat(self.lm.tokenizer, question)],
-                       max_new_tokens)[0]
+        prompt = [_chat(self.lm.tokenizer, question)]
+        if shard_id is None:
+            reply = greedy(self.lm.model, self.lm.tokenizer, prompt, max_new_tokens)[0]
+        else:
+            with self._hosting:  # the host's active adapter is shared state
+                reply = greedy(self._hosted_model(shard_id), self.lm.tokenizer, prompt,
+                               max_new_tokens)[0]
         return self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
 
     # upkeep ----------------------------------------------------------------------------------
