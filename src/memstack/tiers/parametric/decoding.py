@@ -49,3 +49,14 @@ def _adapter_off(model: Any, base: bool) -> Any:
     return model.disable_adapter() if base else nullcontext()
 
 
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), width), pad)
+    y = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, (ids, labels) in enumerate(rows):
+        x[n, :len(ids)], y[n, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
+        mask[n, :len(ids)] = 1
+    return x, y, mask  # (B, T) each

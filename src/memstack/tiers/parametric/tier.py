@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from ...store.selection import Selection
 from ...store.shards import ShardRow
 from ..activation.model import LocalModel, models_dir
 from . import audit as audits
+from .gate import GATE_FILE, install_saved
 from .samples import CONTROL_PROMPTS, ItemSamples, Sample, item_samples
 from .train import REPLAY_PROMPTS, Trainer, TrainSettings, self_synthesized
 
@@ -112,6 +114,8 @@ class ParametricTier:
         shard_id = f"shard_{uuid.uuid4().hex[:12]}"
         folder = self.store.shard_dir / shard_id
         trainer.model.save_pretrained(str(folder))
+        if trainer.gate is not None:
+            trainer.gate.save(folder)
         manifest = self._manifest(shard_id, items, settings, curve, result, parent, replay,
                                   len(replayed), len(train))
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -141,6 +145,7 @@ class ParametricTier:
         rows = [self._shard(s) for s in shard_ids]
         if any(r.model_key != self.lm.key for r in rows):
             raise TierError("shards of another base model cannot be merged here")
+        gate = _same_gate([self._folder(r) for r in rows])
         model = PeftModel.from_pretrained(self._fresh_model(), str(self._folder(rows[0])),
                                           adapter_name="s0")
         for n, row in enumerate(rows[1:], 1):
@@ -152,6 +157,8 @@ class ParametricTier:
         model.set_adapter("merged")
         for name in names:
             model.delete_adapter(name)
+        if gate is not None:  # the sources' gate (one, shared) gates the sum of their updates
+            install_saved(model, gate, "merged")
         model.eval()
         held = self.store.items_by_id([i for r in rows for i in r.item_ids])
         live = [i for i in held.values() if i.status == "active"]
@@ -161,6 +168,8 @@ class ParametricTier:
         folder = self.store.shard_dir / shard_id
         model.save_pretrained(str(folder), selected_adapters=["merged"])
         _flatten(folder, "merged")
+        if gate is not None:
+            shutil.copyfile(gate / GATE_FILE, folder / GATE_FILE)
         manifest = {**self._manifest(shard_id, list(held.values()), None, None, result, None,
                                      None, 0, 0),
                     "merged_from": list(shard_ids), "combination": combination,
@@ -296,7 +305,9 @@ class ParametricTier:
         """The base model with the shard's adapter, a model of its own (for audits)."""
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(self._fresh_model(), str(self._checked(shard_id)))
+        folder = self._checked(shard_id)
+        model = PeftModel.from_pretrained(self._fresh_model(), str(folder))
+        install_saved(model, folder, "default")
         return model.eval()
 
     def _checked(self, shard_id: str) -> Any:
@@ -313,12 +324,13 @@ class ParametricTier:
         from peft import PeftModel
 
         if shard_id not in self._hosted:
-            folder = str(self._checked(shard_id))
+            folder = self._checked(shard_id)
             if self._host is None:
-                self._host = PeftModel.from_pretrained(self._fresh_model(), folder,
+                self._host = PeftModel.from_pretrained(self._fresh_model(), str(folder),
                                                        adapter_name=shard_id)
             else:
-                self._host.load_adapter(folder, adapter_name=shard_id)
+                self._host.load_adapter(str(folder), adapter_name=shard_id)
+            install_saved(self._host, folder, shard_id)
             self._hosted[shard_id] = None
         self._hosted.move_to_end(shard_id)
         self._host.set_adapter(shard_id)
@@ -423,6 +435,18 @@ class ParametricTier:
 def _schedule(settings: TrainSettings) -> dict[str, Any]:
     """What the schedule made of the settings for this shard's samples."""
     return {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}
+
+
+def _same_gate(folders: Sequence[Any]) -> Any:
+    """The folder of the gate the shards share (None when none has one); shards with
+    different gates, or some gated and some not, cannot be merged."""
+    digests = {hashlib.sha256((f / GATE_FILE).read_bytes()).hexdigest()
+               if (f / GATE_FILE).exists() else None for f in folders}
+    if len(digests) > 1:
+        raise InvalidInputError("these shards were trained with different gates (or some "
+                                "with one and some without): they cannot be merged; ask them "
+                                "through routing instead")
+    return folders[0] if digests != {None} else None
 
 
 def _flatten(folder: Any, adapter: str) -> None:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 from ..._errors import InvalidInputError
-from .decoding import _chat, _end, greedy
+from .decoding import _chat, _end, collate, greedy
+from .gate import Gate, general_subspaces, project, protected
 from .samples import CONTROL_PROMPTS, Sample
 
 Method = Literal["none", "replay", "replay_kl", "replay_l2", "replay_gere"]
@@ -98,6 +99,10 @@ class TrainSettings:
     # layer sees only the directions that general text barely uses (a null-space constraint,
     # as AlphaEdit's for edits), so on unrelated prompts it adds almost nothing.
     protect: float = 0.0
+    # the adapter's own gate (gate.py; needs protect): per token and layer, the adapter acts
+    # only when the input's share of energy outside general text's subspace exceeds this
+    # quantile of the same share over general text's tokens (0: off)
+    gate: float = 0.0
     # LiNeS (Wang et al. 2024): after training, the update of layer l of L is scaled by
     # lines + (1 - lines) * l / (L - 1), so shallow layers, which hold general features, change
     # least (1: off)
@@ -118,10 +123,12 @@ class TrainSettings:
         if min(self.rank, self.alpha, epochs, self.batch_size, self.replay_batch,
                self.min_epochs, self.min_steps) < 1 or self.max_epochs < self.min_epochs \
                 or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16 \
-                or not 0 <= self.protect < 1 or not 0 <= self.lines <= 1:
+                or not 0 <= self.protect < 1 or not 0 <= self.lines <= 1 \
+                or not 0 <= self.gate <= 1 or (self.gate and not self.protect):
             raise InvalidInputError("rank, alpha, epochs, batch sizes, min_steps >= 1; "
                                     "min_epochs <= max_epochs; 0 < lr < 1; reg_weight >= 0; "
-                                    "max_tokens >= 16; 0 <= protect < 1; 0 <= lines <= 1")
+                                    "max_tokens >= 16; 0 <= protect < 1; 0 <= lines <= 1; "
+                                    "0 <= gate <= 1, and a gate needs protect")
         if not 1 <= self.audit_controls <= len(CONTROL_PROMPTS) or self.audit_candidates < 10:
             raise InvalidInputError(f"audit_controls is 1 to {len(CONTROL_PROMPTS)}; "
                                     "audit_candidates >= 10")
@@ -152,19 +159,6 @@ def encode(tokenizer: Any, sample: Sample, max_tokens: int, end: bool = True
         ([_end(tokenizer)] if end and sample.ended else [])
     ids = (p + a)[:max_tokens]
     return ids, ([-100] * len(p) + a)[:max_tokens]
-
-
-def collate(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    x = torch.full((len(rows), width), pad)
-    y = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, (ids, labels) in enumerate(rows):
-        x[n, :len(ids)], y[n, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
-        mask[n, :len(ids)] = 1
-    return x, y, mask  # (B, T) each
 
 
 def self_synthesized(model: Any, tokenizer: Any, prompts: Sequence[str] = REPLAY_PROMPTS,
@@ -204,6 +198,7 @@ class Trainer:
                                 target_modules=list(settings.targets), task_type="CAUSAL_LM")
             self.model = get_peft_model(model, config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end(tokenizer)
+        self.gate: Gate | None = None  # set by train() when settings.gate
 
     def train(self, samples: Sequence[Sample], replay: Sequence[Sample] = (),
               progress: Callable[[int, int, float], None] = lambda d, t, l: None) -> Curve:
@@ -217,15 +212,19 @@ class Trainer:
         if (s.method != "none" or s.protect) and not general:
             raise InvalidInputError(f"method {s.method}" + (" with protect" if s.protect else "")
                                     + " needs replay samples")
-        free = protected_projections(self.model, general, s.protect, self.pad) \
+        subspaces = general_subspaces(self.model, general, s.protect, self.pad) \
             if s.protect else {}
+        free = protected(self.model, subspaces)
+        if s.gate:
+            self.gate = Gate.calibrate(self.model, general, subspaces, s.gate, self.pad)
+            self.gate.install(self.model, self.model.active_adapter)
         general = general if s.method != "none" else []
         anchors = self._anchors(general) if s.method in ("replay_l2", "replay_gere") else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr)
         per_epoch = max(1, (len(facts) + s.batch_size - 1) // s.batch_size)
         total, curve, started = per_epoch * s.epochs, Curve(), time.perf_counter()
-        _project(free)
+        project(free)
         self.model.train()
         for step in range(total):
             if step % per_epoch == 0:
@@ -236,7 +235,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad()
-            _project(free)
+            project(free)
             curve.steps.append({"step": step + 1, **parts})
             progress(step + 1, total, parts["loss"])
         self.model.eval()
@@ -306,45 +305,6 @@ class Trainer:
         return {"hidden": hidden, "band": bands, "mean": mean, "std": std}
 
 
-def protected_projections(model: Any, general: Sequence[tuple[list[int], list[int]]],
-                          share: float, pad: int) -> dict[Any, Any]:
-    """For each LoRA layer, the projector onto the input directions general text barely uses:
-    the eigenvectors of its inputs' Gram matrix (the adapter disabled) outside the top ones
-    that hold `share` of their energy. The adapter's A is kept in that subspace."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    grams: dict[str, Any] = {}
-    valid: list[Any] = [None]  # the token mask of the batch running
-
-    def recorder(name: str) -> Callable[..., None]:
-        def record(module: Any, args: tuple) -> None:
-            x = args[0].detach()[valid[0]]  # (tokens, d_in), padding left out
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return record
-
-    hooks = [m.base_layer.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            for start in range(0, len(general), 8):
-                x, _, mask = collate(general[start:start + 8], pad)
-                valid[0] = mask.bool()
-                model(input_ids=x, attention_mask=mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    out = {}
-    for name, gram in grams.items():
-        values, vectors = torch.linalg.eigh(gram.double())  # ascending
-        energy = values.clamp(min=0).flip(0).cumsum(0) / values.clamp(min=0).sum()
-        used = int((energy < share).sum()) + 1  # the top directions holding `share`
-        free = vectors[:, :len(values) - used].float()
-        for weight in (a.weight for a in layers[name].lora_A.values()):
-            out[weight] = free @ free.T
-    return out
-
-
 def scale_by_depth(model: Any, first: float) -> None:
     """LiNeS: each layer's LoRA B scaled from `first` (layer 0) linearly up to 1 (last)."""
     import re
@@ -359,14 +319,6 @@ def scale_by_depth(model: Any, first: float) -> None:
         for n, module in layers:
             for b in module.lora_B.values():
                 b.weight.mul_(first + (1 - first) * n / deepest)
-
-
-def _project(free: dict[Any, Any]) -> None:
-    import torch
-
-    with torch.no_grad():
-        for weight, projector in free.items():
-            weight.copy_(weight @ projector)
 
 
 def _gather(per_sample: list, picked: list[int], shape: Any) -> Any:
