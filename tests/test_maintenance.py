@@ -105,7 +105,7 @@ class StandInTiers:
     def stale(self) -> list[ShardRow]:
         return list(self.rows)
 
-    def retrain(self, row: ShardRow) -> dict:
+    def retrain(self, row: ShardRow, progress=None) -> dict:
         self.cpu += self.cost
         if row.id == self.failing:
             raise RuntimeError("out of memory")
