@@ -244,7 +244,7 @@ def test_a_protected_adapter_reads_only_what_general_text_barely_uses():
             subspaces = general_subspaces(trainer.model, [encode(lm.tokenizer, s, 64)
                                                           for s in general], protect, 0)
             for weight, u in protected(trainer.model, subspaces).items():
-                assert float((weight.detach() @ u).abs().max()) < 1e-4  # A reads nothing of span(U)
+                assert float((weight.detach() @ u).abs().max()) < 1e-4  # A reads no span(U)
                 assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-4)
     assert change[0.99] < change[0.0] / 3, change
 
