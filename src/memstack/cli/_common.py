@@ -5,6 +5,8 @@ The command modules import this one; it imports none of them."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 import click
@@ -24,8 +26,10 @@ EXIT_CODES: list[tuple[type[errors.MemstackError], int]] = [
     (errors.MemstackError, 1),
 ]
 # messages and errors are never hard-wrapped: a path or an id stays whole at any terminal
-# width, and output read by a program does not depend on the width (tables still fit it)
-console = Console(soft_wrap=True)
+# width, and output read by a program does not depend on the width (tables still fit it);
+# piped into a file, a table keeps its columns whole (rich would fold it to 80 columns)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get(
+    "COLUMNS") else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
