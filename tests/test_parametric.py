@@ -29,6 +29,12 @@ FAST = TrainSettings(method="none", epochs=4, lr=2e-3, audit_controls=8, audit_c
 LIGHT = {"audit_controls": 1, "audit_candidates": 10}  # where the audit is not under test
 
 
+def _add_facts(memory, by_user) -> None:
+    for user, rows in by_user.items():
+        for r in rows:
+            memory.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"])
+
+
 @pytest.fixture
 def planted(db_path, embedder):
     with Memory(db_path, embedder=embedder) as m:
@@ -144,9 +150,7 @@ def test_independent_shards_route_and_merge_into_the_sum_of_their_updates(db_pat
                                                                         tmp_path):
     rows = fact_set(10)
     with Memory(db_path, embedder=embedder) as m:
-        for user, part in (("ann", rows[:4]), ("bob", rows[4:])):
-            for r in part:
-                m.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"])
+        _add_facts(m, {"ann": rows[:4], "bob": rows[4:]})
         a = m.consolidate(model="smollm2", user_id="ann", settings=FAST)
         b = m.consolidate(model="smollm2", user_id="bob", settings=FAST)
         tier = m.parametric("smollm2")
@@ -298,9 +302,7 @@ def test_ask_keeps_recent_shards_loaded_and_answers_as_a_fresh_load(db_path, emb
 
     rows = fact_set(4)
     with Memory(db_path, embedder=embedder) as m:
-        for user, part in (("ann", rows[:2]), ("bob", rows[2:])):
-            for r in part:
-                m.add(r["content"], user_id=user, kind="fact", metadata=r["metadata"])
+        _add_facts(m, {"ann": rows[:2], "bob": rows[2:]})
         one = TrainSettings(method="none", epochs=3, lr=2e-3, **LIGHT)
         a, b = (m.consolidate(model="smollm2", user_id=u, settings=one).id for u in ("ann", "bob"))
         tier = m.parametric("smollm2")
