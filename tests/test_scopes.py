@@ -211,6 +211,8 @@ def _old_store(path: Path, embedder, context_vectors: bool) -> None:
         m.store.conn.execute("DROP TABLE repairs")
         m.store.conn.execute("DROP INDEX items_session")
         m.store.conn.execute("CREATE INDEX items_session ON items (cube_id, session_id, kind)")
+        m.store.conn.execute("ALTER TABLE audit DROP COLUMN prev")  # v9's audit chain
+        m.store.conn.execute("ALTER TABLE audit DROP COLUMN hash")
         m.store.conn.execute("PRAGMA user_version = 5")
 
 

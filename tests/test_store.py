@@ -55,6 +55,8 @@ def test_a_version_1_database_is_migrated(db_path, embedder):
     conn.execute("DROP INDEX items_derived")
     for table in ("grants", "api_keys", "users", "kv_blocks", "shards", "repairs"):  # 3 to 6
         conn.execute(f"DROP TABLE {table}")
+    conn.execute("ALTER TABLE audit DROP COLUMN prev")  # 9: the audit chain
+    conn.execute("ALTER TABLE audit DROP COLUMN hash")
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     with Memory(db_path, embedder=embedder) as mem:
@@ -64,6 +66,8 @@ def test_a_version_1_database_is_migrated(db_path, embedder):
         assert mem.search("bees", user_id="ann")[0].item.id == item.id
         version = mem.store.conn.execute("PRAGMA user_version").fetchone()[0]
         assert version == SCHEMA_VERSION
+        mem.add("a write after the migration", user_id="ann")  # chains onto the old entries
+        assert mem.verify_audit().ok and mem.audit_log()[-1].hash
 
 
 def test_foreign_and_garbage_files_are_refused(tmp_path, embedder):
@@ -193,11 +197,12 @@ def test_the_vector_index_is_saved_in_the_background_when_writes_pause(db_path, 
         threading.current_thread().name), original(index)))
     for n in range(3):
         mem.add(f"memory {n} about pears", user_id="ann")
-    assert saves == []  # never inside add()
+    # never inside add() (on a busy machine the saver may already have run between two adds)
+    assert threading.current_thread().name not in saves
     deadline = time.monotonic() + 10
     while not saves and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert saves[0] == "memstack-index-saver"
+    assert set(saves) == {"memstack-index-saver"}
     index_file = next(db_path.parent.glob("*.vec/*.json"))
     assert len(json.loads(index_file.read_text())["live"]) == len(mem.store.live_keys(1))
     thread = mem.store.indexes.saver._thread

@@ -30,6 +30,8 @@ from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_
                            normalise_messages)
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
+from .govern import chain
+from .govern.chain import ChainReport
 from .store.base import CubeRow
 from .store.cubes import Cubes
 from .store.selection import Selection
@@ -467,6 +469,22 @@ class Memory(TiersMixin):
 
     def audit_log(self, *, limit: int = 100, since_seq: int = 0) -> list[AuditEntry]:
         return self.store.audit_log(_limit(limit, "limit", maximum=100_000), since_seq)
+
+    def audit_head(self) -> dict[str, Any]:
+        """The audit chain's head (last entry's seq and hash): keep it outside the store, and
+        `verify_audit(head)` later also proves that no entry up to it was cut or rewritten.
+
+        >>> m.audit_head()["seq"]
+        42"""
+        return chain.head(self.store)
+
+    def verify_audit(self, head: dict[str, Any] | None = None) -> ChainReport:
+        """Walk the audit log's hash chain; the report names the first entry where an edit,
+        deletion, insertion or reordering broke it (and checks `head`, from `audit_head`).
+
+        >>> m.verify_audit().ok
+        True"""
+        return chain.verify(self.store, head)
 
     def stats(self) -> dict[str, Any]:
         out = self.store.stats()

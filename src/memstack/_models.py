@@ -140,6 +140,7 @@ class AuditEntry:
     cube: str | None
     item_ids: list[str]
     detail: dict[str, Any]
+    hash: str | None = None  # its link in the audit chain (None: written before the chain)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

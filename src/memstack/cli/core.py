@@ -17,7 +17,6 @@ from .. import _errors as errors
 from .._memory import Memory
 from .._models import AddResult
 from ._common import console, emit, err, items_table, json_arg, open_memory, scoped
-from .tiers import shard_audit
 
 
 @click.command()
@@ -188,29 +187,6 @@ def stats(ctx):
     for name, value in data.items():
         table.add_row(name, json.dumps(value, default=str) if not isinstance(value, str) else value)
     emit(ctx, data, table)
-
-
-@click.command()
-@click.argument("shard", required=False)
-@click.option("--limit", default=50, show_default=True, type=int)
-@click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2", show_default=True,
-              help="With SHARD: the shard's base model ('smollm2' or a folder).")
-@click.option("--out", type=click.Path(file_okay=False), default="shard-audit",
-              show_default=True, help="With SHARD: folder for audit.json, .md and .png.")
-@click.pass_context
-def audit(ctx, shard, limit, model, out):
-    """The append-only log of writes; with SHARD, audit that LoRA shard (what it recalls,
-    generalizes, leaves alone, and memorized verbatim)."""
-    if shard:
-        return shard_audit(ctx, shard, model, Path(out))
-    rows = [e.to_dict() for e in open_memory(ctx).audit_log(limit=limit)]
-    table = Table(title="audit log")
-    for name in ("seq", "at", "actor", "action", "cube", "item_ids"):
-        table.add_column(name, overflow="fold")
-    for r in rows:
-        table.add_row(str(r["seq"]), r["at"][:19], r["actor"], r["action"], r["cube"] or "",
-                      ", ".join(i[:12] for i in r["item_ids"][:5]))
-    emit(ctx, rows, table)
 
 
 @click.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from . import bench, core, tiers
+from . import bench, core, govern, tiers
 from ._common import Group
 
 
@@ -42,7 +42,7 @@ def cli(ctx: click.Context, db: str, files: str | None, read_only: bool, cube: s
 
 
 for command in (core.add, core.search, core.get, core.list_, core.history, core.update,
-                core.delete, core.import_, core.export, core.stats, core.audit, core.reembed,
+                core.delete, core.import_, core.export, core.stats, govern.audit, core.reembed,
                 core.migrate, core.scrub,
                 core.demo, core.extract, core.answer, core.chat, core.serve, core.mcp, core.keys,
                 bench.bench, tiers.generate, tiers.kv, tiers.consolidate, tiers.maintain,

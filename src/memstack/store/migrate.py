@@ -28,7 +28,7 @@ TABLES: dict[str, tuple[str, ...]] = {
               "last_accessed", "importance", "kv_blocks", "shards"),
     "versions": ("item_rowid", "version", "content", "metadata", "status", "valid_from",
                  "valid_to", "changed_at", "reason", "actor", "superseded_by", "source_ids"),
-    "audit": ("seq", "at", "actor", "action", "cube", "item_ids", "detail"),
+    "audit": ("seq", "at", "actor", "action", "cube", "item_ids", "detail", "prev", "hash"),
     "users": ("id", "role", "created_at"),
     "api_keys": ("id", "user_id", "hash", "cubes", "label", "created_at", "last_used",
                  "revoked_at"),

@@ -10,7 +10,7 @@ the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -343,8 +343,15 @@ EXCEPTION WHEN undefined_object THEN
 END $$;
 """
 
+# 6: the audit log's hash chain (store/chain.py): each entry's hash and the previous entry's.
+# Entries written before have neither; the first chained entry's `prev` covers them.
+_V6 = """
+ALTER TABLE audit ADD COLUMN IF NOT EXISTS prev TEXT;
+ALTER TABLE audit ADD COLUMN IF NOT EXISTS hash TEXT;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
+MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
 
 
 def vector_index(dim: int) -> str:

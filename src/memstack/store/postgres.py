@@ -64,6 +64,7 @@ _BM25_TERMS = (
 EXACT_LIMIT = 20_000  # as the SQLite store: fewer keys in scope are compared one by one
 _TOKEN = re.compile(r"\w+", re.UNICODE)  # as FTS5's unicode61 tokenizer counts them
 _MIGRATION_LOCK = 7_305_146_114  # pg_advisory_xact_lock key: one migrating process at a time
+_AUDIT_LOCK = 7_305_146_115  # one transaction at a time appends to the audit chain
 log = logging.getLogger(__name__)
 
 
@@ -374,6 +375,11 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, Loc
             raise
         for action in self._after.pop(key, []):
             action()
+
+    def _audit_turn(self) -> None:
+        # the chain's tail is read and extended by one transaction at a time, across
+        # processes: held until commit, so entries chain in the order they become visible
+        self.conn.execute("SELECT pg_advisory_xact_lock(?)", (_AUDIT_LOCK,))
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the current transaction commits (never if it rolls back)."""

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from .._errors import CubeNotFoundError
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
+from . import chain
 from .base import CubeRow, ItemField, Order, batches
 from .selection import Selection
 from .sqlwhere import where as _where
@@ -255,16 +256,48 @@ class ItemRows:
 
     def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
               detail: dict[str, Any] | None = None) -> None:
-        self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail) "
-                          "VALUES (?, ?, ?, ?, ?, ?)",
-                          (time.time(), actor, action, cube, json.dumps(list(item_ids)),
-                           json.dumps(detail or {})))
+        """Append an entry, chained to the last one (store/chain.py). The store serialises
+        appends (`_audit_turn`) so two writers never chain to the same entry."""
+        self._audit_turn()
+        values = (time.time(), actor, action, cube, json.dumps(list(item_ids)),
+                  json.dumps(detail or {}))
+        prev = self._audit_head()
+        self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail, prev, "
+                          "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          (*values, prev, chain.link(prev, *values)))
+
+    def _audit_turn(self) -> None:
+        """Hold the audit log's tail until the transaction ends (each store says how)."""
+
+    def _audit_head(self) -> str:
+        last = self.audit_last()
+        if last is None:
+            return chain.GENESIS
+        if last.hash is not None:
+            return last.hash
+        return chain.head_of(self._all_audit_rows())  # entries from before the chain
+
+    def audit_last(self) -> chain.ChainRow | None:
+        row = self.conn.execute("SELECT seq, at, actor, action, cube, item_ids, detail, prev, "
+                                "hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return chain.as_row(row) if row is not None else None
+
+    def _all_audit_rows(self) -> Iterator[chain.ChainRow]:
+        after = 0
+        while rows := self.audit_rows(after, 5000):
+            yield from rows
+            after = rows[-1].seq
+
+    def audit_rows(self, after_seq: int, limit: int) -> list[chain.ChainRow]:
+        """Audit rows as stored (with their links), in order, after `after_seq`."""
+        return [chain.as_row(r) for r in self.conn.execute(
+            "SELECT seq, at, actor, action, cube, item_ids, detail, prev, hash FROM audit "
+            "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))]
 
     def audit_log(self, limit: int = 100, since_seq: int = 0) -> list[AuditEntry]:
-        rows = self.conn.execute("SELECT seq, at, actor, action, cube, item_ids, detail FROM audit "
-                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))
-        return [AuditEntry(r[0], from_epoch(r[1]), r[2], r[3], r[4], json.loads(r[5]),
-                           json.loads(r[6])) for r in rows]
+        return [AuditEntry(r.seq, from_epoch(r.at), r.actor, r.action, r.cube,
+                           json.loads(r.item_ids), json.loads(r.detail), r.hash)
+                for r in self.audit_rows(since_seq, limit)]
 
 
     # whole-store copies (store/migrate.py) ------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _V1 = """
 CREATE TABLE cubes (
@@ -192,6 +192,13 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 """
 
+# v9: the audit log's hash chain (store/chain.py): each entry's hash and the previous entry's.
+# Entries written before have neither; the first chained entry's `prev` covers them.
+_V9 = """
+ALTER TABLE audit ADD COLUMN prev TEXT;
+ALTER TABLE audit ADD COLUMN hash TEXT;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
 MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7,
-                              7: _V8}
+                              7: _V8, 8: _V9}

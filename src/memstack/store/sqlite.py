@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
@@ -28,6 +29,9 @@ from .shards import ShardRows
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .selection import Selection
 from .sqlite_vectors import CubeIndexes, IndexChanges, candidates
+
+_ADD_COLUMN = re.compile(r"\s*ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
 
 def _driver():
     import sqlite3
@@ -116,9 +120,17 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
         while version < SCHEMA_VERSION:
             with self.transaction():
                 for statement in _split(MIGRATIONS[version]):
-                    self.conn.execute(statement)
+                    if not self._column_exists(statement):
+                        self.conn.execute(statement)
                 version += 1
                 self.conn.execute(f"PRAGMA user_version = {version}")
+
+    def _column_exists(self, statement: str) -> bool:
+        """An ADD COLUMN whose column is there (SQLite has no IF NOT EXISTS for it): a store
+        whose version was set back runs its migrations again."""
+        found = _ADD_COLUMN.match(statement)
+        return bool(found) and any(row[1] == found[2] for row in self.conn.execute(
+            f"PRAGMA table_info({found[1]})"))
 
     def close(self) -> None:
         """Save the vector indexes, checkpoint the WAL and close."""

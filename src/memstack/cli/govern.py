@@ -1,0 +1,98 @@
+"""Governance commands: `audit` (the log, its hash chain's head and verification, and
+`audit SHARD` for a LoRA shard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from .. import _errors as errors
+from ._common import console, emit, err, open_memory
+from .tiers import shard_audit
+
+EXIT_TAMPERED = 8  # `audit verify` found the chain broken
+
+
+class _ShardFallback(click.Group):
+    """`memstack audit SHARD` (no subcommand named SHARD) audits that shard, as it always did."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args.insert(0, "shard")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_ShardFallback, invoke_without_command=True)
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.pass_context
+def audit(ctx: click.Context, limit: int) -> None:
+    """The append-only, hash-chained log of writes (its first --limit entries); `audit verify`
+    checks its chain, `audit head` exports the chain's head, `audit SHARD` audits a LoRA
+    shard."""
+    if ctx.invoked_subcommand is not None:
+        return
+    entries = open_memory(ctx).audit_log(limit=limit)
+    table = Table(title="audit log")
+    for name in ("seq", "at", "actor", "action", "cube", "item_ids", "hash"):
+        table.add_column(name, overflow="fold")
+    for e in entries:
+        table.add_row(str(e.seq), e.at.isoformat()[:19], e.actor, e.action, e.cube or "",
+                      ", ".join(i[:12] for i in e.item_ids[:5]), (e.hash or "")[:12])
+    emit(ctx, [e.to_dict() for e in entries], table)
+
+
+@audit.command("verify")
+@click.option("--head", "head_file", type=click.Path(dir_okay=False, exists=True),
+              help="A head exported by `audit head`: also prove that no entry up to it was "
+                   "cut or rewritten.")
+@click.pass_context
+def audit_verify(ctx: click.Context, head_file: str | None) -> None:
+    """Check the audit chain (exit 8 naming the first broken entry)."""
+    head = _read_head(Path(head_file)) if head_file else None
+    report = open_memory(ctx).verify_audit(head)
+    style = "green" if report.ok else "bold red"
+    emit(ctx, report.to_dict(), f"[{style}]{escape(report.message)}[/] ({report.entries} "
+         f"entries checked{'' if report.ok else f'; first broken entry: {report.seq}'})")
+    if not report.ok:
+        ctx.exit(EXIT_TAMPERED)
+
+
+@audit.command("head")
+@click.option("-o", "--out", type=click.Path(dir_okay=False),
+              help="Write the head to this file (keep it outside the store).")
+@click.pass_context
+def audit_head(ctx: click.Context, out: str | None) -> None:
+    """The chain's head: the last entry's seq and hash."""
+    head = open_memory(ctx).audit_head()
+    if out:
+        Path(out).write_text(json.dumps(head, indent=1) + "\n", encoding="utf-8")
+        err.print(f"audit head (entry {head['seq']}) written to {out}", markup=False)
+    emit(ctx, head, f"entry {head['seq']}: {head['hash']}")
+
+
+@audit.command("shard", hidden=True)
+@click.argument("shard")
+@click.option("--model", envvar="MEMSTACK_MODEL", default="smollm2", show_default=True,
+              help="The shard's base model ('smollm2' or a folder).")
+@click.option("--out", type=click.Path(file_okay=False), default="shard-audit",
+              show_default=True, help="Folder for audit.json, .md and .png.")
+@click.pass_context
+def audit_shard(ctx: click.Context, shard: str, model: str, out: str) -> None:
+    """Audit a LoRA shard: what it recalls, generalizes, leaves alone, memorized verbatim."""
+    shard_audit(ctx, shard, model, Path(out))
+
+
+def _read_head(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidInputError(f"{path} is not an audit head (JSON from `memstack "
+                                       f"audit head -o FILE`): {exc}") from exc
+    if not isinstance(value, dict):
+        raise errors.InvalidInputError(f"{path} is not an audit head: a JSON object expected")
+    return value

@@ -1,0 +1,1 @@
+"""Governance services over the Store: the audit chain's verification (chain.py)."""
