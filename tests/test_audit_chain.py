@@ -209,3 +209,23 @@ def test_tampering_on_postgres_is_found_too(pg_url, embedder, tmp_path):
     with Memory(pg_url, embedder=embedder, files=tmp_path) as mem:
         report = mem.verify_audit(head)
         assert (report.ok, report.problem) == (False, "truncated")
+
+
+def test_admins_read_the_head_and_verify_over_rest(server):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {server.admin}"}
+    user = {"Authorization": f"Bearer {server.key('ann')}"}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.post("/v1/memories", headers=user, json={
+            "messages": "Ann keeps bees", "user_id": "ann"}).status_code == 201
+        head = http.get("/v1/audit/head", headers=admin).json()
+        assert head["seq"] >= 1 and len(head["hash"]) == 64
+        report = http.post("/v1/audit/verify", headers=admin, json={"head": head}).json()
+        assert report["ok"] and report["entries"] == head["seq"]
+        assert http.get("/v1/audit/head", headers=user).status_code == 403
+        assert http.post("/v1/audit/verify", headers=admin,
+                         json={"head": {"seq": 1, "hash": "xyz"}}).status_code == 422
+        wrong = {"seq": head["seq"], "hash": "0" * 64}
+        report = http.post("/v1/audit/verify", headers=admin, json={"head": wrong}).json()
+        assert (report["ok"], report["problem"]) == (False, "rewritten")

@@ -6,6 +6,9 @@ limit = top_k, data = new text), so mem0 users can switch.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +33,7 @@ from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_
                            normalise_messages)
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
-from .govern import chain
+from .govern import backup, chain
 from .govern.chain import ChainReport
 from .store.base import CubeRow
 from .store.cubes import Cubes
@@ -338,6 +341,53 @@ class Memory(TiersMixin):
         finally:
             store.close()
 
+    def backup(self, dest: str | Path) -> dict[str, Any]:
+        """Back the whole store up into the new folder `dest` while it is in use: every write
+        committed before the backup began, KV blocks and shards too, with a manifest of sha256
+        sums (govern/backup.py). Returns what was written and the copy's checks.
+
+        >>> Memory("memory.db").backup("backups/2026-12-04")["audit_head"]["seq"]
+        42"""
+        report = backup.backup(self.store, Path(dest), self._copy_snapshot,
+                               lambda path: open_store(path))
+        if not getattr(self.store, "read_only", False):
+            with self.store.transaction():
+                self.store.audit(self.actor, "backup", None, [], {
+                    "dest": str(Path(dest).resolve()), "audit_head": report["audit_head"],
+                    "bytes": report["bytes"]})
+        return report
+
+    def _copy_snapshot(self, path: Path) -> None:
+        with self.store.snapshot():
+            self.migrate(path)
+
+    @classmethod
+    def restore(cls, src: str | Path, target: str | Path, *, files: str | Path | None = None,
+                embedder: Embedder | None = None) -> dict[str, Any]:
+        """Restore the backup folder `src` into a new SQLite file or an empty PostgreSQL
+        database `target`, after checking every file of it; then check the result (database,
+        indexes, audit chain against the backup's head).
+
+        >>> Memory.restore("backups/2026-12-04", "restored.db")["checks"]["ok"]
+        True"""
+        src, started = Path(src), time.perf_counter()
+        manifest = backup.check_backup(src)
+        embedder = embedder or LocalEmbedder()
+        if is_url(target):
+            _restore_rows(cls, src, target, files, embedder)
+        else:
+            backup.check_target_free(Path(target))
+            backup.restore_files(src, Path(target), Path(target))
+        with cls(target, embedder=embedder, files=files) as restored:
+            checks = backup.verify_restored(restored.store, manifest)
+            with restored.store.transaction():
+                restored.store.audit(restored.actor, "restore", None, [], {
+                    "from": str(src.resolve()), "backup_created_at": manifest["created_at"],
+                    "ok": checks["ok"]})
+            location = restored.location
+        return {"target": location, "from": str(src), "created_at": manifest["created_at"],
+                "checks": checks, "seconds": round(time.perf_counter() - started, 2)}
+
     def scrub(self) -> dict[str, Any]:
         """Remove from the store's files what is left of deleted memories (on PostgreSQL: the
         dead tuples and the WAL that held them; see docs/scaling.md). Returns what ran and
@@ -491,6 +541,22 @@ class Memory(TiersMixin):
         out["cubes"] = [c.to_dict() for c in self.cubes()]
         out["embedder"] = {"name": self.embedder.name, "dim": self.embedder.dim}
         return out
+
+
+def _restore_rows(cls: type[Memory], src: Path, target: str | Path,
+                  files: str | Path | None, embedder: Embedder) -> None:
+    """A backup into an empty PostgreSQL database: its rows copied through the Store (from a
+    scratch copy of the backup's file: opening a store writes beside it), then its files."""
+    with tempfile.TemporaryDirectory(prefix="memstack-restore-") as scratch:
+        copy = Path(scratch) / backup.DB
+        shutil.copyfile(src / backup.DB, copy)
+        with cls(copy, embedder=embedder) as source:
+            source.migrate(target, files=files)
+    store = open_store(target, files=files)
+    try:
+        backup.restore_files(src, None, store.path)
+    finally:
+        store.close()
 
 
 def _everything(cube: CubeRow) -> Selection:

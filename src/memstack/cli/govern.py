@@ -1,5 +1,5 @@
 """Governance commands: `audit` (the log, its hash chain's head and verification, and
-`audit SHARD` for a LoRA shard)."""
+`audit SHARD` for a LoRA shard), `backup` and `restore`."""
 
 from __future__ import annotations
 
@@ -96,3 +96,32 @@ def _read_head(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise errors.InvalidInputError(f"{path} is not an audit head: a JSON object expected")
     return value
+
+
+@click.command()
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.pass_context
+def backup(ctx: click.Context, dest: str) -> None:
+    """Back the store up into the new folder DEST while it is in use (KV blocks and shards
+    too; a manifest of sha256 sums)."""
+    report = open_memory(ctx).backup(dest)
+    emit(ctx, report, f"backup of {report['files']} files ({report['bytes']:,} bytes, audit "
+         f"entry {report['audit_head']['seq']}) in {report['dest']}, {report['seconds']} s")
+
+
+@click.command()
+@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.pass_context
+def restore(ctx: click.Context, src: str) -> None:
+    """Restore the backup folder SRC into --db (a new SQLite file or an empty PostgreSQL
+    database), after checking every file; then check the restored store (exit 4 if a check
+    fails)."""
+    from .._memory import Memory
+
+    report = Memory.restore(src, ctx.obj["db"], files=ctx.obj.get("files"))
+    checks = report["checks"]
+    verdict = "all checks passed" if checks["ok"] else f"checks FAILED: {checks['problems']}"
+    emit(ctx, report, f"restored {src} (backup of {report['created_at']}) into "
+         f"{report['target']} in {report['seconds']} s: {verdict}")
+    if not checks["ok"]:
+        ctx.exit(4)

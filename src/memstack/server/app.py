@@ -405,6 +405,20 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         keys.revoke(key_id, by=who)
         return keys.keys(None if who.admin else who.user)
 
+    # the audit chain (admins) -----------------------------------------------------------------
+    @app.get("/v1/audit/head", response_model=S.AuditHeadOut, responses=ERRORS, tags=["admin"])
+    def audit_head(who: Principal = Who):
+        """The audit chain's head: keep it elsewhere, verify against it later."""
+        _admin(who)
+        return memory.audit_head()
+
+    @app.post("/v1/audit/verify", response_model=S.AuditVerifyOut, responses=ERRORS,
+              tags=["admin"])
+    def audit_verify(body: S.AuditVerifyRequest, who: Principal = Who):
+        """Walk the chain (and check `head`): `ok`, or the first broken entry and why."""
+        _admin(who)
+        return memory.verify_audit(body.head.model_dump() if body.head else None).to_dict()
+
 
 def _admin(who: Principal) -> None:
     if not who.admin:

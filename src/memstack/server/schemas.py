@@ -218,6 +218,33 @@ class NewKeyOut(BaseModel):
     role: str
 
 
+class AuditHeadOut(BaseModel):
+    seq: int
+    hash: str
+    store: str | None = None
+    exported_at: str | None = None
+
+
+class AuditHead(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # a head file also names its store and time
+    seq: int = Field(ge=0)
+    hash: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")
+
+
+class AuditVerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    head: AuditHead | None = None
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    entries: int
+    head: AuditHead | None
+    problem: str | None
+    seq: int | None
+    message: str
+
+
 class UserOut(BaseModel):
     id: str
     role: str

@@ -376,6 +376,26 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, Loc
         for action in self._after.pop(key, []):
             action()
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads of this thread in the block see one moment of the database (a repeatable-read,
+        read-only transaction on one connection), whatever other writers commit meanwhile."""
+        with self.conn.session() as conn:
+            self.conn.execute("SELECT 1")  # the connection's wall, before the transaction
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield
+
+    def integrity(self) -> dict[str, Any]:
+        """The consistency counts (pages and indexes are PostgreSQL's to check: data checksums,
+        amcheck), and keys whose vector has another dimension than their cube's."""
+        with self.snapshot():
+            out: dict[str, Any] = {"database": "ok", **self.consistency()}
+            out["vectors_of_another_dimension"] = self.conn.execute(
+                "SELECT count(*) FROM keys k JOIN cubes c ON c.id = k.cube_id WHERE k.vec IS "
+                "NOT NULL AND vector_dims(k.vec) <> c.embed_dim").fetchone()[0]
+        return out
+
     def _audit_turn(self) -> None:
         # the chain's tail is read and extended by one transaction at a time, across
         # processes: held until commit, so entries chain in the order they become visible

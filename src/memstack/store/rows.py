@@ -222,6 +222,19 @@ class ItemRows:
                                  " WHERE i.cube_id = ? AND k.vec IS NOT NULL", (cube_id,))
         return {r[0] for r in rows}
 
+    def consistency(self) -> dict[str, int]:
+        """Counts that must be 0 in a sound store: search keys of no item, search keys left
+        to a deleted item, versions of no item."""
+        queries = {
+            "orphan_keys": "SELECT count(*) FROM keys k LEFT JOIN items i ON i.rowid = "
+                           "k.item_rowid WHERE i.rowid IS NULL",
+            "keys_of_deleted_items": "SELECT count(*) FROM keys k JOIN items i ON i.rowid = "
+                                     "k.item_rowid WHERE i.status = 'deleted'",
+            "orphan_versions": "SELECT count(*) FROM versions v LEFT JOIN items i ON i.rowid = "
+                               "v.item_rowid WHERE i.rowid IS NULL",
+        }
+        return {name: self.conn.execute(sql).fetchone()[0] for name, sql in queries.items()}
+
     def add_version(self, item_rowid: int, item: Item, reason: str, actor: str,
                     source_ids: Sequence[str] = ()) -> None:
         """Record an item as it is now; `source_ids` are the items (turns) that caused it."""

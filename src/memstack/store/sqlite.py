@@ -217,6 +217,42 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
         with self.lock:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def copy_to(self, target: Path) -> None:
+        """Copy the database into the new file `target` while it is in use (SQLite's online
+        backup API, on a read connection of its own): the copy holds exactly what was
+        committed when it began; writers go on meanwhile (WAL)."""
+        source = _driver().connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        copy = _driver().connect(str(target))
+        try:
+            source.backup(copy)
+        except self.db.Error as exc:
+            raise StoreError(f"cannot copy {self.path} to {target}: {exc}") from exc
+        finally:
+            copy.close()
+            source.close()
+
+    def snapshot(self) -> ContextManager[None]:
+        """Reads in the block see one moment (one connection: a read transaction suffices)."""
+        return contextlib.nullcontext()
+
+    def integrity(self) -> dict[str, Any]:
+        """SQLite's own checks of the file and of the full-text index, the consistency counts,
+        and each cube's vector index against the vectors in the database."""
+        with self.lock:
+            pages = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
+            try:
+                self.conn.execute("INSERT INTO keys_fts (keys_fts) VALUES ('integrity-check')")
+                fts = "ok"
+            except self.db.Error as exc:
+                fts = str(exc)
+            vectors = {}
+            for (cube_id,) in self.conn.execute("SELECT id FROM cubes ORDER BY id").fetchall():
+                live, index = self.live_keys(cube_id), self.indexes.get(cube_id)
+                vectors[cube_id] = {"keys": len(live), "indexed": len(index),
+                                    "match": index.keys == live}
+            return {"database": "ok" if pages == ["ok"] else "; ".join(pages[:5]),
+                    "full_text": fts, **self.consistency(), "vector_index": vectors}
+
     # cubes -----------------------------------------------------------------------------------
     def bump_generation(self, cube_id: int) -> int:
         """Count a write to a cube (every write does, once): vector indexes compare it with
