@@ -146,7 +146,9 @@ def test_a_changed_or_deleted_item_drops_its_block_from_disk_for_good(mem, facts
     if change == "update":
         mem.update(facts[1].id, "Ann has a dog named Pepper.")
     else:
-        mem.delete(facts[1].id)
+        receipt = mem.delete(facts[1].id, receipt=True)
+        checked = receipt["items"][facts[1].id]
+        assert receipt["clean"] and checked["kv_blocks_dropped"] == [row.id]
     assert not path.exists() and mem.store.block(row.id) is None
     assert all(row.id not in mem.get(i).kv_blocks for i in row.item_ids if i != facts[1].id)
     after = mem.generate("What is the name of Ann's dog?", model=lm, user_id="ann",

@@ -326,3 +326,13 @@ def test_async_memory_extracts_and_answers(db_path, embedder, fake):
     fake.script(facts("Ann lives in Paris."), Reply("Paris"))
     result, answer = asyncio.run(_async_round(db_path, embedder, fake.url))
     assert result.facts[0].event == "ADD" and answer.text == "Paris"
+
+
+def test_a_deletion_receipt_names_the_facts_derived_from_the_deleted_turn(mem, fake):
+    fake.script(facts("Ann lives in Paris."))
+    result = say(mem, "I live in Paris.", "2024-05-01")
+    receipt = mem.delete(result.ids[0], receipt=True)
+    assert receipt["derived_deleted"] == [result.facts[0].id] and receipt["clean"]
+    assert set(receipt["deleted"]) == {result.ids[0], result.facts[0].id}
+    assert all(r["full_text_clean"] and r["vector_index_clean"]
+               for r in receipt["items"].values())

@@ -76,7 +76,8 @@ def test_a_deleted_canary_leaves_the_weights_after_maintain(planted):
     with base_model.disable_adapter():
         base = exposure(base_model, tier.lm.tokenizer, probe, secret, candidates)
     assert trained > base + 2  # training raised the canary above random codes
-    planted.delete(canary.id)
+    receipt = planted.delete(canary.id, receipt=True)
+    assert receipt["clean"] and receipt["items"][canary.id]["shards_stale"] == [report.id]
     row = planted.store.shard(report.id)
     assert row.status == "stale" and row.changed_items == [canary.id]
     done = planted.maintain(model="smollm2").shards

@@ -34,6 +34,7 @@ from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
 from .govern import backup, chain
+from .govern import receipt as receipts
 from .govern.chain import ChainReport
 from .store.base import CubeRow
 from .store.cubes import Cubes
@@ -257,16 +258,30 @@ class Memory(TiersMixin):
         meta.update(derived_metadata(item.kind, item.speaker, text, resolved))
         return self.writer.rewrite(memory_id, text, (texts, roles), meta, reason)
 
-    def delete(self, memory_id: str, *, reason: str = "delete", cascade: bool = True) -> int:
+    def delete(self, memory_id: str, *, reason: str = "delete", cascade: bool = True,
+               receipt: bool = False) -> Any:
         """Delete an item: a tombstone stays; its text leaves the database, indexes and history.
 
         Deleting a session item deletes its turns too. With `cascade` (the default), facts
         derived from a deleted item (it is in their source_ids) are deleted as well, since they
-        carry what it said. Returns the number of items deleted.
-        """
+        carry what it said. Returns the number of items deleted; with `receipt`, a receipt
+        (govern/receipt.py) of what was checked afterwards and found clean in every tier, and
+        of the backups and archives written while it existed.
+
+        >>> m.delete(item_id, receipt=True)["clean"]
+        True"""
         _, item = self._live(memory_id)
-        return self.writer.purge(self._cubes.get(item.cube, check_model=False), [memory_id],
-                                 reason, "delete", cascade)
+        cube = self._cubes.get(item.cube, check_model=False)
+        before = receipts.capture(self.store, cube.id, [memory_id], cascade) if receipt else None
+        count = self.writer.purge(cube, [memory_id], reason, "delete", cascade)
+        if before is None:
+            return count
+        out = receipts.check(self.store, before)
+        with self.store.transaction():
+            self.store.audit(self.actor, "deletion_receipt", cube.name, out["deleted"], {
+                "clean": out["clean"], "copies_still_holding": [
+                    c["file"] for c in out["copies_still_holding"]]})
+        return out
 
     def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
                    session_id: str | None = None, run_id: str | None = None,
@@ -492,9 +507,16 @@ class Memory(TiersMixin):
                       reply.completion_tokens, round(reply.seconds, 3), used)
 
     # export, import and inspection ----------------------------------------------------------------
-    def export(self, cube: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every item of a cube that is not deleted, as dicts (JSONL-ready), oldest first."""
+    def export(self, cube: str | None = None, *, destination: str | None = None
+               ) -> Iterator[dict[str, Any]]:
+        """Every item of a cube that is not deleted, as dicts (JSONL-ready), oldest first. The
+        audit log records the export and its `destination` (a file name, for deletion
+        receipts: the copy holds what is deleted later)."""
         row = self._cubes.get(cube, check_model=False)
+        if not getattr(self.store, "read_only", False):
+            with self.store.transaction():
+                self.store.audit(self.actor, "export", row.name, [],
+                                 {"dest": destination or "(stream)"})
         for _, item in self.store.select_items(_everything(row)):
             yield item.to_dict()
 

@@ -17,6 +17,7 @@ from .. import _errors as errors
 from .._memory import Memory
 from .._models import AddResult
 from ._common import console, emit, err, items_table, json_arg, open_memory, scoped
+from .govern import receipt_table
 
 
 @click.command()
@@ -135,12 +136,20 @@ def update(ctx, memory_id, text, reason):
 @click.option("--reason", default="delete", show_default=True)
 @click.option("--cascade/--no-cascade", default=True, show_default=True,
               help="Also delete facts derived from it.")
+@click.option("--receipt", is_flag=True, help="Check every tier afterwards and print what "
+              "was found clean, and which backups and exports still hold it (exit 4 if a "
+              "check fails).")
 @click.pass_context
-def delete(ctx, memory_id, reason, cascade):
+def delete(ctx, memory_id, reason, cascade, receipt):
     """Delete a memory (its text is purged; a tombstone remains)."""
-    count = open_memory(ctx).delete(memory_id, reason=reason, cascade=cascade)
-    emit(ctx, {"deleted": memory_id, "items_deleted": count},
-         f"deleted {memory_id} ({count} item{'s' if count != 1 else ''} with what it covered)")
+    result = open_memory(ctx).delete(memory_id, reason=reason, cascade=cascade, receipt=receipt)
+    if receipt:
+        emit(ctx, result, receipt_table(result))
+        if not result["clean"]:
+            ctx.exit(4)
+        return
+    emit(ctx, {"deleted": memory_id, "items_deleted": result},
+         f"deleted {memory_id} ({result} item{'s' if result != 1 else ''} with what it covered)")
 
 
 @click.command("import")
@@ -172,7 +181,8 @@ def import_(ctx, file, user_id, agent_id, session_id, infer):
 @click.pass_context
 def export(ctx, out):
     """Export the cube as JSONL, one item per line."""
-    for row in open_memory(ctx).export():
+    for row in open_memory(ctx).export(destination=str(Path(out.name).resolve())
+                                       if out.name != "<stdout>" else "(stdout)"):
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

@@ -125,3 +125,26 @@ def restore(ctx: click.Context, src: str) -> None:
          f"{report['target']} in {report['seconds']} s: {verdict}")
     if not checks["ok"]:
         ctx.exit(4)
+
+
+def receipt_table(receipt: dict[str, Any]) -> Table:
+    """A deletion receipt for people: one row per item and check."""
+    verdict = "[green]clean[/]" if receipt["clean"] else "[bold red]NOT clean[/]"
+    table = Table(title=f"deletion receipt: {len(receipt['deleted'])} items, {verdict}")
+    for name in ("item", "kind", "row", "versions", "full text", "vectors", "KV blocks",
+                 "shards"):
+        table.add_column(name, overflow="fold")
+    for item_id, r in receipt["items"].items():
+        def mark(name: str, note: str = "") -> str:
+            return ("clean" if r[f"{name}_clean"] else "[bold red]FOUND[/]") + note
+        table.add_row(item_id[:12], r["kind"], mark("row"),
+                      mark("versions", f" ({r['versions_checked']})"),
+                      mark("full_text", f" ({r['words_checked']} words)"),
+                      mark("vector_index", f" ({r['vectors_checked']})"),
+                      mark("kv_blocks", f" ({len(r['kv_blocks_dropped'])} dropped)"),
+                      mark("shards", f" ({len(r['shards_stale'])} stale)"))
+    copies = receipt["copies_still_holding"]
+    table.caption = ("copies written while it existed, which still hold it: " + "; ".join(
+        f"{c['action']} {c['file']} ({c['at'][:19]})" for c in copies)) if copies else \
+        "no backup or export was written while it existed"
+    return table

@@ -277,7 +277,8 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
              response_class=StreamingResponse)
     def export(cube: str, who: Principal = Who):
         cube_row(who, cube, "read")
-        rows = list(memory.export(cube))  # read now, under this request's check
+        # read now, under this request's check
+        rows = list(memory.export(cube, destination=f"download by {who.user} over REST"))
 
         def lines() -> Iterator[str]:
             for row in rows:
@@ -348,10 +349,16 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
 
     @app.delete("/v1/memories/{memory_id}", response_model=S.DeletedOut, responses=ERRORS,
                 tags=["memories"])
-    def delete(memory_id: str, who: Principal = Who, cascade: bool = True):
+    def delete(memory_id: str, who: Principal = Who, cascade: bool = True,
+               receipt: bool = False):
+        """Delete a memory; with `receipt`, also what was checked afterwards and found clean
+        in every tier, and the backups and exports that still hold it."""
         readable_item(who, memory_id, "write")
-        return {"deleted": memory_id, "items_deleted": memory.delete(memory_id,
-                                                                      cascade=cascade)}
+        result = memory.delete(memory_id, cascade=cascade, receipt=receipt)
+        if receipt:
+            return {"deleted": memory_id, "items_deleted": len(result["deleted"]),
+                    "receipt": result}
+        return {"deleted": memory_id, "items_deleted": result}
 
     @app.get("/v1/memories/{memory_id}/history", response_model=list[S.VersionOut],
              responses=ERRORS, tags=["memories"])

@@ -263,6 +263,7 @@ class MeOut(BaseModel):
 class DeletedOut(BaseModel):
     deleted: str
     items_deleted: int
+    receipt: dict[str, Any] | None = None  # with ?receipt=true (govern/receipt.py)
 
 
 class ImportOut(BaseModel):
