@@ -33,7 +33,7 @@ from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_
                            normalise_messages)
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
-from .govern import backup, chain
+from .govern import archive, backup, chain
 from .govern import receipt as receipts
 from .govern.chain import ChainReport
 from .store.base import CubeRow
@@ -355,6 +355,37 @@ class Memory(TiersMixin):
             return counts
         finally:
             store.close()
+
+    def export_cube(self, cube: str | None, file: str | Path) -> dict[str, Any]:
+        """Write the cube (every item and version, tombstones, provenance, its audit entries,
+        its vectors with the model's identity) into the new archive `file` (govern/archive.py).
+        Returns the archive's manifest.
+
+        >>> m.export_cube("team", "team.memcube")["counts"]["items"]
+        42"""
+        row = self._cubes.get(cube, check_model=False)
+        manifest = archive.export(self.store, row, Path(file))
+        with self.store.transaction():
+            self.store.audit(self.actor, "export_cube", row.name, [], {
+                "dest": str(Path(file).resolve()), "items": manifest["counts"]["items"]})
+        return manifest
+
+    def import_cube(self, file: str | Path, *, as_name: str | None = None) -> dict[str, Any]:
+        """Import a cube archive as a new cube (its own name, or `as_name`), after checking
+        every member against its manifest; ids kept (remapped on a clash, links followed),
+        vectors kept when the embedding model matches, embedded again when not.
+
+        >>> m.import_cube("team.memcube", as_name="team-copy")["items"]
+        42"""
+        with tempfile.TemporaryDirectory(prefix="memstack-import-") as scratch:
+            opened = archive.open_archive(Path(file), Path(scratch))
+            name = _name(as_name or opened.manifest["cube"]["name"], "cube")
+            if any(c.name == name for c in self.store.cubes()):
+                raise InvalidInputError(f"cube {name!r} exists; import the archive under "
+                                        "another name (--as NAME)")
+            return archive.load(self.store, opened, name, self.embedder,
+                                self.writer.refresh_context, self.actor,
+                                str(Path(file).resolve()))
 
     def backup(self, dest: str | Path) -> dict[str, Any]:
         """Back the whole store up into the new folder `dest` while it is in use: every write

@@ -98,6 +98,37 @@ def _read_head(path: Path) -> dict[str, Any]:
     return value
 
 
+@click.group()
+def cube() -> None:
+    """Cube archives: one portable file per cube (docs/governance.md)."""
+
+
+@cube.command("export")
+@click.argument("name")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="The new archive file (.memcube).")
+@click.pass_context
+def cube_export(ctx: click.Context, name: str, out: str) -> None:
+    """Write cube NAME into an archive: items with every version, tombstones, provenance,
+    its audit entries and its vectors with the embedding model's identity."""
+    manifest = open_memory(ctx).export_cube(name, out)
+    counts = manifest["counts"]
+    emit(ctx, manifest, f"cube {name}: {counts['items']} items, {counts['versions']} versions, "
+         f"{counts['keys']} vectors, {counts['audit_entries']} audit entries -> {out}")
+
+
+@cube.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--as", "as_name", help="Import under this cube name (default: the archive's).")
+@click.pass_context
+def cube_import(ctx: click.Context, file: str, as_name: str | None) -> None:
+    """Import a cube archive as a new cube, after checking every member's sha256."""
+    report = open_memory(ctx).import_cube(file, as_name=as_name)
+    emit(ctx, report, f"cube {report['cube']}: {report['items']} items, {report['keys']} keys"
+         f"{' (embedded again: another model)' if report['reembedded'] else ''}, "
+         f"{report['remapped']} ids remapped")
+
+
 @click.command()
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.pass_context

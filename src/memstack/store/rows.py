@@ -268,11 +268,12 @@ class ItemRows:
                 for r in rows]
 
     def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
-              detail: dict[str, Any] | None = None) -> None:
+              detail: dict[str, Any] | None = None, at: float | None = None) -> None:
         """Append an entry, chained to the last one (store/chain.py). The store serialises
-        appends (`_audit_turn`) so two writers never chain to the same entry."""
+        appends (`_audit_turn`) so two writers never chain to the same entry. `at`: now, or
+        the time of an entry brought by a cube archive."""
         self._audit_turn()
-        values = (time.time(), actor, action, cube, json.dumps(list(item_ids)),
+        values = (time.time() if at is None else at, actor, action, cube, json.dumps(list(item_ids)),
                   json.dumps(detail or {}))
         prev = self._audit_head()
         self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail, prev, "

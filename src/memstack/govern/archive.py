@@ -1,0 +1,366 @@
+"""Cube archives: one portable file holding a cube, to move it to another store (SQLite or
+PostgreSQL) and back.
+
+A `.memcube` file is a tar archive (uncompressed: most of it is float32 vectors) of
+
+    manifest.json   format and version, the cube (name, owner, created), the embedding model
+                    (name and dimensions), counts, and every other member with its size and
+                    sha256; always the first member
+    items.jsonl     every item of the cube with every field: ids, versions, validity windows,
+                    provenance links (source_ids, parent_id, superseded_by); tombstones as
+                    tombstones (their text was purged, so it never travels)
+    versions.jsonl  every version of those items (a purged version without its text)
+    keys.jsonl      per item with search keys, their roles, in the order of the vectors
+    vectors.f32     those keys' vectors, float32 rows of the model's dimensions
+    audit.jsonl     the cube's entries in the audit log
+
+Export streams: items and vectors are read and written a page at a time (memory does not grow
+with the cube). Import extracts into a scratch folder and checks every member against the
+manifest before it writes anything; then it writes the cube in one transaction: its ids kept,
+or remapped where they clash with items already in the store (links follow), its vectors kept
+when the embedding model matches and re-embedded when not, session turns' context keys made
+again, and its audit entries appended (their original time and actor kept) followed by an
+`import_cube` entry. KV blocks and LoRA shards do not travel (they are derived: rebuild them
+with `memstack maintain` / `consolidate`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
+
+from .._errors import InvalidInputError, StoreCorruptError
+from .._models import Item
+from ..store.base import CubeRow, Store
+from ..store.migrate import TABLES, pair_vectors
+from ..store.selection import Selection
+from ..write.drafts import stored_keys
+
+FORMAT = "memcube"
+VERSION = 1
+MANIFEST = "manifest.json"
+MEMBERS = ("items.jsonl", "versions.jsonl", "keys.jsonl", "vectors.f32", "audit.jsonl")
+_PAGE = 1000
+_LINKS = ("parent_id", "superseded_by")  # item fields that name another item
+_LOCAL = ("cube", "kv_blocks", "shards")  # item fields that belong to the store, not the cube
+VERSION_COLUMNS = TABLES["versions"]
+
+
+# export ---------------------------------------------------------------------------------------
+def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
+    """Write the cube `cube` into the new archive file `dest`. Returns the manifest."""
+    if dest.exists():
+        raise InvalidInputError(f"{dest} exists; an archive goes into a new file")
+    if not dest.parent.is_dir() or not os.access(dest.parent, os.W_OK):
+        raise InvalidInputError(f"cannot write into {dest.parent}: no such folder, or no "
+                                "permission")
+    with tempfile.TemporaryDirectory(prefix=".memcube-", dir=dest.parent) as scratch:
+        folder = Path(scratch)
+        with _Writers(folder) as out:
+            counts = _write_items(store, cube, out)
+            counts["audit_entries"] = _write_audit(store, cube.name, out["audit.jsonl"])
+        manifest = {"format": FORMAT, "version": VERSION,
+                    "cube": {"name": cube.name, "owner": cube.owner,
+                             "created_at": cube.created_at},
+                    "embedding": {"model": cube.embed_model, "dim": cube.embed_dim},
+                    "counts": counts, "source": store.location,
+                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                    "members": out.digests()}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        partial = folder / "archive.partial"
+        with tarfile.open(partial, "w") as tar:
+            for name in (MANIFEST, *MEMBERS):
+                tar.add(folder / name, arcname=name)
+        os.replace(partial, dest)
+    return manifest
+
+
+class _Writers:
+    """The member files, each hashed as it is written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: dict[str, IO[bytes]] = {}
+        self.hashes = {name: hashlib.sha256() for name in MEMBERS}
+
+    def __enter__(self) -> "_Writers":
+        self.files = {name: (self.folder / name).open("wb") for name in MEMBERS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def __getitem__(self, name: str) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            self.files[name].write(data)
+            self.hashes[name].update(data)
+        return write
+
+    def line(self, name: str, value: Any) -> None:
+        self[name]((json.dumps(value, ensure_ascii=False, sort_keys=True) + "\n")
+                   .encode("utf-8"))
+
+    def digests(self) -> dict[str, dict[str, Any]]:
+        return {name: {"bytes": (self.folder / name).stat().st_size,
+                       "sha256": self.hashes[name].hexdigest()} for name in MEMBERS}
+
+
+def _write_items(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
+    counts = {"items": 0, "versions": 0, "keys": 0}
+    sel = Selection(cube_ids=(cube.id,), status="any")
+    offset = 0
+    while page := store.select_items(sel, limit=_PAGE, offset=offset):
+        offset += len(page)
+        for rowid, item in page:
+            out.line("items.jsonl", _item_out(item))
+            for version in store.versions(rowid, item.id):
+                out.line("versions.jsonl", version.to_dict())
+                counts["versions"] += 1
+            keys = store.key_vectors(rowid)
+            if keys:
+                out.line("keys.jsonl", {"item": item.id, "roles": [r for r, _ in keys]})
+                out["vectors.f32"](np.stack([v for _, v in keys]).astype("<f4").tobytes())
+                counts["keys"] += len(keys)
+            counts["items"] += 1
+    return counts
+
+
+def _item_out(item: Item) -> dict[str, Any]:
+    values = item.to_dict()
+    for name in (*_LOCAL, "memory"):
+        values.pop(name, None)
+    return values
+
+
+def _write_audit(store: Store, cube: str, write: Callable[[bytes], None]) -> int:
+    count, after = 0, 0
+    while entries := store.audit_log(5000, after):
+        for e in entries:
+            if e.cube == cube:
+                write((json.dumps({"at": e.at.timestamp(), "actor": e.actor, "action": e.action,
+                                   "item_ids": e.item_ids, "detail": e.detail},
+                                  ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+                count += 1
+        after = entries[-1].seq
+    return count
+
+
+# import ---------------------------------------------------------------------------------------
+@dataclass
+class Opened:
+    """An archive extracted into a scratch folder and checked against its manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    def lines(self, name: str) -> Iterator[dict[str, Any]]:
+        with (self.folder / name).open(encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def open_archive(path: Path, scratch: Path) -> Opened:
+    """Extract `path` into `scratch` and check every member's size and sha256 against the
+    manifest: a corrupt, truncated, foreign or newer archive is an error, and nothing has
+    been written to any store."""
+    if not path.is_file():
+        raise InvalidInputError(f"{path} is not a file")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            if not names or names[0] != MANIFEST:
+                raise InvalidInputError(f"{path} is not a memstack cube archive (no manifest)")
+            manifest = _manifest(tar.extractfile(members[0]), path)
+            expected = set(manifest["members"])
+            if set(names[1:]) != expected or len(names) != len(expected) + 1 or \
+                    any(not m.isfile() for m in members):
+                raise StoreCorruptError(f"{path} does not hold the members its manifest lists "
+                                        "(truncated or edited)")
+            for member in members[1:]:
+                _extract(tar, member, scratch / member.name, manifest["members"][member.name],
+                         path)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise StoreCorruptError(f"{path} is not a readable cube archive (truncated or not an "
+                                f"archive): {exc}") from exc
+    return Opened(scratch, manifest)
+
+
+def _manifest(raw: IO[bytes] | None, path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw.read().decode("utf-8")) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreCorruptError(f"{path}: its manifest is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InvalidInputError(f"{path} is not a memstack cube archive (another format)")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise InvalidInputError(f"{path} is a cube archive of format version "
+                                f"{manifest.get('version')}, newer than this memstack reads "
+                                f"({VERSION}): pip install -U memstack")
+    if set(manifest.get("members", {})) != set(MEMBERS):
+        raise StoreCorruptError(f"{path}: its manifest lists other members than a cube "
+                                "archive has")
+    return manifest
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
+             want: dict[str, Any], path: Path) -> None:
+    digest, size = hashlib.sha256(), 0
+    source = tar.extractfile(member)
+    with target.open("wb") as out:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    if size != want["bytes"] or digest.hexdigest() != want["sha256"]:
+        raise StoreCorruptError(f"{path}: {member.name} differs from the manifest's sha256 "
+                                "(the archive was edited or damaged); nothing was imported")
+
+
+def remap(store: Store, archive: Opened) -> dict[str, str]:
+    """New ids for the archive's items whose ids are taken in this store."""
+    ids = [line["id"] for line in archive.lines("items.jsonl")]
+    taken: set[str] = set()
+    for start in range(0, len(ids), _PAGE):
+        taken |= set(store.items_by_id(ids[start:start + _PAGE]))
+    return {old: uuid.uuid4().hex for old in ids if old in taken}
+
+
+def item_row(line: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+    """An archived item as the row fields insert_items takes, ids remapped."""
+    row = dict(line)
+    row["id"] = ids.get(row["id"], row["id"])
+    for name in _LINKS:
+        if row.get(name):
+            row[name] = ids.get(row[name], row[name])
+    row["source_ids"] = [ids.get(i, i) for i in row.get("source_ids", [])]
+    for name in ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
+                 "last_accessed"):
+        row[name] = dt.datetime.fromisoformat(row[name]) if row.get(name) else None
+    row["kv_blocks"], row["shards"] = [], []
+    return row
+
+
+def version_row(line: dict[str, Any], rowid: int, ids: dict[str, str]) -> tuple[Any, ...]:
+    """An archived version as a row of the versions table (store/migrate.py's columns)."""
+    def epoch(value: str | None) -> float | None:
+        return dt.datetime.fromisoformat(value).timestamp() if value else None
+    return (rowid, line["version"], line["content"], json.dumps(line["metadata"]),
+            line["status"], epoch(line["valid_from"]), epoch(line["valid_to"]),
+            epoch(line["changed_at"]), line["reason"], line["actor"],
+            ids.get(line["superseded_by"], line["superseded_by"]),
+            json.dumps([ids.get(i, i) for i in line.get("source_ids", [])]))
+
+
+def stored_vectors(archive: Opened) -> Iterator[tuple[str, dict[str, list[np.ndarray]]]]:
+    """(item id, its vectors by role) in archive order."""
+    dim = archive.manifest["embedding"]["dim"]
+    with (archive.folder / "vectors.f32").open("rb") as f:
+        for line in archive.lines("keys.jsonl"):
+            block = np.frombuffer(f.read(4 * dim * len(line["roles"])), "<f4")
+            if block.size != dim * len(line["roles"]):
+                raise StoreCorruptError("vectors.f32 ends before keys.jsonl does")
+            by_role: dict[str, list[np.ndarray]] = {}
+            for role, vector in zip(line["roles"], block.reshape(-1, dim)):
+                by_role.setdefault(role, []).append(vector.astype(np.float32))
+            yield line["item"], by_role
+
+
+def audit_entry(line: dict[str, Any], ids: dict[str, str]) -> tuple[Any, ...]:
+    """(actor, action, item_ids, detail, at) of an archived audit entry, ids remapped."""
+    return (line["actor"], line["action"], [ids.get(i, i) for i in line["item_ids"]],
+            line["detail"], float(line["at"]))
+
+
+def load(store: Store, archive: Opened, name: str, embedder: Any,
+         refresh_context: Callable[[str, list[int]], None], actor: str,
+         source: str) -> dict[str, Any]:
+    """Write the checked archive into the store as the new cube `name`, in one transaction.
+    `refresh_context(session id, turn rowids)` makes the turns' context keys again."""
+    ids = remap(store, archive)
+    want = archive.manifest["embedding"]
+    same_model = (want["model"], want["dim"]) == (embedder.name, embedder.dim)
+    with store.transaction():
+        cube = store.create_cube(name, archive.manifest["cube"]["owner"], embedder.name,
+                                 embedder.dim)
+        rowids = _insert_items(store, cube.id, archive, ids)
+        _insert_versions(store, archive, rowids, ids)
+        keys = _insert_keys(store, archive, rowids, None if same_model else embedder)
+        for session_id, turns in _sessions(store, cube.id).items():
+            refresh_context(session_id, turns)
+        for line in archive.lines("audit.jsonl"):
+            entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
+            store.audit(entry_actor, action, name, item_ids, detail, at=at)
+        store.bump_generation(cube.id)
+        report = {"cube": name, "items": len(rowids), "keys": keys, "remapped": len(ids),
+                  "reembedded": not same_model, "file": source,
+                  "audit_entries": archive.manifest["counts"]["audit_entries"]}
+        store.audit(actor, "import_cube", name, [], report)
+    return {**report, "remapped_ids": ids}
+
+
+def _insert_items(store: Store, cube_id: int, archive: Opened, ids: dict[str, str]
+                  ) -> dict[str, int]:
+    rowids: dict[str, int] = {}
+    for page in _pages(archive.lines("items.jsonl")):
+        new = store.insert_items(cube_id, [item_row(line, ids) for line in page])
+        rowids.update(zip((line["id"] for line in page), new))
+    return rowids
+
+
+def _insert_versions(store: Store, archive: Opened, rowids: dict[str, int],
+                     ids: dict[str, str]) -> None:
+    for page in _pages(archive.lines("versions.jsonl")):
+        store.load_rows("versions", VERSION_COLUMNS,
+                        [version_row(v, rowids[v["item_id"]], ids) for v in page])
+
+
+def _insert_keys(store: Store, archive: Opened, rowids: dict[str, int],
+                 embedder: Any | None) -> int:
+    """The items' own keys: with the archived vectors, or (`embedder`: another model than the
+    archive's) embedded again. Context keys come from refresh_context."""
+    count = 0
+    pairs = stored_vectors(archive) if embedder is None else \
+        ((line["item"], None) for line in archive.lines("keys.jsonl"))
+    for page in _pages(pairs):
+        items = store.items_by_rowid([rowids[old] for old, _ in page])
+        groups = []
+        for old, by_role in page:
+            rowid = rowids[old]
+            texts, roles = stored_keys(items[rowid])
+            vectors = pair_vectors(old, roles, by_role) if by_role is not None else \
+                np.asarray(embedder.embed(texts), np.float32)
+            groups.append((rowid, texts, roles, vectors))
+            count += len(texts)
+        store.insert_keys(groups)
+    return count
+
+
+def _sessions(store: Store, cube_id: int) -> dict[str, list[int]]:
+    sessions = store.select_items(Selection(cube_ids=(cube_id,), status="live",
+                                            kinds=("session",)))
+    return {item.id: [r for r, _ in store.select_items(Selection(status="any",
+                                                                 parent_id=item.id))]
+            for _, item in sessions}
+
+
+def _pages(values: Any) -> Iterator[list[Any]]:
+    page: list[Any] = []
+    for value in values:
+        page.append(value)
+        if len(page) == _PAGE:
+            yield page
+            page = []
+    if page:
+        yield page

@@ -1,0 +1,154 @@
+"""Cube archives: export, import into a fresh store of the other kind, export again: the same
+content; tombstones travel without their text; clashing ids are remapped with their links; a
+damaged, foreign or newer archive is refused before anything is written."""
+
+import io
+import json
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+
+from memstack import Memory
+from memstack._errors import InvalidInputError, StoreCorruptError
+from memstack.cli import cli
+
+SECRET = "Ann's door code is 7391"
+
+
+def _fill(mem):
+    mem.add([{"role": "user", "content": "I moved to Berlin last May"},
+             {"role": "assistant", "content": "Berlin is lovely in spring"}],
+            user_id="ann", session_id="s1", observed_at="2024-06-01")
+    moved = mem.add("Ann lives in Berlin", user_id="ann", kind="fact").items[0]
+    mem.update(moved.id, "Ann lives in Munich", reason="moved again")
+    gone = mem.add(SECRET, user_id="ann").items[0]
+    mem.delete(gone.id)
+    mem.add("Bob plays chess on Sundays", user_id="bob", session_id="s9")
+    return moved, gone
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _lines(data):
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def test_export_import_into_the_other_store_and_export_again_is_identical(
+        mem, target, tmp_path, embedder, pg_url):
+    moved, gone = _fill(mem)
+    first = tmp_path / "one.memcube"
+    manifest = mem.export_cube("default", first)
+    assert manifest["counts"]["items"] == 8 and manifest["embedding"]["dim"] == 384
+    other = pg_url if str(target).endswith(".db") else tmp_path / "other.db"
+    with Memory(other, embedder=embedder, files=tmp_path / "other-files") as back:
+        report = back.import_cube(first)
+        assert report["remapped"] == 0 and not report["reembedded"]
+        back.export_cube("default", tmp_path / "two.memcube")
+        assert back.get(moved.id).content == "Ann lives in Munich"
+        assert [v.content for v in back.history(moved.id)] == ["Ann lives in Berlin",
+                                                              "Ann lives in Munich"]
+        assert back.search("where does Ann live now", user_id="ann")[0].item.id == moved.id
+        assert back.store.item_by_id(gone.id)[1].status == "deleted"
+        assert back.verify_audit().ok
+    one, two = _members(first), _members(tmp_path / "two.memcube")
+    for name in ("items.jsonl", "versions.jsonl", "keys.jsonl", "vectors.f32"):
+        assert one[name] == two[name], name
+    before, after = _lines(one["audit.jsonl"]), _lines(two["audit.jsonl"])
+    assert after[:len(before)] == before and after[-1]["action"] == "import_cube"
+    for data in one.values():  # the tombstone travelled, its text did not
+        assert b"door code" not in data and b"7391" not in data
+    tomb = next(i for i in _lines(one["items.jsonl"]) if i["id"] == gone.id)
+    assert tomb["status"] == "deleted" and tomb["content"] is None
+
+
+def test_an_archive_imported_beside_itself_gets_new_ids_and_keeps_its_links(sqlite_mem,
+                                                                             tmp_path):
+    _fill(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "c.memcube")
+    report = sqlite_mem.import_cube(tmp_path / "c.memcube", as_name="copy")
+    assert report["remapped"] == 8
+    ids = report["remapped_ids"]
+    turns = sqlite_mem.get_all(user_id="ann", kinds=["turn"], cube="copy")
+    assert turns and all(t.id in ids.values() for t in turns)
+    sessions = {t.parent_id for t in turns}
+    assert sessions <= set(ids.values())  # turns point at the copied session, not the first
+    hit = sqlite_mem.search("Berlin in spring", user_id="ann", cube="copy")[0]
+    assert hit.item.id in ids.values()
+    with pytest.raises(InvalidInputError, match="exists"):
+        sqlite_mem.import_cube(tmp_path / "c.memcube", as_name="copy")
+
+
+def test_another_embedding_model_embeds_the_archive_again(sqlite_mem, tmp_path):
+    from memstack.embed.bge import BgeSmallEmbedder
+
+    _fill(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "c.memcube")
+    with Memory(tmp_path / "bge.db", embedder=BgeSmallEmbedder()) as other:
+        report = other.import_cube(tmp_path / "c.memcube")
+        assert report["reembedded"] and report["keys"] > 0
+        assert other.store.cube("default").embed_model == other.embedder.name
+        assert "Munich" in other.search("where does Ann live", user_id="ann")[0].item.content
+
+
+def _damaged(path, how):
+    data = path.read_bytes()
+    if how == "flipped byte":
+        members = _members(path)
+        offset = data.index(members["items.jsonl"][:40])  # inside a member, not a header
+        data = data[:offset + 10] + bytes([data[offset + 10] ^ 0x20]) + data[offset + 11:]
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    elif how == "not an archive":
+        data = b"PK\x03\x04 a zip file, or anything else"
+    else:
+        members = _members(path)
+        manifest = json.loads(members["manifest.json"])
+        manifest.update({"version": 99} if how == "newer format" else {"format": "other"})
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            for name, body in [("manifest.json", json.dumps(manifest).encode()),
+                               *[(n, b) for n, b in members.items() if n != "manifest.json"]]:
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        data = out.getvalue()
+    broken = path.with_name(f"{how.replace(' ', '-')}.memcube")
+    broken.write_bytes(data)
+    return broken
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "not an archive",
+                                 "newer format", "foreign format"])
+def test_a_damaged_or_foreign_archive_is_refused_and_nothing_is_written(sqlite_mem, tmp_path,
+                                                                         embedder, how):
+    _fill(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "c.memcube")
+    broken = _damaged(tmp_path / "c.memcube", how)
+    with Memory(tmp_path / "fresh.db", embedder=embedder) as fresh:
+        error = InvalidInputError if how in ("newer format", "foreign format") else \
+            StoreCorruptError
+        with pytest.raises(error):
+            fresh.import_cube(broken)
+        assert fresh.cubes() == [] and fresh.audit_log() == []
+
+
+def test_the_cli_exports_and_imports_and_refuses_an_existing_file(sqlite_mem, db_path,
+                                                                  tmp_path):
+    _fill(sqlite_mem)
+    runner = CliRunner()
+    out = tmp_path / "c.memcube"
+    result = runner.invoke(cli, ["--db", str(db_path), "cube", "export", "default", "-o",
+                                 str(out)], catch_exceptions=False)
+    assert result.exit_code == 0 and out.exists()
+    again = runner.invoke(cli, ["--db", str(db_path), "cube", "export", "default", "-o",
+                                str(out)], catch_exceptions=False)
+    assert again.exit_code == 2 and "exists" in again.output
+    result = runner.invoke(cli, ["--json", "--db", str(tmp_path / "new.db"), "cube", "import",
+                                 str(out), "--as", "team"], catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.output)["cube"] == "team"
+    exports = [e for e in sqlite_mem.audit_log(limit=1000) if e.action == "export_cube"]
+    assert exports[-1].detail["dest"] == str(out.resolve())
