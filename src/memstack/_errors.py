@@ -9,7 +9,9 @@
     │   ├── InvalidDateError                         a date or time that cannot be parsed
     │   ├── InvalidFilterError                       unknown filter field or operator, bad value
     │   ├── InvalidQueryError                        a query with no searchable words
-    │   └── InvalidLimitError                        top_k / limit out of range
+    │   ├── InvalidLimitError                        top_k / limit out of range
+    │   └── CorruptArchiveError                      a cube archive or backup that is damaged,
+    │                                                truncated, foreign or of a newer format
     ├── NotFoundError (also LookupError)
     │   ├── ItemNotFoundError
     │   └── CubeNotFoundError
@@ -46,7 +48,7 @@ from __future__ import annotations
 __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
-    "InvalidQueryError", "InvalidLimitError", "NotFoundError", "ItemNotFoundError",
+    "InvalidQueryError", "InvalidLimitError", "CorruptArchiveError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "StoreUnavailableError", "ReadOnlyStoreError",
     "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
@@ -95,6 +97,11 @@ class InvalidQueryError(InvalidInputError):
 
 class InvalidLimitError(InvalidInputError):
     pass
+
+
+class CorruptArchiveError(InvalidInputError):
+    """A cube archive or a backup whose files do not match their manifest, or that is not one
+    (another format, a newer version): nothing was written."""
 
 
 class NotFoundError(MemstackError, LookupError):

@@ -370,7 +370,8 @@ class Memory(TiersMixin):
                 "dest": str(Path(file).resolve()), "items": manifest["counts"]["items"]})
         return manifest
 
-    def import_cube(self, file: str | Path, *, as_name: str | None = None) -> dict[str, Any]:
+    def import_cube(self, file: str | Path, *, as_name: str | None = None,
+                    owner: str | None = None) -> dict[str, Any]:
         """Import a cube archive as a new cube (its own name, or `as_name`), after checking
         every member against its manifest; ids kept (remapped on a clash, links followed),
         vectors kept when the embedding model matches, embedded again when not.
@@ -385,7 +386,7 @@ class Memory(TiersMixin):
                                         "another name (--as NAME)")
             return archive.load(self.store, opened, name, self.embedder,
                                 self.writer.refresh_context, self.actor,
-                                str(Path(file).resolve()))
+                                str(Path(file).resolve()), owner)
 
     def backup(self, dest: str | Path) -> dict[str, Any]:
         """Back the whole store up into the new folder `dest` while it is in use: every write

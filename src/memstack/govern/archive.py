@@ -39,7 +39,7 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
-from .._errors import InvalidInputError, StoreCorruptError
+from .._errors import CorruptArchiveError, InvalidInputError
 from .._models import Item
 from ..store.base import CubeRow, Store
 from ..store.migrate import TABLES, pair_vectors
@@ -181,18 +181,18 @@ def open_archive(path: Path, scratch: Path) -> Opened:
             members = tar.getmembers()
             names = [m.name for m in members]
             if not names or names[0] != MANIFEST:
-                raise InvalidInputError(f"{path} is not a memstack cube archive (no manifest)")
+                raise CorruptArchiveError(f"{path} is not a memstack cube archive (no manifest)")
             manifest = _manifest(tar.extractfile(members[0]), path)
             expected = set(manifest["members"])
             if set(names[1:]) != expected or len(names) != len(expected) + 1 or \
                     any(not m.isfile() for m in members):
-                raise StoreCorruptError(f"{path} does not hold the members its manifest lists "
+                raise CorruptArchiveError(f"{path} does not hold the members its manifest lists "
                                         "(truncated or edited)")
             for member in members[1:]:
                 _extract(tar, member, scratch / member.name, manifest["members"][member.name],
                          path)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise StoreCorruptError(f"{path} is not a readable cube archive (truncated or not an "
+        raise CorruptArchiveError(f"{path} is not a readable cube archive (truncated or not an "
                                 f"archive): {exc}") from exc
     return Opened(scratch, manifest)
 
@@ -201,15 +201,15 @@ def _manifest(raw: IO[bytes] | None, path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(raw.read().decode("utf-8")) if raw else None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreCorruptError(f"{path}: its manifest is not JSON: {exc}") from exc
+        raise CorruptArchiveError(f"{path}: its manifest is not JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InvalidInputError(f"{path} is not a memstack cube archive (another format)")
+        raise CorruptArchiveError(f"{path} is not a memstack cube archive (another format)")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise InvalidInputError(f"{path} is a cube archive of format version "
+        raise CorruptArchiveError(f"{path} is a cube archive of format version "
                                 f"{manifest.get('version')}, newer than this memstack reads "
                                 f"({VERSION}): pip install -U memstack")
     if set(manifest.get("members", {})) != set(MEMBERS):
-        raise StoreCorruptError(f"{path}: its manifest lists other members than a cube "
+        raise CorruptArchiveError(f"{path}: its manifest lists other members than a cube "
                                 "archive has")
     return manifest
 
@@ -224,7 +224,7 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
             size += len(chunk)
             out.write(chunk)
     if size != want["bytes"] or digest.hexdigest() != want["sha256"]:
-        raise StoreCorruptError(f"{path}: {member.name} differs from the manifest's sha256 "
+        raise CorruptArchiveError(f"{path}: {member.name} differs from the manifest's sha256 "
                                 "(the archive was edited or damaged); nothing was imported")
 
 
@@ -270,7 +270,7 @@ def stored_vectors(archive: Opened) -> Iterator[tuple[str, dict[str, list[np.nda
         for line in archive.lines("keys.jsonl"):
             block = np.frombuffer(f.read(4 * dim * len(line["roles"])), "<f4")
             if block.size != dim * len(line["roles"]):
-                raise StoreCorruptError("vectors.f32 ends before keys.jsonl does")
+                raise CorruptArchiveError("vectors.f32 ends before keys.jsonl does")
             by_role: dict[str, list[np.ndarray]] = {}
             for role, vector in zip(line["roles"], block.reshape(-1, dim)):
                 by_role.setdefault(role, []).append(vector.astype(np.float32))
@@ -285,15 +285,17 @@ def audit_entry(line: dict[str, Any], ids: dict[str, str]) -> tuple[Any, ...]:
 
 def load(store: Store, archive: Opened, name: str, embedder: Any,
          refresh_context: Callable[[str, list[int]], None], actor: str,
-         source: str) -> dict[str, Any]:
-    """Write the checked archive into the store as the new cube `name`, in one transaction.
-    `refresh_context(session id, turn rowids)` makes the turns' context keys again."""
+         source: str, owner: str | None = None) -> dict[str, Any]:
+    """Write the checked archive into the store as the new cube `name` (owned by `owner`, or
+    the archived cube's owner), in one transaction. `refresh_context(session id, turn
+    rowids)` makes the turns' context keys again."""
     ids = remap(store, archive)
     want = archive.manifest["embedding"]
     same_model = (want["model"], want["dim"]) == (embedder.name, embedder.dim)
     with store.transaction():
-        cube = store.create_cube(name, archive.manifest["cube"]["owner"], embedder.name,
-                                 embedder.dim)
+        cube = store.create_cube(name, owner or archive.manifest["cube"]["owner"],
+                                 embedder.name, embedder.dim)
+        store.widen(cube.id)  # a server request's wall did not know it
         rowids = _insert_items(store, cube.id, archive, ids)
         _insert_versions(store, archive, rowids, ids)
         keys = _insert_keys(store, archive, rowids, None if same_model else embedder)

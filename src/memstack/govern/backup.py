@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .._errors import InvalidInputError, StoreCorruptError
+from .._errors import CorruptArchiveError, InvalidInputError
 from ..store.base import Store
 from . import chain
 
@@ -79,7 +79,7 @@ def check_backup(src: Path) -> dict[str, Any]:
         path = src / name
         if not path.is_file() or path.stat().st_size != want["bytes"] or \
                 _sha256(path) != want["sha256"]:
-            raise StoreCorruptError(f"{path} is missing or differs from the backup's manifest "
+            raise CorruptArchiveError(f"{path} is missing or differs from the backup's manifest "
                                     "(truncated or edited): this backup cannot be restored")
     return manifest
 
@@ -158,19 +158,19 @@ def _read_manifest(src: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise InvalidInputError(f"{src} is not a memstack backup (no {MANIFEST}); make one "
+        raise CorruptArchiveError(f"{src} is not a memstack backup (no {MANIFEST}); make one "
                                 "with `memstack backup DEST`") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreCorruptError(f"{path} cannot be read: {exc}") from exc
+        raise CorruptArchiveError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InvalidInputError(f"{src} is not a memstack backup (its manifest is of another "
+        raise CorruptArchiveError(f"{src} is not a memstack backup (its manifest is of another "
                                 "format)")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise InvalidInputError(f"{src} is a backup of format version "
+        raise CorruptArchiveError(f"{src} is a backup of format version "
                                 f"{manifest.get('version')}, newer than this memstack reads "
                                 f"({VERSION}): pip install -U memstack")
     if DB not in manifest.get("files", {}) or "audit_head" not in manifest:
-        raise StoreCorruptError(f"{path} lists no database or no audit head: not a complete "
+        raise CorruptArchiveError(f"{path} lists no database or no audit head: not a complete "
                                 "backup")
     return manifest
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -284,6 +288,41 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
             for row in rows:
                 yield json.dumps(row, ensure_ascii=False) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/v1/cubes/{cube}/archive", responses=ERRORS, tags=["cubes"],
+             response_class=FileResponse)
+    def cube_archive(cube: str, who: Principal = Who):
+        """The cube as one archive file (docs/governance.md), for its owner or an admin."""
+        row = cube_row(who, cube, "read")
+        if not keys.can_manage(who, row):
+            raise ForbiddenError(f"only the owner of cube {cube!r} or an admin exports it")
+        folder = tempfile.mkdtemp(prefix="memstack-archive-")
+        path = Path(folder) / f"{cube}.memcube"
+        try:
+            memory.export_cube(cube, path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return FileResponse(path, media_type="application/x-tar", filename=path.name,
+                            background=BackgroundTask(shutil.rmtree, folder, True))
+
+    @app.post("/v1/cubes/import", response_model=S.CubeImportOut, status_code=201,
+              responses=ERRORS, tags=["cubes"])
+    async def cube_import(request: Request, name: str = Query(alias="as", min_length=1,
+                                                              max_length=200),
+                          who: Principal = Who):
+        """A cube archive (the request body, application/x-tar) as the new cube `as`, owned
+        by the caller; checked member by member before anything is written."""
+        gate.may_create(who, name)
+        data = await request.body()
+        return await run_in_threadpool(_import_archive, data, name, who.user)
+
+    def _import_archive(data: bytes, name: str, owner: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="memstack-upload-") as folder:
+            path = Path(folder) / "upload.memcube"
+            path.write_bytes(data)
+            report = memory.import_cube(path, as_name=name, owner=owner)
+        return {k: v for k, v in report.items() if k != "remapped_ids"}
 
     @app.post("/v1/cubes/{cube}/import", response_model=S.ImportOut, responses=ERRORS,
               tags=["cubes"])

@@ -218,6 +218,16 @@ class NewKeyOut(BaseModel):
     role: str
 
 
+class CubeImportOut(BaseModel):
+    cube: str
+    items: int
+    keys: int
+    remapped: int
+    reembedded: bool
+    audit_entries: int
+    file: str
+
+
 class AuditHeadOut(BaseModel):
     seq: int
     hash: str
