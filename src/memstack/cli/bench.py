@@ -368,6 +368,40 @@ def _chat_table(results: list[dict[str, Any]]) -> Table:
 
 
 
+@bench.command("archive")
+@click.option("--items", type=int, multiple=True, default=[10_000], show_default=True,
+              help="Cube sizes (repeat the option), e.g. --items 10000 --items 100000.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-work/archive",
+              show_default=True, help="Stores of earlier runs of the same size are reused.")
+@click.option("--embed-cache", type=click.Path(dir_okay=False),
+              help="Cache file of embeddings (fills a store faster on a second run).")
+@click.pass_context
+def bench_archive(ctx, items, out, workdir, embed_cache):
+    """Cube archives: export and import time, archive size, each command's peak memory."""
+    from ..bench import archive
+
+    embedder = _bench_embedder(embed_cache)
+    table = Table(title="memstack cube archives")
+    for name in ("items", "versions", "vectors", "archive MB", "export s", "export RSS MB",
+                 "import s", "import RSS MB"):
+        table.add_column(name, justify="right")
+    results = []
+    for n in sorted(items):
+        result = archive.run(n, workdir=Path(workdir), embedder=embedder)
+        if embed_cache:
+            embedder.save()
+        archive.save(result, Path(out))
+        results.append(result)
+        c = result["counts"]
+        table.add_row(f"{c['items']:,}", f"{c['versions']:,}", f"{c['keys']:,}",
+                      f"{result['archive_bytes'] / 1e6:.1f}", str(result["export_seconds"]),
+                      str(result["export_peak_rss_mb"]), str(result["import_seconds"]),
+                      str(result["import_peak_rss_mb"]))
+    emit(ctx, results, table)
+
+
 @bench.command("server")
 @click.option("--clients", default=16, show_default=True, type=int)
 @click.option("--seconds", default=60.0, show_default=True, type=float)
