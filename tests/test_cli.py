@@ -68,7 +68,9 @@ def test_import_export_stats_audit(run, tmp_path):
     assert hit["metadata"]["turn_id"] == "D1:1"
     stats = _json(run("--json", "stats"))
     assert stats["items"]["turn:active"] == 4 and stats["size_bytes"] > 0
-    assert [e["action"] for e in _json(run("--json", "audit"))] == ["add"] * 3
+    entries = _json(run("--json", "audit"))
+    assert [e["action"] for e in entries] == ["add"] * 3 + ["export"]  # exports are recorded
+    assert all(len(e["hash"]) == 64 for e in entries)
 
 
 @pytest.mark.parametrize("args, code, name", [

@@ -293,6 +293,9 @@ def load(store: Store, archive: Opened, name: str, embedder: Any,
     want = archive.manifest["embedding"]
     same_model = (want["model"], want["dim"]) == (embedder.name, embedder.dim)
     with store.transaction():
+        if any(c.name == name for c in store.cubes()):  # made meanwhile by another writer
+            raise InvalidInputError(f"cube {name!r} exists; import the archive under another "
+                                    "name (--as NAME)")
         cube = store.create_cube(name, owner or archive.manifest["cube"]["owner"],
                                  embedder.name, embedder.dim)
         store.widen(cube.id)  # a server request's wall did not know it
