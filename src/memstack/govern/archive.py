@@ -26,6 +26,7 @@ with `memstack maintain` / `consolidate`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -40,7 +41,7 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 from .._errors import CorruptArchiveError, InvalidInputError
-from .._models import Item
+from .._models import Item, Version
 from ..store.base import CubeRow, Store
 from ..store.migrate import TABLES, pair_vectors
 from ..store.selection import Selection
@@ -54,6 +55,7 @@ _PAGE = 1000
 _LINKS = ("parent_id", "superseded_by")  # item fields that name another item
 _LOCAL = ("cube", "kv_blocks", "shards")  # item fields that belong to the store, not the cube
 VERSION_COLUMNS = TABLES["versions"]
+_VERSION_FIELDS = tuple(f.name for f in dataclasses.fields(Version))
 
 
 # export ---------------------------------------------------------------------------------------
@@ -122,15 +124,17 @@ def _write_items(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
     offset = 0
     while page := store.select_items(sel, limit=_PAGE, offset=offset):
         offset += len(page)
+        versions = store.versions_of({rowid: item.id for rowid, item in page})
+        vectors = store.key_vectors_of([rowid for rowid, _ in page])
         for rowid, item in page:
             out.line("items.jsonl", _item_out(item))
-            for version in store.versions(rowid, item.id):
-                out.line("versions.jsonl", version.to_dict())
+            for version in versions[rowid]:
+                out.line("versions.jsonl", _version_out(version))
                 counts["versions"] += 1
-            keys = store.key_vectors(rowid)
+            keys = vectors[rowid]
             if keys:
                 out.line("keys.jsonl", {"item": item.id, "roles": [r for r, _ in keys]})
-                out["vectors.f32"](np.stack([v for _, v in keys]).astype("<f4").tobytes())
+                out["vectors.f32"](b"".join(np.asarray(v, "<f4").tobytes() for _, v in keys))
                 counts["keys"] += len(keys)
             counts["items"] += 1
     return counts
@@ -140,6 +144,13 @@ def _item_out(item: Item) -> dict[str, Any]:
     values = item.to_dict()
     for name in (*_LOCAL, "memory"):
         values.pop(name, None)
+    return values
+
+
+def _version_out(version: Version) -> dict[str, Any]:
+    values = {name: getattr(version, name) for name in _VERSION_FIELDS}
+    for name in ("valid_from", "valid_to", "changed_at"):
+        values[name] = values[name].isoformat() if values[name] is not None else None
     return values
 
 

@@ -267,6 +267,31 @@ class ItemRows:
                         from_epoch(r[5]), from_epoch(r[6]), r[7], r[8], r[9], json.loads(r[10]))
                 for r in rows]
 
+    def versions_of(self, items: dict[int, str]) -> dict[int, list[Version]]:
+        """The versions of many items ({rowid: item id}) in one statement per 500."""
+        out: dict[int, list[Version]] = {rowid: [] for rowid in items}
+        for part in batches(list(items)):
+            rows = self.conn.execute(
+                "SELECT item_rowid, version, content, metadata, status, valid_from, valid_to, "
+                "changed_at, reason, actor, superseded_by, source_ids FROM versions WHERE "
+                f"item_rowid IN ({', '.join('?' * len(part))}) "
+                "ORDER BY item_rowid, version, changed_at", list(part))
+            for r in rows:
+                out[r[0]].append(Version(items[r[0]], r[1], r[2], json.loads(r[3]), r[4],
+                                         from_epoch(r[5]), from_epoch(r[6]), from_epoch(r[7]),
+                                         r[8], r[9], r[10], json.loads(r[11])))
+        return out
+
+    def key_vectors_of(self, rowids: Sequence[int]) -> dict[int, list[tuple[str, Any]]]:
+        """(role, vector) of many items' keys that have one, in the order they were written."""
+        out: dict[int, list[tuple[str, Any]]] = {rowid: [] for rowid in rowids}
+        for part in batches(list(rowids)):
+            for rowid, role, vec in self.conn.execute(
+                    "SELECT item_rowid, role, vec FROM keys WHERE vec IS NOT NULL AND "
+                    f"item_rowid IN ({', '.join('?' * len(part))}) ORDER BY rowid", list(part)):
+                out[rowid].append((role, self._vector(vec)))
+        return out
+
     def audit(self, actor: str, action: str, cube: str | None, item_ids: Sequence[str],
               detail: dict[str, Any] | None = None, at: float | None = None) -> None:
         """Append an entry, chained to the last one (store/chain.py). The store serialises
