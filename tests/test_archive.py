@@ -173,3 +173,51 @@ def test_an_owner_downloads_the_archive_and_imports_it_over_rest(server):
         assert bad.status_code == 400 and "archive" in bad.json()["error"]["message"], bad.text
         taken = http.post("/v1/cubes/import?as=ann-copy", headers=ann, content=archive.content)
         assert taken.status_code == 400
+
+
+def _forged(path, change):
+    """The archive with items.jsonl rewritten by `change` and the manifest's sums made to
+    match (what someone who read govern/archive.py could send)."""
+    import hashlib
+
+    members = _members(path)
+    members["items.jsonl"] = change(members["items.jsonl"])
+    manifest = json.loads(members["manifest.json"])
+    manifest["members"]["items.jsonl"] = {"bytes": len(members["items.jsonl"]),
+                                          "sha256": hashlib.sha256(members["items.jsonl"])
+                                          .hexdigest()}
+    members["manifest.json"] = json.dumps(manifest).encode()
+    forged = path.with_name("forged.memcube")
+    with tarfile.open(forged, "w") as tar:
+        for name in ("manifest.json", *[n for n in members if n != "manifest.json"]):
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    return forged
+
+
+def test_keys_of_a_forged_item_never_reach_the_sql_and_broken_lines_write_nothing(
+        sqlite_mem, tmp_path, embedder):
+    _fill(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "c.memcube")
+    evil = "content) SELECT 1,2,3 WHERE ? IS NOT NULL RETURNING rowid --"
+
+    def inject(data):
+        lines = _lines(data)
+        lines[0][evil] = "x"
+        return "".join(json.dumps(l) + "\n" for l in lines).encode()
+
+    with Memory(tmp_path / "fresh.db", embedder=embedder) as fresh:
+        report = fresh.import_cube(_forged(tmp_path / "c.memcube", inject))
+        assert report["items"] == 8
+        assert fresh.cubes()[0].item_count == 7  # every item but the tombstone, nothing else
+
+    def broken(data):
+        lines = _lines(data)
+        del lines[3]["id"]
+        return "".join(json.dumps(l) + "\n" for l in lines).encode()
+
+    with Memory(tmp_path / "other.db", embedder=embedder) as other:
+        with pytest.raises(CorruptArchiveError):
+            other.import_cube(_forged(tmp_path / "c.memcube", broken))
+        assert other.cubes() == []

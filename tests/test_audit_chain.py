@@ -101,9 +101,10 @@ def _tampered(path, statements, write=None):
 
 
 def _forge(conn, seq, after_seq):
-    """Insert an entry with a correct hash after entry `after_seq` (what a forger who read
-    store/chain.py would write)."""
-    prev = conn.execute("SELECT hash FROM audit WHERE seq = ?", (after_seq,)).fetchone()[0]
+    """Insert an entry with a correct hash after entry `after_seq` (0: the start; what a
+    forger who read store/chain.py would write)."""
+    prev = conn.execute("SELECT hash FROM audit WHERE seq = ?", (after_seq,)).fetchone()[0] \
+        if after_seq else "0" * 64
     values = (1.0e9, "user:mallory", "add", "default", "[]", "{}")
     conn.execute("INSERT INTO audit (seq, at, actor, action, cube, item_ids, detail, prev, hash) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (seq, *values, prev, link(prev, *values)))
@@ -135,7 +136,18 @@ TAMPERING = {
     "reordered": (["UPDATE audit SET seq = 100 WHERE seq = 3", "UPDATE audit SET seq = 3 "
                    "WHERE seq = 4", "UPDATE audit SET seq = 4 WHERE seq = 100"], None, 3),
     "unchained": (["UPDATE audit SET hash = NULL WHERE seq = 5"], None, 5),
+    "edited with its own hash recomputed": ([], lambda c: _rehash_one(c, 3), 3),
+    "inserted at the start": (["UPDATE audit SET seq = seq + 10"], lambda c: _forge(c, 1, 0),
+                              11),
 }
+
+
+def _rehash_one(conn, seq):
+    """Edit entry `seq` and recompute its own hash (not the entries after it)."""
+    conn.execute("UPDATE audit SET actor = 'user:mallory' WHERE seq = ?", (seq,))
+    prev, *values = conn.execute("SELECT prev, at, actor, action, cube, item_ids, detail FROM "
+                                 "audit WHERE seq = ?", (seq,)).fetchone()
+    conn.execute("UPDATE audit SET hash = ? WHERE seq = ?", (link(prev, *values), seq))
 
 
 @pytest.mark.parametrize("kind", list(TAMPERING))

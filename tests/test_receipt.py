@@ -27,7 +27,7 @@ def test_the_checks_find_an_item_the_purge_did_not_remove(mem):
     item = mem.add("Ann's sister lives in Porto near the river", user_id="ann").items[0]
     cube = mem.store.cube("default")
     before = receipts.capture(mem.store, cube.id, [item.id], cascade=True)
-    found = receipts.check(mem.store, before)
+    found = receipts.check(mem.store, "default", before)
     checked = found["items"][item.id]
     assert not found["clean"]
     assert not checked["row_clean"] and not checked["versions_clean"]
@@ -52,3 +52,12 @@ def test_a_receipt_over_rest(server):
         reply = http.delete(f"/v1/memories/{memory_id}?receipt=true", headers=user).json()
         assert reply["items_deleted"] == 1 and reply["receipt"]["clean"]
         assert reply["receipt"]["items"][memory_id]["full_text_clean"]
+
+
+def test_a_receipt_for_a_session_covers_its_turns(mem):
+    result = mem.add([{"role": "user", "content": "My locker combination is 12-34-56"},
+                      {"role": "assistant", "content": "Noted, the locker combination"}],
+                     user_id="ann", session_id="gym")
+    session = result.items[0].parent_id
+    receipt = mem.delete(session, receipt=True)
+    assert set(receipt["deleted"]) == {session, *result.ids} and receipt["clean"]

@@ -276,7 +276,7 @@ class Memory(TiersMixin):
         count = self.writer.purge(cube, [memory_id], reason, "delete", cascade)
         if before is None:
             return count
-        out = receipts.check(self.store, before)
+        out = receipts.check(self.store, cube.name, before)
         with self.store.transaction():
             self.store.audit(self.actor, "deletion_receipt", cube.name, out["deleted"], {
                 "clean": out["clean"], "copies_still_holding": [
@@ -341,6 +341,18 @@ class Memory(TiersMixin):
         >>> Memory("memory.db").migrate("postgresql://localhost/memstack")
         {'cubes': 1, 'items': 42, ...}
         """
+        counts = self._copy_into(target, files, progress)
+        store = open_store(target, files=files)
+        try:
+            with store.transaction():
+                store.audit(self.actor, "migrate", None, [], {"from": self.location,
+                                                             "rows": counts})
+            return counts
+        finally:
+            store.close()
+
+    def _copy_into(self, target: str | Path, files: str | Path | None,
+                   progress: Any = None) -> dict[str, int]:
         from .write.copy import copy_store
 
         store = open_store(target, files=files)
@@ -348,11 +360,7 @@ class Memory(TiersMixin):
             writer = Writer(store, Cubes(store, self.embedder.name, self.embedder.dim,
                                          self.default_cube), self.embedder, self.actor,
                             context_window=self.context_window)
-            counts = copy_store(self.store, store, writer, progress)
-            with store.transaction():
-                store.audit(self.actor, "migrate", None, [], {"from": self.location,
-                                                             "rows": counts})
-            return counts
+            return copy_store(self.store, store, writer, progress)
         finally:
             store.close()
 
@@ -371,22 +379,20 @@ class Memory(TiersMixin):
         return manifest
 
     def import_cube(self, file: str | Path, *, as_name: str | None = None,
-                    owner: str | None = None) -> dict[str, Any]:
+                    owner: str | None = None, fresh_ids: bool = False) -> dict[str, Any]:
         """Import a cube archive as a new cube (its own name, or `as_name`), after checking
-        every member against its manifest; ids kept (remapped on a clash, links followed),
-        vectors kept when the embedding model matches, embedded again when not.
+        every member against its manifest; ids kept (remapped on a clash, or all of them with
+        `fresh_ids`; links followed), vectors kept when the embedding model matches, embedded
+        again when not.
 
         >>> m.import_cube("team.memcube", as_name="team-copy")["items"]
         42"""
         with tempfile.TemporaryDirectory(prefix="memstack-import-") as scratch:
             opened = archive.open_archive(Path(file), Path(scratch))
             name = _name(as_name or opened.manifest["cube"]["name"], "cube")
-            if any(c.name == name for c in self.store.cubes()):
-                raise InvalidInputError(f"cube {name!r} exists; import the archive under "
-                                        "another name (--as NAME)")
             return archive.load(self.store, opened, name, self.embedder,
                                 self.writer.refresh_context, self.actor,
-                                str(Path(file).resolve()), owner)
+                                str(Path(file).resolve()), owner, fresh_ids)
 
     def backup(self, dest: str | Path) -> dict[str, Any]:
         """Back the whole store up into the new folder `dest` while it is in use: every write
@@ -405,8 +411,10 @@ class Memory(TiersMixin):
         return report
 
     def _copy_snapshot(self, path: Path) -> None:
+        """The store's rows into a new SQLite file, as of one moment (no entry is added to the
+        copy's audit log: its chain ends where the store's did)."""
         with self.store.snapshot():
-            self.migrate(path)
+            self._copy_into(path, None)
 
     @classmethod
     def restore(cls, src: str | Path, target: str | Path, *, files: str | Path | None = None,
@@ -421,10 +429,10 @@ class Memory(TiersMixin):
         manifest = backup.check_backup(src)
         embedder = embedder or LocalEmbedder()
         if is_url(target):
-            _restore_rows(cls, src, target, files, embedder)
+            _restore_rows(cls, src, manifest, target, files, embedder)
         else:
             backup.check_target_free(Path(target))
-            backup.restore_files(src, Path(target), Path(target))
+            backup.restore_files(src, manifest, Path(target), Path(target))
         with cls(target, embedder=embedder, files=files) as restored:
             checks = backup.verify_restored(restored.store, manifest)
             with restored.store.transaction():
@@ -597,18 +605,23 @@ class Memory(TiersMixin):
         return out
 
 
-def _restore_rows(cls: type[Memory], src: Path, target: str | Path,
-                  files: str | Path | None, embedder: Embedder) -> None:
+def _restore_rows(cls: type[Memory], src: Path, manifest: dict[str, Any],
+                  target: str | Path, files: str | Path | None, embedder: Embedder) -> None:
     """A backup into an empty PostgreSQL database: its rows copied through the Store (from a
     scratch copy of the backup's file: opening a store writes beside it), then its files."""
+    store = open_store(target, files=files)
+    try:
+        backup.check_store_empty(store)
+    finally:
+        store.close()
     with tempfile.TemporaryDirectory(prefix="memstack-restore-") as scratch:
         copy = Path(scratch) / backup.DB
         shutil.copyfile(src / backup.DB, copy)
         with cls(copy, embedder=embedder) as source:
-            source.migrate(target, files=files)
+            source._copy_into(target, files)
     store = open_store(target, files=files)
     try:
-        backup.restore_files(src, None, store.path)
+        backup.restore_files(src, manifest, None, store.path)
     finally:
         store.close()
 

@@ -44,6 +44,7 @@ from .._errors import CorruptArchiveError, InvalidInputError
 from .._models import Item, Version
 from ..store.base import CubeRow, Store
 from ..store.migrate import TABLES, pair_vectors
+from ..store.rows import ITEM_COLUMNS
 from ..store.selection import Selection
 from ..write.drafts import stored_keys
 
@@ -55,6 +56,7 @@ _PAGE = 1000
 _LINKS = ("parent_id", "superseded_by")  # item fields that name another item
 _LOCAL = ("cube", "kv_blocks", "shards")  # item fields that belong to the store, not the cube
 VERSION_COLUMNS = TABLES["versions"]
+_ITEM_COLUMNS = tuple(c for c in ITEM_COLUMNS if c not in _LOCAL)
 _VERSION_FIELDS = tuple(f.name for f in dataclasses.fields(Version))
 
 
@@ -177,8 +179,11 @@ class Opened:
 
     def lines(self, name: str) -> Iterator[dict[str, Any]]:
         with (self.folder / name).open(encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+            for n, line in enumerate(f, 1):
+                try:
+                    yield json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise CorruptArchiveError(f"{name} line {n} is not JSON") from exc
 
 
 def open_archive(path: Path, scratch: Path) -> Opened:
@@ -196,7 +201,8 @@ def open_archive(path: Path, scratch: Path) -> Opened:
             manifest = _manifest(tar.extractfile(members[0]), path)
             expected = set(manifest["members"])
             if set(names[1:]) != expected or len(names) != len(expected) + 1 or \
-                    any(not m.isfile() for m in members):
+                    any(not m.isfile() or m.issparse() for m in members) or any(
+                        m.size != manifest["members"][m.name]["bytes"] for m in members[1:]):
                 raise CorruptArchiveError(f"{path} does not hold the members its manifest lists "
                                         "(truncated or edited)")
             for member in members[1:]:
@@ -239,9 +245,12 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
                                 "(the archive was edited or damaged); nothing was imported")
 
 
-def remap(store: Store, archive: Opened) -> dict[str, str]:
-    """New ids for the archive's items whose ids are taken in this store."""
+def remap(store: Store, archive: Opened, fresh: bool = False) -> dict[str, str]:
+    """New ids for the archive's items whose ids are taken in this store (`fresh`: for all of
+    them; a server's request cannot see other tenants' ids, and must not learn them)."""
     ids = [line["id"] for line in archive.lines("items.jsonl")]
+    if fresh:
+        return {old: uuid.uuid4().hex for old in ids}
     taken: set[str] = set()
     for start in range(0, len(ids), _PAGE):
         taken |= set(store.items_by_id(ids[start:start + _PAGE]))
@@ -249,8 +258,15 @@ def remap(store: Store, archive: Opened) -> dict[str, str]:
 
 
 def item_row(line: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
-    """An archived item as the row fields insert_items takes, ids remapped."""
-    row = dict(line)
+    """An archived item as the row fields insert_items takes, ids remapped. Only item columns
+    are taken (a key of the JSON line never becomes SQL)."""
+    if not isinstance(line, dict) or not isinstance(line.get("id"), str):
+        raise CorruptArchiveError("an item of items.jsonl is not an object with an id")
+    row = {name: line.get(name) for name in _ITEM_COLUMNS}
+    for name in ("metadata",):
+        row[name] = row[name] if isinstance(row[name], dict) else {}
+    for name in ("tags", "source_ids"):
+        row[name] = row[name] if isinstance(row[name], list) else []
     row["id"] = ids.get(row["id"], row["id"])
     for name in _LINKS:
         if row.get(name):
@@ -296,18 +312,29 @@ def audit_entry(line: dict[str, Any], ids: dict[str, str]) -> tuple[Any, ...]:
 
 def load(store: Store, archive: Opened, name: str, embedder: Any,
          refresh_context: Callable[[str, list[int]], None], actor: str,
-         source: str, owner: str | None = None) -> dict[str, Any]:
+         source: str, owner: str | None = None, fresh_ids: bool = False) -> dict[str, Any]:
     """Write the checked archive into the store as the new cube `name` (owned by `owner`, or
     the archived cube's owner), in one transaction. `refresh_context(session id, turn
-    rowids)` makes the turns' context keys again."""
-    ids = remap(store, archive)
+    rowids)` makes the turns' context keys again. A line of the archive that is not what
+    export writes (its hashes only prove it is what the manifest lists) is CorruptArchiveError,
+    and nothing is written."""
+    try:
+        return _load(store, archive, name, embedder, refresh_context, actor, source, owner,
+                     fresh_ids)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptArchiveError(f"{source}: a line of the archive is not what memstack "
+                                  f"writes ({type(exc).__name__}: {exc}); nothing was "
+                                  "imported") from exc
+
+
+def _load(store: Store, archive: Opened, name: str, embedder: Any,
+          refresh_context: Callable[[str, list[int]], None], actor: str, source: str,
+          owner: str | None, fresh_ids: bool) -> dict[str, Any]:
+    ids = remap(store, archive, fresh_ids)
     want = archive.manifest["embedding"]
     same_model = (want["model"], want["dim"]) == (embedder.name, embedder.dim)
     with store.transaction():
-        if any(c.name == name for c in store.cubes()):  # made meanwhile by another writer
-            raise InvalidInputError(f"cube {name!r} exists; import the archive under another "
-                                    "name (--as NAME)")
-        cube = store.create_cube(name, owner or archive.manifest["cube"]["owner"],
+        cube = store.insert_cube(name, owner or archive.manifest["cube"]["owner"],
                                  embedder.name, embedder.dim)
         store.widen(cube.id)  # a server request's wall did not know it
         rowids = _insert_items(store, cube.id, archive, ids)

@@ -76,6 +76,10 @@ def check_backup(src: Path) -> dict[str, Any]:
     hash (a truncated, edited or foreign backup is an error naming the file)."""
     manifest = _read_manifest(src)
     for name, want in manifest["files"].items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or (name != DB and parts[0] not in FOLDERS):
+            raise CorruptArchiveError(f"{src}: its manifest names {name!r}, which is not a "
+                                      "file of a backup")
         path = src / name
         if not path.is_file() or path.stat().st_size != want["bytes"] or \
                 _sha256(path) != want["sha256"]:
@@ -84,14 +88,31 @@ def check_backup(src: Path) -> dict[str, Any]:
     return manifest
 
 
-def restore_files(src: Path, target_db: Path | None, target_files: Path) -> None:
-    """Put the backup's database file (for an SQLite target) and folders into place, beside
-    `target_files` (the store's path, from which its .kv and .shards folders are named)."""
+def restore_files(src: Path, manifest: dict[str, Any], target_db: Path | None,
+                  target_files: Path) -> None:
+    """Put the backup's database file (for an SQLite target) and the files of its folders
+    that the manifest lists into place, beside `target_files` (the store's path, from which
+    its .kv and .shards folders are named)."""
+    for name in manifest["files"]:
+        if name == DB:
+            continue
+        folder, rest = name.split("/", 1)
+        target = target_files.with_name(target_files.name + folder[len(DB):]) / rest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, target)
     if target_db is not None:
         partial = target_db.with_name(f"{target_db.name}.partial-{os.getpid()}")
         shutil.copyfile(src / DB, partial)
         os.replace(partial, target_db)
-    _copy_folders(src / DB, target_files)
+
+
+def check_store_empty(store: Store) -> None:
+    """A database restored into holds nothing yet: no cube, no audit entry, no tier files."""
+    folders = [store.path.with_name(store.path.name + f[len(DB):]) for f in FOLDERS]
+    if store.cube_count() or store.audit_last() is not None or any(
+            f.is_dir() and any(f.iterdir()) for f in folders):
+        raise InvalidInputError(f"{store.location} is not empty (cubes, audit entries or tier "
+                                "files): restore writes into an empty store")
 
 
 def check_target_free(path: Path) -> None:
@@ -140,7 +161,17 @@ def _copy_folders(source_db: Path, target_db: Path) -> None:
         folder = source_db.with_name(source_db.name + suffix)
         if folder.is_dir():
             shutil.copytree(folder, target_db.with_name(target_db.name + suffix),
-                            ignore=shutil.ignore_patterns("*.partial*"), dirs_exist_ok=True)
+                            ignore=shutil.ignore_patterns("*.partial*"), dirs_exist_ok=True,
+                            copy_function=_copy_if_there)
+
+
+def _copy_if_there(source: str, target: str) -> None:
+    """A block or shard file dropped while the backup runs is no error: the store dropped it
+    (its row may still be in the copy, which then treats it as a missing block)."""
+    try:
+        shutil.copy2(source, target)
+    except FileNotFoundError:
+        pass
 
 
 def _manifest(folder: Path, source: str, head: dict[str, Any]) -> dict[str, Any]:

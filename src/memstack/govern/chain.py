@@ -105,6 +105,15 @@ def _check(store: Store, row: ChainRow, prev: str, before: ChainRow | None,
     if before is None:
         return ("deleted", row.seq, f"entry {row.seq} is the first but follows another entry: "
                 "the log's first entries were deleted")
+    if row.prev == GENESIS:
+        return ("inserted", row.seq, f"entry {row.seq} follows the start of the log, not entry "
+                f"{before.seq}: the entries before it are not in the chain (inserted)")
+    if before.hash is None or before.seq + 1 == row.seq:
+        # nothing is missing between them: the entry before was changed (and, if it has a
+        # hash, its hash recomputed to match)
+        return ("edited", before.seq if before.hash else row.seq,
+                f"entry {row.seq} follows another entry than {_name(before)}: that entry "
+                "was edited (or one written before the chain)")
     return ("deleted", row.seq, f"the entry that entry {row.seq} follows is missing: entries "
             f"between {before.seq} and {row.seq} were deleted")
 

@@ -55,12 +55,12 @@ def capture(store: Store, cube_id: int, ids: list[str], cascade: bool) -> Captur
     the items, a session's turns, then what was derived from them)."""
     out, pending, derived = Capture(list(ids)), list(ids), False
     while pending:
-        found = store.items_by_id(pending)
         round_ids = []
-        for item_id in pending:
-            item = found.get(item_id)
-            if item is None or item.status == "deleted" or item_id in out.traces:
+        for item_id in pending:  # grows while it runs: a session's turns join it
+            found = store.item_by_id(item_id)
+            if found is None or found[1].status == "deleted" or item_id in out.traces:
                 continue
+            item = found[1]
             out.traces[item_id] = _trace(store, cube_id, item, derived)
             round_ids.append(item_id)
             if item.kind == "session":
@@ -84,11 +84,11 @@ def _trace(store: Store, cube_id: int, item: Item, derived: bool) -> Trace:
                  list(item.shards), item.recorded_at, derived)
 
 
-def check(store: Store, before: Capture) -> dict[str, Any]:
+def check(store: Store, cube: str, before: Capture) -> dict[str, Any]:
     """The receipt: per item what was checked and found clean, and the copies that were
     written while it existed. `clean` is true when every check passed."""
     items = {item_id: _check_item(store, trace) for item_id, trace in before.traces.items()}
-    copies = _copies(store, before)
+    copies = _copies(store, cube, before)
     clean = all(all(v is True for k, v in r.items() if k.endswith("_clean")) for r in
                 items.values())
     return {"requested": before.requested, "deleted": sorted(items),
@@ -124,16 +124,17 @@ def _check_item(store: Store, trace: Trace) -> dict[str, Any]:
     }
 
 
-def _copies(store: Store, before: Capture) -> list[dict[str, Any]]:
-    """Backups and cube archives written after the earliest of the items was recorded: they
-    were taken while it existed and still hold it."""
+def _copies(store: Store, cube: str, before: Capture) -> list[dict[str, Any]]:
+    """Backups of the store and exports of this cube written after the earliest of the items
+    was recorded: they were taken while it existed and still hold it."""
     times = [t.recorded_at for t in before.traces.values() if t.recorded_at is not None]
     if not times:
         return []
     since, out, after = min(times), [], 0
     while entries := store.audit_log(5000, after):
         for entry in entries:
-            if entry.action in _COPIES and entry.at >= since:
+            whole = entry.action == "backup" and entry.cube is None
+            if (whole or entry.action in _COPIES and entry.cube == cube) and entry.at >= since:
                 out.append({"action": entry.action, "at": entry.at.isoformat(),
                             "file": entry.detail.get("dest") or entry.detail.get("file"),
                             "audit_seq": entry.seq})

@@ -321,7 +321,8 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         with tempfile.TemporaryDirectory(prefix="memstack-upload-") as folder:
             path = Path(folder) / "upload.memcube"
             path.write_bytes(data)
-            report = memory.import_cube(path, as_name=name, owner=owner)
+            report = memory.import_cube(path, as_name=name, owner=owner, fresh_ids=True)
+        report["file"] = "upload"  # not the server's scratch path
         return {k: v for k, v in report.items() if k != "remapped_ids"}
 
     @app.post("/v1/cubes/{cube}/import", response_model=S.ImportOut, responses=ERRORS,

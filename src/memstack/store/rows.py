@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
-from .._errors import CubeNotFoundError
+from .._errors import CubeNotFoundError, InvalidInputError
 from .._models import AuditEntry, Cube, Item, Version
 from .._time import from_epoch
 from . import chain
@@ -60,6 +60,18 @@ class ItemRows:
         self.conn.execute("INSERT INTO cubes (name, owner, created_at, embed_model, "
                           "embed_dim) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                           (name, owner, time.time(), embed_model, dim))
+        return self.cube(name)
+
+    def insert_cube(self, name: str, owner: str | None, embed_model: str, dim: int) -> CubeRow:
+        """A new cube, or InvalidInputError if the name is taken (also by a writer whose
+        transaction commits while this one waits for it)."""
+        made = self.conn.execute("INSERT INTO cubes (name, owner, created_at, embed_model, "
+                                 "embed_dim) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO "
+                                 "NOTHING RETURNING id",
+                                 (name, owner, time.time(), embed_model, dim)).fetchall()
+        if not made:
+            raise InvalidInputError(f"cube {name!r} exists; import the archive under another "
+                                    "name (--as NAME)")
         return self.cube(name)
 
     def cubes(self) -> list[Cube]:
