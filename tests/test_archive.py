@@ -168,6 +168,9 @@ def test_an_owner_downloads_the_archive_and_imports_it_over_rest(server):
         made = http.post("/v1/cubes/import?as=ann-copy", headers=ann, content=archive.content)
         assert made.status_code == 201 and made.json()["items"] >= 1, made.text
         assert http.get("/v1/cubes/ann-copy", headers=ann).json()["owner"] == "ann"
+        copied = [e for e in server.memory.audit_log(limit=1000) if e.cube == "ann-copy"]
+        assert "imported:add" in [e.action for e in copied] and copied[-1].action == "import_cube"
+        assert all(e.action.startswith("imported:") for e in copied[:-1])
         bad = http.post("/v1/cubes/import?as=ann-other", headers=ann,
                         content=archive.content[:300])
         assert bad.status_code == 400 and "archive" in bad.json()["error"]["message"], bad.text

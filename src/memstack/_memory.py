@@ -383,7 +383,8 @@ class Memory(TiersMixin):
         """Import a cube archive as a new cube (its own name, or `as_name`), after checking
         every member against its manifest; ids kept (remapped on a clash, or all of them with
         `fresh_ids`; links followed), vectors kept when the embedding model matches, embedded
-        again when not.
+        again when not. With `fresh_ids` (an upload to the server) the archived audit entries
+        are recorded as `imported:ACTION`, so they never pass for this store's own.
 
         >>> m.import_cube("team.memcube", as_name="team-copy")["items"]
         42"""

@@ -344,6 +344,8 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
             refresh_context(session_id, turns)
         for line in archive.lines("audit.jsonl"):
             entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
+            if fresh_ids:  # an uploader's history: kept, but never taken for this store's
+                action, detail = f"imported:{action}", {**detail, "imported_by": actor}
             store.audit(entry_actor, action, name, item_ids, detail, at=at)
         store.bump_generation(cube.id)
         report = {"cube": name, "items": len(rowids), "keys": keys, "remapped": len(ids),
