@@ -174,6 +174,8 @@ def test_an_owner_downloads_the_archive_and_imports_it_over_rest(server):
         bad = http.post("/v1/cubes/import?as=ann-other", headers=ann,
                         content=archive.content[:300])
         assert bad.status_code == 400 and "archive" in bad.json()["error"]["message"], bad.text
+        squat = http.post("/v1/cubes/import?as=%20~bob", headers=ann, content=archive.content)
+        assert squat.status_code == 403  # " ~bob" is bob's personal cube name
         taken = http.post("/v1/cubes/import?as=ann-copy", headers=ann, content=archive.content)
         assert taken.status_code == 400
 

@@ -372,7 +372,8 @@ class Memory(TiersMixin):
         >>> m.export_cube("team", "team.memcube")["counts"]["items"]
         42"""
         row = self._cubes.get(cube, check_model=False)
-        manifest = archive.export(self.store, row, Path(file))
+        with self.store.snapshot():  # one moment of the cube, whatever writers do meanwhile
+            manifest = archive.export(self.store, row, Path(file))
         with self.store.transaction():
             self.store.audit(self.actor, "export_cube", row.name, [], {
                 "dest": str(Path(file).resolve()), "items": manifest["counts"]["items"]})

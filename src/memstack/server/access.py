@@ -4,6 +4,7 @@ may read or write it. An item in a cube the caller cannot read is reported as mi
 from __future__ import annotations
 
 from .. import _errors as errors
+from .._validate import name as _name
 from .._memory import Memory
 from .._models import Item
 from ..store.base import CubeRow
@@ -21,6 +22,7 @@ class Gate:
         self.memory, self.keys = memory, keys
 
     def may_create(self, who: Principal, name: str) -> None:
+        name = _name(name, "cube")  # as it will be stored: " ~ann" is "~ann"
         if name.startswith("~") and name != f"~{who.user}" and not who.admin:
             raise ForbiddenError(f"cube names starting with ~ are personal; yours is ~{who.user}")
         if who.cubes is not None and name not in who.cubes:

@@ -310,7 +310,7 @@ class ItemRows:
         appends (`_audit_turn`) so two writers never chain to the same entry. `at`: now, or
         the time of an entry brought by a cube archive."""
         self._audit_turn()
-        values = (time.time() if at is None else at, actor, action, cube, json.dumps(list(item_ids)),
+        values = (time.time() if at is None else float(at), actor, action, cube, json.dumps(list(item_ids)),
                   json.dumps(detail or {}))
         prev = self._audit_head()
         self.conn.execute("INSERT INTO audit (at, actor, action, cube, item_ids, detail, prev, "

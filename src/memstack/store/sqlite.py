@@ -232,7 +232,9 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
             source.close()
 
     def snapshot(self) -> ContextManager[None]:
-        """Reads in the block see one moment (one connection: a read transaction suffices)."""
+        """Nothing here: the store's one connection serves this process's writers too, so a
+        read transaction would hold them off. A cube export reads page by page (a backup uses
+        copy_to, which is one moment)."""
         return contextlib.nullcontext()
 
     def integrity(self) -> dict[str, Any]:
