@@ -123,9 +123,9 @@ class _Writers:
 def _write_items(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
     counts = {"items": 0, "versions": 0, "keys": 0}
     sel = Selection(cube_ids=(cube.id,), status="any")
-    offset = 0
-    while page := store.select_items(sel, limit=_PAGE, offset=offset):
-        offset += len(page)
+    after = 0
+    while page := store.select_items(sel, limit=_PAGE, after_rowid=after):
+        after = page[-1][0]
         versions = store.versions_of({rowid: item.id for rowid, item in page})
         vectors = store.key_vectors_of([rowid for rowid, _ in page])
         for rowid, item in page:

@@ -129,8 +129,13 @@ class ItemRows:
                 yield row[0], _decode(row)
 
     def select_items(self, sel: Selection, *, order: Order = "rowid", limit: int | None = None,
-                     offset: int = 0) -> list[tuple[int, Item]]:
+                     offset: int = 0, after_rowid: int | None = None
+                     ) -> list[tuple[int, Item]]:
+        """Items of the selection; `after_rowid` (with order "rowid"): the next page after
+        that item, found by the index, where an OFFSET would step over every earlier row."""
         where, params = self.where(sel)
+        if after_rowid is not None:
+            where, params = f"{where} AND i.rowid > ?", [*params, after_rowid]
         sql = _SELECT + f" WHERE {where} ORDER BY {_ORDER[order]}"
         if limit is not None:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
