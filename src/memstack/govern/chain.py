@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from .._errors import InvalidInputError
 from ..store.base import Store
-from ..store.chain import GENESIS, ChainRow, head_of, row_hash
+from ..store.chain import GENESIS, ChainRow, head_of, row_hash, walk
 
 _BATCH = 5000
 
@@ -37,9 +37,7 @@ class ChainReport:
 
 
 def rows(store: Store, after: int = 0) -> Iterator[ChainRow]:
-    while batch := store.audit_rows(after, _BATCH):
-        yield from batch
-        after = batch[-1].seq
+    return walk(store.audit_rows, after, _BATCH)
 
 
 def head(store: Store) -> dict[str, Any]:

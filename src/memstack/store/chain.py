@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 GENESIS = "0" * 64  # the `prev` of the first entry
 
@@ -62,6 +62,14 @@ def head_of(rows: Iterable[ChainRow]) -> str:
     for row in rows:
         head = row.hash if row.hash is not None else row_hash(row, head)
     return head
+
+
+def walk(read: Callable[[int, int], list[ChainRow]], after: int = 0,
+         page: int = 5000) -> Iterator[ChainRow]:
+    """Every row after `after`, in order, read a page at a time by `read(after, limit)`."""
+    while rows := read(after, page):
+        yield from rows
+        after = rows[-1].seq
 
 
 def as_row(values: Any) -> ChainRow:

@@ -331,18 +331,12 @@ class ItemRows:
             return chain.GENESIS
         if last.hash is not None:
             return last.hash
-        return chain.head_of(self._all_audit_rows())  # entries from before the chain
+        return chain.head_of(chain.walk(self.audit_rows))  # entries from before the chain
 
     def audit_last(self) -> chain.ChainRow | None:
         row = self.conn.execute("SELECT seq, at, actor, action, cube, item_ids, detail, prev, "
                                 "hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         return chain.as_row(row) if row is not None else None
-
-    def _all_audit_rows(self) -> Iterator[chain.ChainRow]:
-        after = 0
-        while rows := self.audit_rows(after, 5000):
-            yield from rows
-            after = rows[-1].seq
 
     def audit_rows(self, after_seq: int, limit: int) -> list[chain.ChainRow]:
         """Audit rows as stored (with their links), in order, after `after_seq`."""
