@@ -10,8 +10,10 @@
     │   ├── InvalidFilterError                       unknown filter field or operator, bad value
     │   ├── InvalidQueryError                        a query with no searchable words
     │   ├── InvalidLimitError                        top_k / limit out of range
-    │   └── CorruptArchiveError                      a cube archive or backup that is damaged,
-    │                                                truncated, foreign or of a newer format
+    │   ├── CorruptArchiveError                      a cube archive or backup that is damaged,
+    │   │                                            truncated, foreign or of a newer format
+    │   └── ConfirmationRequiredError                an action that would remove everything
+    │                                                (a retention rule set): confirm it
     ├── NotFoundError (also LookupError)
     │   ├── ItemNotFoundError
     │   └── CubeNotFoundError
@@ -48,7 +50,7 @@ from __future__ import annotations
 __all__ = [
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
-    "InvalidQueryError", "InvalidLimitError", "CorruptArchiveError", "NotFoundError", "ItemNotFoundError",
+    "InvalidQueryError", "InvalidLimitError", "CorruptArchiveError", "ConfirmationRequiredError", "NotFoundError", "ItemNotFoundError",
     "CubeNotFoundError", "StoreError", "StoreUnavailableError", "ReadOnlyStoreError",
     "SchemaVersionError", "StoreCorruptError",
     "EmbeddingError", "EmbeddingMismatchError", "LLMError", "LLMUnavailableError",
@@ -102,6 +104,10 @@ class InvalidLimitError(InvalidInputError):
 class CorruptArchiveError(InvalidInputError):
     """A cube archive or a backup whose files do not match their manifest, or that is not one
     (another format, a newer version): nothing was written."""
+
+
+class ConfirmationRequiredError(InvalidInputError):
+    """An action that would take every item of a cube out of search: pass confirm=True."""
 
 
 class NotFoundError(MemstackError, LookupError):

@@ -19,7 +19,7 @@ import numpy as np
 from ._errors import (InvalidInputError, InvalidLimitError, ItemNotFoundError,
                       UnknownKindError)
 from ._models import (KINDS, AddResult, Answer, AuditEntry, Cube, Extraction, Hit, Item,
-                      Version, utcnow)
+                      RetentionRule, Version, utcnow)
 from ._time import parse_time
 from ._validate import limit as _limit
 from ._validate import login as _login
@@ -33,7 +33,7 @@ from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_
                            normalise_messages)
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
-from .govern import archive, backup, chain
+from .govern import archive, backup, chain, retention
 from .govern import receipt as receipts
 from .govern.chain import ChainReport
 from .store.base import CubeRow
@@ -150,7 +150,8 @@ class Memory(TiersMixin):
     def add(self, messages: Any, *, user_id: str | None = None, agent_id: str | None = None,
             session_id: str | None = None, run_id: str | None = None,
             observed_at: Any = None, metadata: dict[str, Any] | None = None,
-            cube: str | None = None, kind: str = "turn", infer: bool = True) -> AddResult:
+            cube: str | None = None, kind: str = "turn", infer: bool = True,
+            expires_at: Any = None, ttl: Any = None) -> AddResult:
         """Store messages as turns of a session (or, with kind="fact" etc., as items of that kind).
 
         `messages` is a string, a message dict {role, content, name?, timestamp?, metadata?} or a
@@ -159,13 +160,18 @@ class Memory(TiersMixin):
         result's `extraction` reports the operations, the calls, and any failure (the turns are
         kept whatever the LLM does).
 
+        `expires_at` (a time) or `ttl` (seconds, or a duration such as "30d"): the items leave
+        search then, and `memstack maintain` archives them (and purges them after the cube's
+        grace period, govern/retention.py); `as_of` searches before that time still see them.
+
         >>> m.add([{"role": "user", "name": "Ann", "content": "I adopted a cat yesterday"}],
         ...       user_id="ann", session_id="s1", observed_at="2024-05-08").ids
         ['...']
         """
         prepared = self._prepare(messages, user_id=user_id, agent_id=agent_id,
                                  session_id=session_id or run_id, observed_at=observed_at,
-                                 metadata=metadata, cube=cube, kind=kind)
+                                 metadata=metadata, cube=cube, kind=kind,
+                                 expires_at=expires_at, ttl=ttl)
         return self._commit(prepared, self.writer.embed(prepared.all_drafts), infer)
 
     def _commit(self, prepared: Prepared, vectors: np.ndarray, infer: bool) -> AddResult:
@@ -223,9 +229,11 @@ class Memory(TiersMixin):
     def _prepare(self, messages: Any, *, user_id: str | None = None,
                  agent_id: str | None = None, session_id: str | None = None,
                  observed_at: Any = None, metadata: dict[str, Any] | None = None,
-                 cube: str | None = None, kind: str = "turn") -> Prepared:
+                 cube: str | None = None, kind: str = "turn", expires_at: Any = None,
+                 ttl: Any = None) -> Prepared:
         """Validate and draft an add (no writes)."""
         scope = _scope(user_id, agent_id, session_id)
+        expiry = retention.expiry(expires_at, ttl)
         if kind not in KINDS or kind == "session":
             raise UnknownKindError(f"kind {kind!r} cannot be added; use one of "
                                    f"{', '.join(k for k in KINDS if k != 'session')}")
@@ -235,7 +243,7 @@ class Memory(TiersMixin):
         cube_row = self._cubes.get(cube, create=True, owner=scope["user_id"] or scope["agent_id"])
         if kind == "turn" and scope["session_id"] is None:
             scope = {**scope, "session_id": f"auto-{uuid.uuid4().hex[:12]}"}
-        drafts = [message_draft(kind, m, scope, when, metadata) for m in msgs]
+        drafts = [message_draft(kind, m, scope, when, metadata, expiry) for m in msgs]
         first = None
         if kind == "turn" and self.store.session_item(cube_row.id, scope) is None:
             first = session_draft(scope, drafts[0].fields)
@@ -304,6 +312,37 @@ class Memory(TiersMixin):
             ids = [i.id for _, i in self.store.select_items(_everything(row))]
             if ids:
                 self.writer.purge(row, ids, "reset", "reset")
+
+    # retention (govern/retention.py) ----------------------------------------------------------
+    def retention(self, cube: str | None = None) -> list[RetentionRule]:
+        """The retention rules of a cube (None: of every cube)."""
+        return self._retainer().rules(self._cubes.get(cube, check_model=False)
+                                      if cube is not None else None)
+
+    def set_retention(self, cube: str | None = None, kind: str = "*", *,
+                      expire_after: Any = None, archive_unused: Any = None,
+                      purge_after: Any = None, confirm: bool = False) -> dict[str, Any]:
+        """Set a cube's retention rule for a kind ("*": its kinds without a rule of their own);
+        durations are seconds or text such as "30d"; all None removes the rule. A rule set
+        that would take every item of the cube out of search needs `confirm`
+        (ConfirmationRequiredError otherwise). Returns the rule and what the next run does.
+
+        >>> m.set_retention("support", "turn", expire_after="90d", purge_after="30d")["rule"]
+        """
+        return self._retainer().set(self._cubes.get(cube, check_model=False), kind,
+                                    expire_after=expire_after, archive_unused=archive_unused,
+                                    purge_after=purge_after, confirm=confirm)
+
+    def apply_retention(self, *, cube: str | None = None, dry_run: bool = False,
+                        now: Any = None) -> "retention.RetentionReport":
+        """Expire, archive and purge what the rules and items' expiry say (maintain does this
+        too); with `dry_run`, only report it. `now`: another time than now (a time)."""
+        at = parse_time(now, field="now").timestamp() if now is not None else None
+        cubes = [self._cubes.get(cube, check_model=False)] if cube is not None else None
+        return self._retainer().apply(now=at, cubes=cubes, dry_run=dry_run)
+
+    def _retainer(self) -> "retention.Retention":
+        return retention.Retention(self.store, self.writer.purge, self.actor)
 
     def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
         """Recompute every search key of a cube with this Memory's embedder, record the model,

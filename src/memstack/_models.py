@@ -58,6 +58,9 @@ class Item:
     importance: float = 0.5
     kv_blocks: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    # when the item stops being valid and leaves search (add(expires_at=, ttl=) or a cube's
+    # retention policy, govern/retention.py); None: never
+    expires_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The item as JSON-ready values (times in ISO 8601). Its lists and metadata are
@@ -74,7 +77,8 @@ class Item:
 
 _ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(Item))
 _ITEM_TIMES = ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-               "last_accessed")
+               "last_accessed", "expires_at")
+ITEM_TIMES = _ITEM_TIMES
 _ITEM_CONTAINERS = ("metadata", "tags", "source_ids", "kv_blocks", "shards")
 
 
@@ -128,6 +132,25 @@ class Cube:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["created_at"] = _iso(self.created_at)
+        return out
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """A cube's retention policy for one kind ("*": its kinds without a rule of their own).
+    Durations in seconds; None turns that part off (govern/retention.py)."""
+
+    cube: str
+    kind: str
+    expire_after: float | None = None  # an item expires this long after it was recorded
+    archive_unused: float | None = None  # archived when nobody read it for this long
+    purge_after: float | None = None  # an archived or expired item is purged after this grace
+    set_by: str | None = None
+    set_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["set_at"] = _iso(self.set_at)
         return out
 
 

@@ -41,12 +41,13 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 from .._errors import CorruptArchiveError, InvalidInputError
-from .._models import Item, Version
+from .._models import ITEM_TIMES, Item, Version
 from ..store.base import CubeRow, Store
 from ..store.migrate import TABLES, pair_vectors
 from ..store.rows import ITEM_COLUMNS
 from ..store.selection import Selection
 from ..write.drafts import stored_keys
+from .retention import check_kind, duration
 
 FORMAT = "memcube"
 VERSION = 1
@@ -78,6 +79,7 @@ def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
                              "created_at": cube.created_at},
                     "embedding": {"model": cube.embed_model, "dim": cube.embed_dim},
                     "counts": counts, "source": store.location,
+                    "retention": [_rule(r) for r in store.retention_rules(cube.id)],
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                     "members": out.digests()}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -87,6 +89,14 @@ def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
                 tar.add(folder / name, arcname=name)
         os.replace(partial, dest)
     return manifest
+
+
+_RULE_PARTS = ("expire_after", "archive_unused", "purge_after")
+
+
+def _rule(rule: Any) -> dict[str, Any]:
+    """A retention rule as the manifest keeps it (the importer becomes its setter)."""
+    return {"kind": rule.kind, **{p: getattr(rule, p) for p in _RULE_PARTS}}
 
 
 class _Writers:
@@ -272,8 +282,7 @@ def item_row(line: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
         if row.get(name):
             row[name] = ids.get(row[name], row[name])
     row["source_ids"] = [ids.get(i, i) for i in row.get("source_ids", [])]
-    for name in ("observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-                 "last_accessed"):
+    for name in ITEM_TIMES:
         row[name] = dt.datetime.fromisoformat(row[name]) if row.get(name) else None
     row["kv_blocks"], row["shards"] = [], []
     return row
@@ -342,6 +351,9 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
         keys = _insert_keys(store, archive, rowids, None if same_model else embedder)
         for session_id, turns in _sessions(store, cube.id).items():
             refresh_context(session_id, turns)
+        for rule in archive.manifest.get("retention", []):
+            store.set_retention(cube.id, check_kind(rule["kind"]),
+                                *(duration(rule[p], p) for p in _RULE_PARTS), set_by=actor)
         for line in archive.lines("audit.jsonl"):
             entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
             if fresh_ids:  # an uploader's history: kept, but never taken for this store's

@@ -25,7 +25,7 @@ TABLES: dict[str, tuple[str, ...]] = {
               "user_id", "agent_id", "session_id", "parent_id", "metadata", "tags",
               "observed_at", "valid_from", "valid_to", "recorded_at", "updated_at", "status",
               "version", "superseded_by", "source_ids", "producer", "access_count",
-              "last_accessed", "importance", "kv_blocks", "shards"),
+              "last_accessed", "importance", "kv_blocks", "shards", "expires_at"),
     "versions": ("item_rowid", "version", "content", "metadata", "status", "valid_from",
                  "valid_to", "changed_at", "reason", "actor", "superseded_by", "source_ids"),
     "audit": ("seq", "at", "actor", "action", "cube", "item_ids", "detail", "prev", "hash"),
@@ -38,6 +38,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "shards": ("id", "cube_id", "model_key", "folder", "item_ids", "parent", "status",
                "changed_items", "created_at"),
     "repairs": ("name", "state", "done_at", "detail"),
+    "retention": ("cube_id", "kind", "expire_after", "archive_unused", "purge_after", "set_by",
+                  "set_at"),
 }
 
 

@@ -10,7 +10,7 @@ the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -350,8 +350,40 @@ ALTER TABLE audit ADD COLUMN IF NOT EXISTS prev TEXT;
 ALTER TABLE audit ADD COLUMN IF NOT EXISTS hash TEXT;
 """
 
+# 7: retention (govern/retention.py): an item's expiry, and each cube's policies by kind
+# ('*': the kinds without their own); by cube, so behind the cube wall as items are.
+_V7 = f"""
+ALTER TABLE items ADD COLUMN IF NOT EXISTS expires_at DOUBLE PRECISION;
+CREATE INDEX IF NOT EXISTS items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS retention (
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  kind TEXT NOT NULL,
+  expire_after DOUBLE PRECISION,
+  archive_unused DOUBLE PRECISION,
+  purge_after DOUBLE PRECISION,
+  set_by TEXT NOT NULL,
+  set_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (cube_id, kind)
+);
+ALTER TABLE retention ENABLE ROW LEVEL SECURITY;
+ALTER TABLE retention FORCE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+  CREATE POLICY cube_wall ON retention USING ({_WALL}) WITH CHECK ({_WALL});
+EXCEPTION WHEN duplicate_object THEN
+  NULL;
+END $$;
+DO $$
+BEGIN
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON retention TO memstack_app');
+EXCEPTION WHEN undefined_object THEN
+  NULL;
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
+MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6,
+                              6: _V7}
 
 
 def vector_index(dim: int) -> str:

@@ -13,7 +13,7 @@ import time
 from typing import Any, Iterable, Iterator, Sequence
 
 from .._errors import CubeNotFoundError, InvalidInputError
-from .._models import AuditEntry, Cube, Item, Version
+from .._models import AuditEntry, Cube, Item, RetentionRule, Version
 from .._time import from_epoch
 from . import chain
 from .base import CubeRow, ItemField, Order, batches
@@ -24,14 +24,19 @@ ITEM_COLUMNS = ("id", "kind", "content", "content_hash", "role", "speaker", "use
                 "session_id", "parent_id", "metadata", "tags", "observed_at", "valid_from",
                 "valid_to", "recorded_at", "updated_at", "status", "version", "superseded_by",
                 "source_ids", "producer", "access_count", "last_accessed", "importance",
-                "kv_blocks", "shards")
+                "kv_blocks", "shards", "expires_at")
 _JSON_COLUMNS = {"metadata", "tags", "source_ids", "kv_blocks", "shards"}
 _TIME_COLUMNS = {"observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-                 "last_accessed"}
+                 "last_accessed", "expires_at"}
 _ORDER = {"rowid": "i.rowid", "rowid_desc": "i.rowid DESC", "observed": "i.observed_at, i.rowid"}
 # a session is its whole scope: two users' sessions with the same id are two sessions
 _SELECT = "SELECT i.rowid, c.name, " + ", ".join(f"i.{c}" for c in ITEM_COLUMNS) + \
           " FROM items i JOIN cubes c ON c.id = i.cube_id"
+
+# retention_due: which items each rule reaches (status, the time compared with the cutoff)
+_DUE = {"expires": ("active", "i.expires_at"), "recorded": ("active", "i.recorded_at"),
+        "unused": ("active", "coalesce(i.last_accessed, i.recorded_at)"),
+        "archived": ("archived", "i.updated_at")}
 
 # JSON read per dialect, for ranking (item_fields)
 _JSON_FIELD = {"sqlite": "json_extract(metadata, '$.{}')", "postgres": "(metadata::jsonb ->> '{}')"}
@@ -349,6 +354,47 @@ class ItemRows:
                            json.loads(r.item_ids), json.loads(r.detail), r.hash)
                 for r in self.audit_rows(since_seq, limit)]
 
+
+    # retention (govern/retention.py) -----------------------------------------------------------
+    def retention_rules(self, cube_id: int | None = None) -> list[RetentionRule]:
+        """The retention rules of one cube (None: of every cube), by cube and kind."""
+        sql = ("SELECT c.name, r.kind, r.expire_after, r.archive_unused, r.purge_after, "
+               "r.set_by, r.set_at FROM retention r JOIN cubes c ON c.id = r.cube_id")
+        rows = self.conn.execute(sql + (" WHERE r.cube_id = ?" if cube_id is not None else "")
+                                 + " ORDER BY c.name, r.kind",
+                                 (cube_id,) if cube_id is not None else ())
+        return [RetentionRule(*row[:6], set_at=from_epoch(row[6])) for row in rows]
+
+    def set_retention(self, cube_id: int, kind: str, expire_after: float | None,
+                      archive_unused: float | None, purge_after: float | None,
+                      set_by: str) -> None:
+        """Write a cube's rule for a kind (all three None: remove it)."""
+        self.conn.execute("DELETE FROM retention WHERE cube_id = ? AND kind = ?",
+                          (cube_id, kind))
+        if (expire_after, archive_unused, purge_after) != (None, None, None):
+            self.conn.execute(
+                "INSERT INTO retention (cube_id, kind, expire_after, archive_unused, "
+                "purge_after, set_by, set_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cube_id, kind, expire_after, archive_unused, purge_after, set_by, time.time()))
+
+    def retention_due(self, cube_id: int, due: str, cutoff: float,
+                      kinds: Sequence[str] | None = None, after_rowid: int = 0,
+                      limit: int = 500) -> list[tuple[int, Item]]:
+        """Items of a cube a retention rule reaches at `cutoff` (epoch seconds), by rowid after
+        `after_rowid`: "expires" (active, expires_at <= cutoff), "recorded" (active, recorded
+        at or before it), "unused" (active, last read, or else recorded, at or before it),
+        "archived" (archived at or before it). `kinds`: only these (None: any)."""
+        status, column = _DUE[due]
+        sql = (_SELECT + f" WHERE i.cube_id = ? AND i.status = '{status}' AND {column} <= ? "
+               "AND i.rowid > ?")
+        params: list[Any] = [cube_id, cutoff, after_rowid]
+        if kinds is not None:
+            if not kinds:
+                return []
+            sql += f" AND i.kind IN ({', '.join('?' * len(kinds))})"
+            params += list(kinds)
+        rows = self.conn.execute(sql + " ORDER BY i.rowid LIMIT ?", (*params, limit))
+        return [(row[0], _decode(row)) for row in rows]
 
     # whole-store copies (store/migrate.py) ------------------------------------------------------
     def dump_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _V1 = """
 CREATE TABLE cubes (
@@ -199,6 +199,23 @@ ALTER TABLE audit ADD COLUMN prev TEXT;
 ALTER TABLE audit ADD COLUMN hash TEXT;
 """
 
+# v10: retention (govern/retention.py): an item's expiry, and each cube's policies by kind
+# ('*': the kinds without their own). Durations in seconds; NULL: that rule is off.
+_V10 = """
+ALTER TABLE items ADD COLUMN expires_at REAL;
+CREATE INDEX IF NOT EXISTS items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS retention (
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  kind TEXT NOT NULL,
+  expire_after REAL,    -- an item expires this long after it was recorded
+  archive_unused REAL,  -- an item nobody read (get or search hit) for this long is archived
+  purge_after REAL,     -- an archived or expired item is purged this long after
+  set_by TEXT NOT NULL,
+  set_at REAL NOT NULL,
+  PRIMARY KEY (cube_id, kind)
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
 MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7,
-                              7: _V8, 8: _V9}
+                              7: _V8, 8: _V9, 9: _V10}

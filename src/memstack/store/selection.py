@@ -25,7 +25,7 @@ TEXT_FIELDS = {"id", "kind", "role", "speaker", "user_id", "agent_id", "session_
                "producer", "content", "status", "superseded_by"}
 NUMBER_FIELDS = {"version", "importance", "access_count"}
 TIME_FIELDS = {"observed_at", "valid_from", "valid_to", "recorded_at", "updated_at",
-               "last_accessed"}
+               "last_accessed", "expires_at"}
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "contains")
 _META_KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 

@@ -7,6 +7,7 @@ how JSON is read (SQLite's json_extract, Postgres' jsonb operators) and substrin
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from .selection import Condition, Selection
@@ -17,8 +18,11 @@ _OPS = {"eq": "=", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 def where(sel: Selection, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """SQL condition and parameters.
 
-    >>> where(Selection(cube_ids=(1,), user_id="ann"))
-    ("i.cube_id IN (1) AND i.status = 'active' AND i.user_id = ?", ['ann'])
+    >>> sql, params = where(Selection(cube_ids=(1,), user_id="ann"))
+    >>> sql
+    "i.cube_id IN (1) AND i.status = 'active' AND (i.expires_at IS NULL OR i.expires_at > ?) AND i.user_id = ?"
+    >>> params[1:]
+    ['ann']
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -54,13 +58,15 @@ def where(sel: Selection, dialect: str = "sqlite") -> tuple[str, list[Any]]:
 def _lifecycle(sel: Selection, parts: list[str], params: list[Any]) -> None:
     if sel.as_of is not None:
         t = sel.as_of.timestamp()
-        # valid time: what was true (or had been said) at `as_of`
+        # valid time: what was true (or had been said) and not yet expired at `as_of`
         parts.append("i.status != 'deleted' AND "
                      "coalesce(i.valid_from, i.observed_at, i.recorded_at) <= ? AND "
-                     "(i.valid_to IS NULL OR i.valid_to > ?)")
-        params += [t, t]
-    elif sel.status == "active":
-        parts.append("i.status = 'active'")
+                     "(i.valid_to IS NULL OR i.valid_to > ?) AND "
+                     "(i.expires_at IS NULL OR i.expires_at > ?)")
+        params += [t, t, t]
+    elif sel.status == "active":  # an expired item leaves search at once, before maintenance
+        parts.append("i.status = 'active' AND (i.expires_at IS NULL OR i.expires_at > ?)")
+        params.append(time.time())
     elif sel.status == "live":
         parts.append("i.status != 'deleted'")
 

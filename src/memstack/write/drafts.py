@@ -33,7 +33,7 @@ class Prepared:
 
 
 def message_draft(kind: str, msg: Message, scope: dict[str, str | None], when: datetime,
-                  metadata: dict[str, Any]) -> Draft:
+                  metadata: dict[str, Any], expires_at: datetime | None = None) -> Draft:
     """The draft of one message: its fields and search keys."""
     speaker = msg.name or msg.role
     observed = msg.timestamp or when
@@ -44,7 +44,7 @@ def message_draft(kind: str, msg: Message, scope: dict[str, str | None], when: d
               "content_hash": content_hash(msg.content), "role": msg.role,
               "speaker": speaker, **scope, "metadata": meta, "observed_at": observed,
               "valid_from": observed if kind != "turn" else None,
-              "producer": "rules:v1", "status": "active"}
+              "producer": "rules:v1", "status": "active", "expires_at": expires_at}
     return Draft(fields, texts, roles)
 
 

@@ -1,0 +1,179 @@
+"""Retention (issue 17 part 2), on SQLite files and a real PostgreSQL: items that expire
+(expires_at / ttl), cube rules per kind (expire, archive the unused, purge after a grace), the
+audit log, and the guard against a rule set that removes everything."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from memstack import Memory
+from memstack._errors import ConfirmationRequiredError, InvalidInputError
+from memstack.govern.retention import duration
+
+DAY = 86400.0
+
+
+def _ids(hits):
+    return [h.item.id for h in hits]
+
+
+def _now():
+    return datetime.now(timezone.utc)
+
+
+def test_durations_read_as_seconds_and_bad_ones_are_refused():
+    assert duration("90s", "x") == 90 and duration("2w", "x") == 14 * DAY
+    assert duration(timedelta(hours=1), "x") == 3600 and duration(None, "x") is None
+    for bad in ("soon", "-3d", 0, -1, True, "3y", float("inf")):
+        with pytest.raises(InvalidInputError):
+            duration(bad, "ttl")
+
+
+def test_an_expired_item_leaves_search_at_once_and_as_of_still_sees_it(mem):
+    keep = mem.add("Ann keeps a green parrot named Kiwi", user_id="ann", kind="fact").ids[0]
+    gone = mem.add("Ann has a temporary door code 4711", user_id="ann", kind="fact",
+                   ttl=1).ids[0]
+    item = mem.get(gone)
+    assert item.expires_at is not None and item.expires_at > item.recorded_at
+    assert gone in _ids(mem.search("door code", user_id="ann"))
+    time.sleep(1.2)
+    # no maintenance ran: the query itself leaves it out
+    assert gone not in _ids(mem.search("door code", user_id="ann"))
+    assert gone not in [i.id for i in mem.get_all(user_id="ann")]
+    assert keep in _ids(mem.search("parrot", user_id="ann"))
+    before = item.expires_at - timedelta(milliseconds=300)
+    assert gone in _ids(mem.search("door code", user_id="ann", as_of=before))
+    after = item.expires_at + timedelta(seconds=1)
+    assert gone not in _ids(mem.search("door code", user_id="ann", as_of=after))
+
+    report = mem.apply_retention()
+    assert report.expired == {"default": [gone]} and not report.archived
+    item = mem.get(gone)
+    assert item.status == "archived" and item.valid_to == item.expires_at
+    assert [v.reason for v in mem.history(gone)][-1] == "expired"
+    assert gone in _ids(mem.search("door code", user_id="ann", as_of=before))
+    entries = [e for e in mem.audit_log() if e.action == "retention_expire"]
+    assert entries and entries[-1].item_ids == [gone]
+    assert not mem.apply_retention().changed  # nothing left to do
+
+
+def test_expiry_arguments_are_checked_before_anything_is_written(mem):
+    for kwargs in ({"ttl": "soon"}, {"ttl": -5}, {"expires_at": "2001-01-01"},
+                   {"expires_at": "2999-01-01", "ttl": 60}, {"expires_at": "not a date"}):
+        with pytest.raises(InvalidInputError):
+            mem.add("Ann is in Rome", user_id="ann", kind="fact", **kwargs)
+    assert mem.get_all(user_id="ann") == []
+    later = _now() + timedelta(days=3)
+    item = mem.get(mem.add("Ann is in Rome", user_id="ann", kind="fact",
+                           expires_at=later.isoformat()).ids[0])
+    assert abs((item.expires_at - later).total_seconds()) < 1e-3
+
+
+def test_rules_expire_archive_and_purge_per_kind_with_the_audit_log(mem):
+    turns = mem.add([{"role": "user", "content": "I am planning a trip to Lisbon"},
+                     {"role": "assistant", "content": "Lisbon is lovely in spring"}],
+                    user_id="ann", session_id="s1").ids
+    fact = mem.add("Ann is planning a trip to Lisbon", user_id="ann", kind="fact").ids[0]
+    core = mem.add("Ann: vegetarian, lives in Porto", user_id="ann", kind="core").ids[0]
+    mem.set_retention(kind="turn", expire_after="30d", purge_after="7d")
+    mem.set_retention(kind="*", archive_unused="60d", purge_after="90d")
+    rules = {r.kind: r for r in mem.retention()}
+    assert rules["turn"].expire_after == 30 * DAY and rules["*"].archive_unused == 60 * DAY
+    assert rules["turn"].set_by == mem.actor
+
+    now = time.time()
+    assert not mem.apply_retention(now=_at(now + 29 * DAY)).changed
+    preview = mem.apply_retention(now=_at(now + 31 * DAY), dry_run=True)
+    assert sorted(preview.expired["default"]) == sorted(turns) and not preview.archived
+    assert mem.get(turns[0]).status == "active"  # a dry run writes nothing
+    done = mem.apply_retention(now=_at(now + 31 * DAY))
+    assert sorted(done.expired["default"]) == sorted(turns)
+    assert all(mem.get(t).status == "archived" for t in turns)
+    # the turns were archived on day 31; their purge waits 7 days from then
+    assert not mem.apply_retention(now=_at(now + 37 * DAY)).purged
+    done = mem.apply_retention(now=_at(now + 39 * DAY))
+    assert sorted(done.purged["default"]) == sorted(turns)
+    gone = mem.store.items_by_id(turns)
+    assert all(i.status == "deleted" and i.content is None for i in gone.values())
+    assert all(v.content is None for t in turns for v in mem.history(t))
+
+    # the fact and the core block: not turns, so the "*" rule's 60 days; core is pinned
+    done = mem.apply_retention(now=_at(now + 61 * DAY))
+    assert done.archived == {"default": [fact]} and mem.get(core).status == "active"
+    assert [v.reason for v in mem.history(fact)][-1] == "unused"
+    assert mem.get(fact).valid_to is None  # archived, not untrue
+
+    assert not mem.apply_retention(now=_at(now + 150 * DAY)).purged
+    done = mem.apply_retention(now=_at(now + 152 * DAY))
+    assert done.purged == {"default": [fact]}
+    actions = [e.action for e in mem.audit_log(limit=500)]
+    for action in ("retention_set", "retention_expire", "retention_archive", "retention_purge"):
+        assert action in actions
+    assert mem.verify_audit().ok
+
+
+def test_a_read_keeps_an_item_from_being_archived_as_unused(mem):
+    used = mem.add("Ann's locker number is 118", user_id="ann", kind="fact").ids[0]
+    idle = mem.add("Ann once visited Oslo", user_id="ann", kind="fact").ids[0]
+    mem.set_retention(kind="fact", archive_unused="10d")
+    now = time.time()
+    mem.store.touch({used: (1, now + 9 * DAY)})
+    done = mem.apply_retention(now=_at(now + 11 * DAY))
+    assert done.archived == {"default": [idle]}
+    assert mem.get(used).status == "active"
+
+
+def test_a_rule_set_that_removes_everything_needs_confirmation(mem):
+    for n in range(3):
+        mem.add(f"note number {n}", user_id="ann", kind="fact")
+    old = time.time() - 40 * DAY
+    rows = [rowid for rowid, _ in mem.store.select_items(_all(mem))]
+    with mem.store.transaction():
+        for rowid in rows:
+            mem.store.update_item(rowid, {"recorded_at": _at(old)})
+    with pytest.raises(ConfirmationRequiredError, match="all 3 items"):
+        mem.set_retention(kind="*", expire_after="30d")
+    assert mem.retention() == []  # refused: nothing written
+    assert not any(e.action == "retention_set" for e in mem.audit_log())
+    out = mem.set_retention(kind="*", expire_after="30d", confirm=True)
+    assert out["rule"]["expire_after"] == 30 * DAY
+    assert out["next_run"]["counts"]["expired"] == 3
+    # a rule that leaves something in search needs no confirmation
+    mem.set_retention(kind="*")  # removed
+    mem.add("a fresh note", user_id="ann", kind="fact")
+    assert mem.set_retention(kind="*", expire_after="30d")["next_run"]["counts"]["expired"] == 3
+
+
+def test_bad_rules_are_refused_with_a_clear_error(mem):
+    mem.add("something", user_id="ann", kind="fact")
+    for kwargs in ({"kind": "session", "expire_after": "1d"}, {"kind": "memo", "expire_after": 5},
+                   {"expire_after": "forever"}, {"purge_after": 0}):
+        with pytest.raises(InvalidInputError):
+            mem.set_retention(**kwargs)
+    assert mem.retention() == []
+
+
+def test_an_items_expiry_and_the_cubes_rules_travel_in_its_archive(mem, tmp_path, embedder):
+    later = _now() + timedelta(days=5)
+    item = mem.add("Ann's passport expires", user_id="ann", kind="fact",
+                   expires_at=later).ids[0]
+    mem.set_retention(kind="fact", purge_after="30d")
+    mem.export_cube("default", tmp_path / "c.memcube")
+    with Memory(tmp_path / "other.db", embedder=embedder) as other:
+        other.import_cube(tmp_path / "c.memcube")
+        copied = other.get(item)
+        assert abs((copied.expires_at - later).total_seconds()) < 1e-3
+        assert [(r.kind, r.purge_after) for r in other.retention()] == [("fact", 30 * DAY)]
+
+
+def _at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def _all(mem):
+    from memstack.store.selection import Selection
+
+    return Selection(cube_ids=(mem.store.cube("default").id,))
