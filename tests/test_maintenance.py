@@ -236,9 +236,12 @@ def test_health_shows_the_servers_background_maintenance(db_path, embedder, lm):
     from memstack.server.app import create_app
 
     with Memory(db_path, embedder=embedder) as memory:
-        with TestClient(create_app(memory, allow_open=True)) as client:
-            assert client.get("/v1/health").json() == {"status": "ok",
-                                                       "maintenance": {"enabled": False}}
+        with TestClient(create_app(memory, allow_open=True, maintenance={"every": 0})) as c:
+            assert c.get("/v1/health").json() == {"status": "ok",
+                                                  "maintenance": {"enabled": False}}
+        with TestClient(create_app(memory, allow_open=True)) as client:  # retention only
+            health = client.get("/v1/health").json()["maintenance"]
+            assert health["enabled"] and not health["tiers"] and health["next_run"]
         for fact in FACTS:
             memory.add(fact, user_id="ann", kind="fact")
         memory.search("dog Biscuit", user_id="ann")

@@ -4,6 +4,7 @@ audit log, and the guard against a rule set that removes everything."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -177,3 +178,93 @@ def _all(mem):
     from memstack.store.selection import Selection
 
     return Selection(cube_ids=(mem.store.cube("default").id,))
+
+
+def test_maintain_applies_retention_without_a_model_and_the_server_runs_it(db_path, embedder):
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from memstack.cli import cli
+    from memstack.server.app import create_app
+
+    with Memory(db_path, embedder=embedder) as m:
+        first = m.add("a code valid for one second", user_id="ann", kind="fact", ttl=1).ids[0]
+        m.add("Ann likes chess", user_id="ann", kind="fact")
+    time.sleep(1.1)
+    out = CliRunner().invoke(cli, ["--db", str(db_path), "--json", "maintain", "--no-tiers"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["retention"]["expired"] == {"default": [first]} and report["kv"] is None
+    with Memory(db_path, embedder=embedder) as m:
+        second = m.add("another short code", user_id="ann", kind="fact", ttl=1).ids[0]
+        time.sleep(1.1)
+        app = create_app(m, allow_open=True, maintenance={"every": 0.3, "quiet": 0})
+        with TestClient(app) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and m.get(second).status == "active":
+                time.sleep(0.1)
+            health = client.get("/v1/health").json()["maintenance"]
+        assert m.get(second).status == "archived"
+        assert "items_expired" in health["last_run"]["did"] and not health["tiers"]
+
+
+def test_the_cli_shows_sets_and_applies_rules_and_asks_for_yes(db_path, embedder):
+    from click.testing import CliRunner
+
+    from memstack.cli import cli
+
+    runner, base = CliRunner(), ["--db", str(db_path)]
+    with Memory(db_path, embedder=embedder) as m:
+        m.add("note one", user_id="ann", kind="fact")
+    out = runner.invoke(cli, [*base, "add", "a short code", "--kind", "fact", "--user", "ann",
+                              "--ttl", "soon"])
+    assert out.exit_code == 2 and "duration" in out.output
+    out = runner.invoke(cli, [*base, "add", "a short code", "--kind", "fact", "--user", "ann",
+                              "--ttl", "1"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(cli, [*base, "retention", "set", "fact", "--archive-unused", "1"])
+    assert out.exit_code == 2 and "--yes" in out.output  # both facts would leave search
+    out = runner.invoke(cli, [*base, "retention", "set", "fact", "--purge-after", "30d"])
+    assert out.exit_code == 0 and "rule for 'fact' set" in out.output, out.output
+    out = runner.invoke(cli, [*base, "--json", "retention", "show"])
+    rules = json.loads(out.output)
+    assert [(r["kind"], r["purge_after"]) for r in rules] == [("fact", 30 * DAY)]
+    time.sleep(1.1)
+    out = runner.invoke(cli, [*base, "retention", "apply", "--dry-run"])
+    assert out.exit_code == 0 and "would expire 1" in out.output, out.output
+    out = runner.invoke(cli, [*base, "--json", "retention", "apply"])
+    assert json.loads(out.output)["counts"] == {"expired": 1, "archived": 0, "purged": 0}
+    out = runner.invoke(cli, [*base, "retention", "set", "fact", "--clear"])
+    assert out.exit_code == 0 and "removed" in out.output
+    assert runner.invoke(cli, [*base, "retention", "set", "fact"]).exit_code == 2
+
+
+def test_rest_sets_rules_for_owners_only_and_adds_with_a_ttl(server):
+    import httpx
+
+    owner = {"Authorization": f"Bearer {server.key('ann')}"}
+    other = {"Authorization": f"Bearer {server.key('bob')}"}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        created = http.post("/v1/memories", headers=owner, json={
+            "messages": "gate code 1234", "kind": "fact", "user_id": "ann", "cube": "ann-cube",
+            "ttl": "30d"})
+        assert created.status_code == 201, created.text
+        item = http.get(f"/v1/memories/{created.json()['results'][0]['id']}",
+                        headers=owner).json()
+        assert item["expires_at"] is not None
+        bad = http.post("/v1/memories", headers=owner,
+                        json={"messages": "x", "cube": "ann-cube", "ttl": "soon"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input"
+        rule = {"kind": "fact", "archive_unused": "1s"}
+        time.sleep(1.2)  # unread for a second: the rule would archive the cube's only item
+        refused = http.put("/v1/cubes/ann-cube/retention", headers=owner, json=rule)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "confirmation_required"
+        assert http.get("/v1/cubes/ann-cube/retention", headers=owner).json() == []
+        assert http.put("/v1/cubes/ann-cube/retention", headers=other,
+                        json={**rule, "confirm": True}).status_code in (403, 404)
+        done = http.put("/v1/cubes/ann-cube/retention", headers=owner,
+                        json={**rule, "confirm": True})
+        assert done.status_code == 200 and done.json()["rule"]["archive_unused"] == 1
+        rules = http.get("/v1/cubes/ann-cube/retention", headers=owner).json()
+        assert [(r["kind"], r["set_by"]) for r in rules] == [("fact", "ann")]

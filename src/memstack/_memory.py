@@ -321,15 +321,17 @@ class Memory(TiersMixin):
 
     def set_retention(self, cube: str | None = None, kind: str = "*", *,
                       expire_after: Any = None, archive_unused: Any = None,
-                      purge_after: Any = None, confirm: bool = False) -> dict[str, Any]:
+                      purge_after: Any = None, confirm: bool = False,
+                      actor: str | None = None) -> dict[str, Any]:
         """Set a cube's retention rule for a kind ("*": its kinds without a rule of their own);
         durations are seconds or text such as "30d"; all None removes the rule. A rule set
         that would take every item of the cube out of search needs `confirm`
         (ConfirmationRequiredError otherwise). Returns the rule and what the next run does.
+        `actor`: who sets it, when not this Memory's actor (the server names the key's user).
 
         >>> m.set_retention("support", "turn", expire_after="90d", purge_after="30d")["rule"]
         """
-        return self._retainer().set(self._cubes.get(cube, check_model=False), kind,
+        return self._retainer(actor).set(self._cubes.get(cube, check_model=False), kind,
                                     expire_after=expire_after, archive_unused=archive_unused,
                                     purge_after=purge_after, confirm=confirm)
 
@@ -341,8 +343,8 @@ class Memory(TiersMixin):
         cubes = [self._cubes.get(cube, check_model=False)] if cube is not None else None
         return self._retainer().apply(now=at, cubes=cubes, dry_run=dry_run)
 
-    def _retainer(self) -> "retention.Retention":
-        return retention.Retention(self.store, self.writer.purge, self.actor)
+    def _retainer(self, actor: str | None = None) -> "retention.Retention":
+        return retention.Retention(self.store, self.writer.purge, actor or self.actor)
 
     def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
         """Recompute every search key of a cube with this Memory's embedder, record the model,

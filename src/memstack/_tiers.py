@@ -151,11 +151,12 @@ class TiersMixin:
                                        budget_bytes=budget_bytes)
         return self.maintenance(model=model, settings=settings).run()
 
-    def maintenance(self, *, model: "LocalModel | str | Path",
+    def maintenance(self, *, model: "LocalModel | str | Path | None",
                     settings: "MaintenanceSettings | None" = None,
                     last_activity: "Callable[[], float | None] | None" = None
                     ) -> "Maintenance":
-        """The maintenance service of this memory for a model: `.run()` once, `.start()` in a
+        """The maintenance service of this memory: retention, then (with a model) the KV
+        scheduler and the retraining of stale shards; `.run()` once, `.start()` in a
         background thread, `.loop()` in the foreground (tiers/maintenance.py). The model
         loads at the first run. `last_activity` gives the time of the last request (the
         server's), for the quiet time."""
@@ -164,8 +165,10 @@ class TiersMixin:
         settings = (settings or MaintenanceSettings()).check()
         kv = {} if settings.budget_bytes is None else {"budget_bytes": settings.budget_bytes}
         store = self.store  # type: ignore[attr-defined]
-        return Maintenance(store, lambda: (self.activation(model, **kv), self.parametric(model)),
-                           settings, last_activity=last_activity or (lambda: None))
+        tiers = None if model is None else \
+            (lambda: (self.activation(model, **kv), self.parametric(model)))
+        return Maintenance(store, tiers, settings, last_activity=last_activity or (lambda: None),
+                           retention=lambda: self._retainer().apply())  # type: ignore[attr-defined]
 
     def kv_blocks(self) -> "list[BlockRow]":
         """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""

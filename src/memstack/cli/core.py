@@ -30,14 +30,18 @@ from .govern import receipt_table
 @click.option("--metadata", help="JSON object.")
 @click.option("--infer/--no-infer", default=True, show_default=True,
               help="Extract facts with the LLM (when one is configured).")
+@click.option("--ttl", help="Expire after this long (seconds, or 90m, 12h, 30d, 2w): it leaves "
+                            "search then, and maintenance archives and later purges it.")
+@click.option("--expires-at", help="Expire at this time (ISO 8601); instead of --ttl.")
 @click.pass_context
 def add(ctx, text, user_id, agent_id, session_id, role, speaker, observed_at, kind, metadata,
-        infer):
+        infer, ttl, expires_at):
     """Remember TEXT."""
     message = {"role": role, "content": text, **({"name": speaker} if speaker else {})}
     result = open_memory(ctx).add(message, user_id=user_id, agent_id=agent_id,
                                   session_id=session_id, observed_at=observed_at, kind=kind,
-                                  metadata=json_arg(metadata), infer=infer)
+                                  metadata=json_arg(metadata), infer=infer, ttl=ttl,
+                                  expires_at=expires_at)
     emit(ctx, result.to_dict(), f"added {', '.join(result.ids)}" + "".join(
         f"\n{line}" for line in _fact_lines(result)))
     _exit_if_extraction_failed(ctx, result)

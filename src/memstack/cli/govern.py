@@ -1,5 +1,5 @@
 """Governance commands: `audit` (the log, its hash chain's head and verification, and
-`audit SHARD` for a LoRA shard), `backup` and `restore`."""
+`audit SHARD` for a LoRA shard), `backup` and `restore`, `cube export/import`, `retention`."""
 
 from __future__ import annotations
 
@@ -179,3 +179,76 @@ def receipt_table(receipt: dict[str, Any]) -> Table:
         f"{c['action']} {c['file']} ({c['at'][:19]})" for c in copies)) if copies else \
         "no backup or export was written while it existed"
     return table
+
+
+@click.group()
+def retention() -> None:
+    """Retention rules of a cube (the global --cube): `show`, `set`, `apply`."""
+
+
+@retention.command("show")
+@click.option("--all", "every", is_flag=True, help="The rules of every cube.")
+@click.pass_context
+def retention_show(ctx: click.Context, every: bool) -> None:
+    """The cube's rules, per kind ("*": the kinds without a rule of their own)."""
+    rules = open_memory(ctx).retention(None if every else ctx.obj["cube"])
+    table = Table(title=f"retention rules ({len(rules)})")
+    for name in ("cube", "kind", "expire after", "archive unused", "purge after", "set by",
+                 "set at"):
+        table.add_column(name)
+    for r in rules:
+        table.add_row(r.cube, r.kind, _days(r.expire_after), _days(r.archive_unused),
+                      _days(r.purge_after), r.set_by or "",
+                      r.set_at.isoformat()[:19] if r.set_at else "")
+    emit(ctx, [r.to_dict() for r in rules], table)
+
+
+@retention.command("set")
+@click.argument("kind", default="*")
+@click.option("--expire-after", help="Items expire this long after they were recorded "
+                                     "(seconds, or 90m, 12h, 30d, 2w).")
+@click.option("--archive-unused", help="Archive items nobody read (get or search hit) for this "
+                                       "long.")
+@click.option("--purge-after", help="Purge archived or expired items this long after (as "
+                                    "delete does: every tier).")
+@click.option("--clear", is_flag=True, help="Remove the rule for KIND.")
+@click.option("--yes", is_flag=True, help="Confirm a rule set that takes every item of the "
+                                          "cube out of search.")
+@click.pass_context
+def retention_set(ctx: click.Context, kind: str, expire_after: str | None,
+                  archive_unused: str | None, purge_after: str | None, clear: bool,
+                  yes: bool) -> None:
+    """Set the cube's rule for KIND (a kind, or * for the kinds without their own rule) and
+    show what the next maintenance run will do under it. Exit 2 without --yes when the rules
+    would take every item out of search."""
+    given = (expire_after, archive_unused, purge_after)
+    if clear == any(v is not None for v in given):
+        raise errors.InvalidInputError("give --expire-after, --archive-unused or --purge-after,"
+                                       " or --clear to remove the rule")
+    out = open_memory(ctx).set_retention(ctx.obj["cube"], kind, expire_after=expire_after,
+                                         archive_unused=archive_unused,
+                                         purge_after=purge_after, confirm=yes)
+    counts = out["next_run"]["counts"]
+    emit(ctx, out, (f"rule for {kind!r} set" if out["rule"] else f"rule for {kind!r} removed")
+         + "; the next run would expire {expired}, archive {archived} and purge {purged} "
+           "items".format(**counts))
+
+
+@retention.command("apply")
+@click.option("--dry-run", is_flag=True, help="Only say what would be done.")
+@click.option("--all", "every", is_flag=True, help="Every cube (default: the --cube).")
+@click.pass_context
+def retention_apply(ctx: click.Context, dry_run: bool, every: bool) -> None:
+    """Expire, archive and purge now what the rules and the items' expiry say (`memstack
+    maintain` and the server's maintenance do this too)."""
+    report = open_memory(ctx).apply_retention(cube=None if every else ctx.obj["cube"],
+                                              dry_run=dry_run)
+    counts = report.counts()
+    emit(ctx, report.to_dict(), ("would " if dry_run else "") + ", ".join(
+        f"{'purge' if k == 'purged' else k[:-1]} {n}" for k, n in counts.items()) + " items")
+
+
+def _days(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds / 86400:g} d" if seconds >= 86400 else f"{seconds:g} s"

@@ -43,7 +43,7 @@ def cli(ctx: click.Context, db: str, files: str | None, read_only: bool, cube: s
 
 for command in (core.add, core.search, core.get, core.list_, core.history, core.update,
                 core.delete, core.import_, core.export, core.stats, govern.audit, core.reembed,
-                core.migrate, core.scrub, govern.backup, govern.restore, govern.cube,
+                core.migrate, core.scrub, govern.backup, govern.restore, govern.cube, govern.retention,
                 core.demo, core.extract, core.answer, core.chat, core.serve, core.mcp, core.keys,
                 bench.bench, tiers.generate, tiers.kv, tiers.consolidate, tiers.maintain,
                 tiers.merge, tiers.shards, tiers.ask):

@@ -212,11 +212,14 @@ def merge(ctx, shard_ids, model, combination, replace):
 @click.option("--cpu", "cpu_seconds", type=float,
               help="CPU seconds a run may use; then it starts no new work (the rest waits).")
 @click.option("--budget-mb", type=float, help="Budget of this model's KV blocks [default: 512].")
+@click.option("--no-tiers", is_flag=True,
+              help="Retention only: no model is loaded, no KV block or shard is touched.")
 @click.pass_context
-def maintain(ctx, model, watch, every, window, max_runs, cpu_seconds, budget_mb):
-    """Run the KV scheduler and retrain stale shards without the items changed or deleted since
-    (or drop them), under the store's lock: one process at a time (exit code 7 when another
-    holds it)."""
+def maintain(ctx, model, watch, every, window, max_runs, cpu_seconds, budget_mb, no_tiers):
+    """Apply retention (expiry, archiving, purges: `memstack retention`), then run the KV
+    scheduler and retrain stale shards without the items changed or deleted since (or drop
+    them), under the store's lock: one process at a time (exit code 7 when another holds
+    it)."""
     from ..tiers.maintenance import MaintenanceSettings
 
     if not watch and (every is not None or window or max_runs is not None):
@@ -227,7 +230,7 @@ def maintain(ctx, model, watch, every, window, max_runs, cpu_seconds, budget_mb)
     memory = open_memory(ctx)
     settings = MaintenanceSettings(every=every or 3600.0, window=window,
                                    cpu_seconds=cpu_seconds, budget_bytes=budget)
-    service = memory.maintenance(model=model, settings=settings)
+    service = memory.maintenance(model=None if no_tiers else model, settings=settings)
     if watch:
         _watch(ctx, service, max_runs)
         return
@@ -260,8 +263,10 @@ def _watch(ctx: click.Context, service: Any, max_runs: int | None) -> None:
 
 
 def _run_text(report: Any) -> str:
-    kv = report.kv or {}
-    lines = [f"KV blocks: built {len(kv.get('built', []))}, kept {len(kv.get('kept', []))}, "
+    kv, kept = report.kv or {}, (report.retention or {}).get("counts")
+    lines = [("retention: " + ", ".join(f"{n} {k}" for k, n in kept.items())) if kept
+             else "retention: not run"]
+    lines += [f"KV blocks: built {len(kv.get('built', []))}, kept {len(kv.get('kept', []))}, "
              f"evicted {len(kv.get('evicted', []))}" if report.kv is not None else "KV: not run"]
     lines += [f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in report.shards]
     if not report.shards:

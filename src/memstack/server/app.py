@@ -88,7 +88,9 @@ class RateLimiter:
 def _status(exc: Exception) -> tuple[int, str]:
     table: list[tuple[type, int, str]] = [
         (AuthError, 401, "unauthenticated"), (ForbiddenError, 403, "forbidden"),
-        (errors.NotFoundError, 404, "not_found"), (errors.InvalidInputError, 400, "invalid_input"),
+        (errors.NotFoundError, 404, "not_found"),
+        (errors.ConfirmationRequiredError, 400, "confirmation_required"),
+        (errors.InvalidInputError, 400, "invalid_input"),
         (errors.LLMError, 502, "llm_error"),
         (errors.StoreUnavailableError, 503, "store_unavailable"),
         (errors.ModelBusyError, 503, "model_busy"),
@@ -306,6 +308,27 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         return FileResponse(path, media_type="application/x-tar", filename=path.name,
                             background=BackgroundTask(shutil.rmtree, folder, True))
 
+    @app.get("/v1/cubes/{cube}/retention", response_model=list[S.RetentionRuleOut],
+             responses=ERRORS, tags=["cubes"])
+    def retention_rules(cube: str, who: Principal = Who):
+        """The cube's retention rules (docs/governance.md), for anyone who reads it."""
+        return [r.to_dict() for r in memory.retention(cube_row(who, cube, "read").name)]
+
+    @app.put("/v1/cubes/{cube}/retention", response_model=S.RetentionOut, responses=ERRORS,
+             tags=["cubes"])
+    def set_retention(cube: str, body: S.RetentionRequest, who: Principal = Who):
+        """Set the cube's rule for a kind, for its owner or an admin; says what the next
+        maintenance run does under it. 400 `confirmation_required` when the rules would take
+        every item out of search and `confirm` is false."""
+        row = cube_row(who, cube, "read")
+        if not keys.can_manage(who, row):
+            raise ForbiddenError(f"only the owner of cube {cube!r} or an admin sets its "
+                                 "retention")
+        return memory.set_retention(row.name, body.kind, expire_after=body.expire_after,
+                                    archive_unused=body.archive_unused,
+                                    purge_after=body.purge_after, confirm=body.confirm,
+                                    actor=who.user)
+
     @app.post("/v1/cubes/import", response_model=S.CubeImportOut, status_code=201,
               responses=ERRORS, tags=["cubes"])
     async def cube_import(request: Request, name: str = Query(alias="as", min_length=1,
@@ -345,7 +368,7 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
         result = memory.add(messages, user_id=body.user_id, agent_id=body.agent_id,
                             session_id=body.session_id, observed_at=body.observed_at,
                             metadata=body.metadata, cube=row.name, kind=body.kind,
-                            infer=body.infer)
+                            infer=body.infer, expires_at=body.expires_at, ttl=body.ttl)
         return JSONResponse(result.to_dict(), status_code=201)  # built to the schema already
 
     @app.post("/v1/search", response_model=S.SearchOut, responses=ERRORS, tags=["memories"])

@@ -1,6 +1,6 @@
-"""Background maintenance in the server (the service is tiers/maintenance.py): with a model
-served, a thread started in the app's lifespan runs the KV scheduler and retrains stale shards
-every `every` seconds (the first run one interval after start), when no request but
+"""Background maintenance in the server (the service is tiers/maintenance.py): a thread started
+in the app's lifespan applies retention and, with a model served, runs the KV scheduler and
+retrains stale shards every `every` seconds (the first run one interval after start), when no request but
 /v1/health came for `quiet` seconds and inside the daily window. With several workers each
 process has the thread, and the store's lease lets one run at a time. Each unit of a run holds
 the served model's turn; a shard's retrain hands it to a waiting generate or ask request
@@ -47,18 +47,20 @@ class NoteRequests:
 
 def install(app: FastAPI, memory: Memory, served: Any,
             settings: MaintenanceSettings | dict[str, Any] | None) -> None:
-    """Set app.state.maintenance (None without a model, or with `every` 0) and start it with
-    the app's lifespan."""
+    """Set app.state.maintenance (None with `every` 0; without a model, retention only) and
+    start it with the app's lifespan."""
     if isinstance(settings, dict):
         settings = MaintenanceSettings(**settings)
     settings = (settings or SERVER_DEFAULTS).check()
     app.state.maintenance = None
-    if served is None or settings.every <= 0:
+    if settings.every <= 0 or getattr(memory.store, "read_only", False):
         return
     seen = LastRequest()
     app.add_middleware(NoteRequests, seen=seen)
-    service = memory.maintenance(model=served.lm, settings=settings, last_activity=seen)
-    service.guard = served.turn  # the model's tokenizer and caches are shared with requests
+    service = memory.maintenance(model=served.lm if served else None, settings=settings,
+                                 last_activity=seen)
+    if served is not None:
+        service.guard = served.turn  # the model's tokenizer and caches are shared with requests
     app.state.maintenance = service
     inner = app.router.lifespan_context
 

@@ -40,6 +40,10 @@ class AddRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     kind: Literal["turn", "fact", "insight", "procedure", "core"] = "turn"
     infer: bool = True
+    expires_at: str | None = Field(default=None, description="ISO 8601; the items leave search "
+                                                                "then (instead of ttl)")
+    ttl: float | str | None = Field(default=None, description="seconds, or '90m', '12h', "
+                                                                "'30d', '2w'")
 
 
 class ScopedQuery(BaseModel):
@@ -133,6 +137,7 @@ class ItemOut(BaseModel):
     producer: str
     content_hash: str | None
     access_count: int
+    expires_at: str | None = None
     last_accessed: str | None
     importance: float
     kv_blocks: list[str]
@@ -317,3 +322,30 @@ class GenerationOut(BaseModel):
 class AskOut(BaseModel):
     shard: str | None = Field(description="the shard that answered; null: the base model")
     text: str
+
+
+class RetentionRuleOut(BaseModel):
+    cube: str
+    kind: str
+    expire_after: float | None
+    archive_unused: float | None
+    purge_after: float | None
+    set_by: str | None
+    set_at: str | None
+
+
+class RetentionRequest(BaseModel):
+    """A cube's rule for one kind ("*": its kinds without their own); durations in seconds or
+    such as '30d'; all three null removes the rule."""
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(default="*", max_length=20)
+    expire_after: float | str | None = None
+    archive_unused: float | str | None = None
+    purge_after: float | str | None = None
+    confirm: bool = Field(default=False, description="needed when the rules would take every "
+                                                     "item of the cube out of search")
+
+
+class RetentionOut(BaseModel):
+    rule: RetentionRuleOut | None
+    next_run: dict[str, Any]

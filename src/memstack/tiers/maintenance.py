@@ -1,5 +1,7 @@
-"""Maintenance of the derived tiers, on demand or in the background: the KV scheduler (activation
-tier) and the retraining of stale shards (parametric tier), within budgets.
+"""Maintenance, on demand or in the background: retention (expiry, archiving, purges:
+govern/retention.py), then the derived tiers (the KV scheduler of the activation tier and the
+retraining of stale shards of the parametric tier), within budgets. Without a model a run does
+retention only.
 
 A run takes the store's lease "maintenance" (store/locks.py), so it never runs twice at once,
 whichever process (server worker, `memstack maintain`) starts it; a heartbeat renews the lease
@@ -12,7 +14,8 @@ In the background (`loop`, `start`) a run starts every `every` seconds, but only
 daily window (UTC) when one is set and only when there was no request for `quiet` seconds
 (`last_activity`, given by the server). Progress and results go to the audit log (actor
 "maintenance": maintain_kv, maintain_shard, maintain_error, and maintain for the run; a run
-that found nothing to do writes nothing) and to `status()` (the server's /v1/health).
+that found nothing to do writes nothing; retention writes its own entries) and to `status()`
+(the server's /v1/health).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .._errors import InvalidInputError, LockHeldError, MemstackError
 if TYPE_CHECKING:
     from ..store.base import Store
     from ..store.shards import ShardRow
+    from ..govern.retention import RetentionReport
     from .activation.tier import ActivationTier
     from .parametric.tier import ParametricTier
 
@@ -151,6 +155,7 @@ class MaintenanceReport:
     started_at: float
     owner: str
     ended_at: float | None = None
+    retention: dict[str, Any] | None = None
     kv: dict[str, Any] | None = None
     shards: list[dict[str, Any]] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
@@ -160,17 +165,18 @@ class MaintenanceReport:
 
     @property
     def changed(self) -> bool:
-        kv = self.kv or {}
-        return bool(kv.get("built") or kv.get("evicted") or self.shards)
+        kv, kept = self.kv or {}, (self.retention or {}).get("counts", {})
+        return bool(kv.get("built") or kv.get("evicted") or self.shards or any(kept.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> dict[str, Any]:
         """Counts and times, without ids (for /v1/health, which anyone may read)."""
-        kv = self.kv or {}
+        kv, kept = self.kv or {}, (self.retention or {}).get("counts", {})
         return {"started_at": _iso(self.started_at), "ended_at": _iso(self.ended_at),
-                "did": {"kv_built": len(kv.get("built", [])),
+                "did": {**{f"items_{name}": n for name, n in kept.items()},
+                        "kv_built": len(kv.get("built", [])),
                         "kv_evicted": len(kv.get("evicted", [])),
                         "kv_kept": len(kv.get("kept", [])), "kv_bytes": kv.get("bytes", 0),
                         "shards_retrained": sum(1 for s in self.shards if s["retrained"]),
@@ -188,14 +194,18 @@ class Maintenance:
     [{'stale': 'shard_...', 'changed_items': [...], 'retrained': 'shard_...'}]
     """
 
-    def __init__(self, store: "Store", tiers: "Tiers",
+    def __init__(self, store: "Store", tiers: "Tiers | None",
                  settings: MaintenanceSettings = MaintenanceSettings(), *,
                  last_activity: Callable[[], float | None] = lambda: None,
                  clock: Callable[[], float] = time.time,
-                 cpu: Callable[[], float] = time.process_time) -> None:
+                 cpu: Callable[[], float] = time.process_time,
+                 retention: "Callable[[], RetentionReport] | None" = None) -> None:
         """`tiers` gives the activation and parametric tiers of the model (called at each run,
-        so the model loads in the run, not before). `clock` and `cpu` are for tests."""
+        so the model loads in the run, not before; None: no model, no tier work).
+        `retention` applies the retention rules (first in each run). `clock` and `cpu` are
+        for tests."""
         self.store, self._tiers, self.settings = store, tiers, settings.check()
+        self._retention = retention
         self._last_activity, self._clock, self._cpu = last_activity, clock, cpu
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.last: MaintenanceReport | None = None
@@ -237,6 +247,12 @@ class Maintenance:
 
     def _work(self, report: MaintenanceReport, budget: CpuBudget, lost: threading.Event
               ) -> None:
+        retention = self._retention
+        if retention is not None:
+            self._unit(report, "retention",
+                       lambda: setattr(report, "retention", retention().to_dict()))
+        if self._tiers is None:
+            return
         try:
             activation, parametric = self._tiers()
         except Exception as exc:  # a model that cannot load: recorded, the next run tries again
@@ -414,6 +430,7 @@ class Maintenance:
         the next run and what it waits for."""
         running = self._running.locked()
         return {"enabled": self.settings.every > 0 and self._looping,
+                "tiers": self._tiers is not None,
                 "running": running, "owner": self.owner,
                 "every_seconds": self.settings.every, "quiet_seconds": self.settings.quiet,
                 "window": self.settings.window, "cpu_seconds": self.settings.cpu_seconds,
