@@ -226,3 +226,34 @@ def test_keys_of_a_forged_item_never_reach_the_sql_and_broken_lines_write_nothin
         with pytest.raises(CorruptArchiveError):
             other.import_cube(_forged(tmp_path / "c.memcube", broken))
         assert other.cubes() == []
+
+
+@pytest.mark.parametrize("name", ["kv/../../escaped", "kv/a/../../../escaped", "/etc/escaped",
+                                  "shards//x", "other/file"])
+def test_a_tier_member_that_would_leave_the_scratch_folder_is_refused(sqlite_mem, tmp_path,
+                                                                      embedder, name):
+    """A forged archive whose manifest lists (with a correct sha256) a tier file named to
+    climb out of the scratch folder, or outside kv/ and shards/: refused before extraction."""
+    import hashlib
+
+    _fill(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "c.memcube")
+    members = _members(tmp_path / "c.memcube")
+    manifest = json.loads(members.pop("manifest.json"))
+    body = b"not a block"
+    members.update({"tiers.jsonl": b"", name: body})
+    for member in ("tiers.jsonl", name):
+        manifest["members"][member] = {"bytes": len(members[member]),
+                                       "sha256": hashlib.sha256(members[member]).hexdigest()}
+    out = tmp_path / "forged.memcube"
+    with tarfile.open(out, "w") as tar:
+        for member, data in [("manifest.json", json.dumps(manifest).encode()),
+                             *members.items()]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with Memory(tmp_path / "fresh.db", embedder=embedder) as fresh:
+        with pytest.raises(CorruptArchiveError):
+            fresh.import_cube(out)
+        assert fresh.cubes() == []
+    assert not list(tmp_path.rglob("escaped"))

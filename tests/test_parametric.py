@@ -318,3 +318,39 @@ def test_ask_keeps_recent_shards_loaded_and_answers_as_a_fresh_load(db_path, emb
         answers = [(s, tier.ask(question, s, max_new_tokens=12)) for s in (a, a, b, a)]
         assert answers == [(s, fresh[s]) for s in (a, a, b, a)]  # each its own adapter's answer
         assert len(loads) == 1 and list(tier._hosted) == [a]  # one base copy; b evicted
+
+
+def test_a_cube_archive_with_its_tiers_carries_blocks_and_shards_into_postgres(
+        planted, pg_url, embedder, tmp_path):
+    """Export with tiers from SQLite, import into PostgreSQL: the shard and the KV block arrive
+    with identical files, are used there, and follow the same invalidation rules."""
+    shard = planted.consolidate(model="smollm2", user_id="ann",
+                                settings=TrainSettings(method="none", epochs=1, **LIGHT))
+    fact = next(i for i in planted.get_all(user_id="ann") if "canary" not in i.metadata)
+    for _ in range(2):
+        planted.search(fact.content, user_id="ann", top_k=1)
+    block_id = planted.activation("smollm2").schedule().built[0]
+    block = planted.store.block(block_id)
+    plain = planted.export_cube("default", tmp_path / "plain.memcube")
+    assert "tiers.jsonl" not in plain["members"] and "shards" not in plain["counts"]
+    manifest = planted.export_cube("default", tmp_path / "full.memcube", tiers=True)
+    assert manifest["counts"]["kv_blocks"] == 1 and manifest["counts"]["shards"] == 1
+    with Memory(pg_url, embedder=embedder, files=tmp_path / "pg-files") as pg:
+        report = pg.import_cube(tmp_path / "full.memcube")
+        assert (report["kv_blocks"], report["shards"]) == (1, 1)
+        copied = pg.store.block(block_id)
+        assert copied.item_ids == block.item_ids and copied.cube_id == pg.store.cube("default").id
+        assert (pg.store.kv_dir / copied.file).read_bytes() == \
+            (planted.store.kv_dir / block.file).read_bytes()
+        row = pg.store.shard(shard.id)
+        assert row.status == "active" and sorted(row.item_ids) == sorted(
+            planted.store.shard(shard.id).item_ids)
+        for name in ("adapter_model.safetensors", "manifest.json"):
+            assert (pg.store.shard_dir / shard.id / name).read_bytes() == \
+                (planted.store.shard_dir / shard.id / name).read_bytes()
+        held = pg.get(block.item_ids[0])
+        assert held.kv_blocks == [block_id] and shard.id in held.shards
+        again = pg.audit(shard.id, model="smollm2")  # the adapter loads from the copy
+        assert again["reliability"] == pg.audit(shard.id, model="smollm2")["reliability"]
+        pg.delete(block.item_ids[0])  # the rules hold for imported tiers too
+        assert pg.store.block(block_id) is None and pg.store.shard(shard.id).status == "stale"

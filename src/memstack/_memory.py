@@ -405,16 +405,18 @@ class Memory(TiersMixin):
         finally:
             store.close()
 
-    def export_cube(self, cube: str | None, file: str | Path) -> dict[str, Any]:
+    def export_cube(self, cube: str | None, file: str | Path, *, tiers: bool = False
+                    ) -> dict[str, Any]:
         """Write the cube (every item and version, tombstones, provenance, its audit entries,
-        its vectors with the model's identity) into the new archive `file` (govern/archive.py).
-        Returns the archive's manifest.
+        its vectors with the model's identity, its retention rules; with `tiers`, its KV
+        blocks and LoRA shards with their files) into the new archive `file`
+        (govern/archive.py). Returns the archive's manifest.
 
         >>> m.export_cube("team", "team.memcube")["counts"]["items"]
         42"""
         row = self._cubes.get(cube, check_model=False)
         with self.store.snapshot():  # one moment of the cube, whatever writers do meanwhile
-            manifest = archive.export(self.store, row, Path(file))
+            manifest = archive.export(self.store, row, Path(file), tiers)
         with self.store.transaction():
             self.store.audit(self.actor, "export_cube", row.name, [], {
                 "dest": str(Path(file).resolve()), "items": manifest["counts"]["items"]})

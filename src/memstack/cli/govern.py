@@ -107,14 +107,17 @@ def cube() -> None:
 @click.argument("name")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="The new archive file (.memcube).")
+@click.option("--tiers", is_flag=True, help="Also the cube's KV blocks and LoRA shards.")
 @click.pass_context
-def cube_export(ctx: click.Context, name: str, out: str) -> None:
+def cube_export(ctx: click.Context, name: str, out: str, tiers: bool) -> None:
     """Write cube NAME into an archive: items with every version, tombstones, provenance,
-    its audit entries and its vectors with the embedding model's identity."""
-    manifest = open_memory(ctx).export_cube(name, out)
+    its audit entries, retention rules and its vectors with the embedding model's identity
+    (with --tiers, its KV blocks and LoRA shards too)."""
+    manifest = open_memory(ctx).export_cube(name, out, tiers=tiers)
     counts = manifest["counts"]
+    extra = f", {counts['kv_blocks']} KV blocks, {counts['shards']} shards" if tiers else ""
     emit(ctx, manifest, f"cube {name}: {counts['items']} items, {counts['versions']} versions, "
-         f"{counts['keys']} vectors, {counts['audit_entries']} audit entries -> {out}")
+         f"{counts['keys']} vectors, {counts['audit_entries']} audit entries{extra} -> {out}")
 
 
 @cube.command("import")
@@ -124,9 +127,11 @@ def cube_export(ctx: click.Context, name: str, out: str) -> None:
 def cube_import(ctx: click.Context, file: str, as_name: str | None) -> None:
     """Import a cube archive as a new cube, after checking every member's sha256."""
     report = open_memory(ctx).import_cube(file, as_name=as_name)
+    tiers = f", {report['kv_blocks']} KV blocks, {report['shards']} shards" \
+        if "shards" in report else ""
     emit(ctx, report, f"cube {report['cube']}: {report['items']} items, {report['keys']} keys"
          f"{' (embedded again: another model)' if report['reembedded'] else ''}, "
-         f"{report['remapped']} ids remapped")
+         f"{report['remapped']} ids remapped{tiers}")
 
 
 @click.command()

@@ -13,6 +13,9 @@ A `.memcube` file is a tar archive (uncompressed: most of it is float32 vectors)
     keys.jsonl      per item with search keys, their roles, in the order of the vectors
     vectors.f32     those keys' vectors, float32 rows of the model's dimensions
     audit.jsonl     the cube's entries in the audit log
+    tiers.jsonl     only on request (`tiers`): the cube's KV blocks and LoRA shards, a row
+                    each, naming their files, which follow as kv/<file> and
+                    shards/<folder>/<file> (a shard's folder holds its adapter and manifest)
 
 Export streams: items and vectors are read and written a page at a time (memory does not grow
 with the cube). Import extracts into a scratch folder and checks every member against the
@@ -20,8 +23,10 @@ manifest before it writes anything; then it writes the cube in one transaction: 
 or remapped where they clash with items already in the store (links follow), its vectors kept
 when the embedding model matches and re-embedded when not, session turns' context keys made
 again, and its audit entries appended (their original time and actor kept) followed by an
-`import_cube` entry. KV blocks and LoRA shards do not travel (they are derived: rebuild them
-with `memstack maintain` / `consolidate`).
+`import_cube` entry. KV blocks and LoRA shards travel only on request (they are derived:
+without them, `memstack maintain` / `consolidate` rebuilds them); imported, they keep their
+model identity (a block or shard made for another model is never used) and are dropped or
+marked stale by the same rules as any other when their items change.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import uuid
@@ -53,6 +59,8 @@ FORMAT = "memcube"
 VERSION = 1
 MANIFEST = "manifest.json"
 MEMBERS = ("items.jsonl", "versions.jsonl", "keys.jsonl", "vectors.f32", "audit.jsonl")
+TIERS = "tiers.jsonl"  # and the files under kv/ and shards/ (with `tiers`)
+_TIER_FILES = ("kv/", "shards/")
 _PAGE = 1000
 _LINKS = ("parent_id", "superseded_by")  # item fields that name another item
 _LOCAL = ("cube", "kv_blocks", "shards")  # item fields that belong to the store, not the cube
@@ -62,8 +70,9 @@ _VERSION_FIELDS = tuple(f.name for f in dataclasses.fields(Version))
 
 
 # export ---------------------------------------------------------------------------------------
-def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
-    """Write the cube `cube` into the new archive file `dest`. Returns the manifest."""
+def export(store: Store, cube: CubeRow, dest: Path, tiers: bool = False) -> dict[str, Any]:
+    """Write the cube `cube` into the new archive file `dest` (with `tiers`, its KV blocks
+    and LoRA shards too). Returns the manifest."""
     if dest.exists():
         raise InvalidInputError(f"{dest} exists; an archive goes into a new file")
     if not dest.parent.is_dir() or not os.access(dest.parent, os.W_OK):
@@ -74,6 +83,8 @@ def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
         with _Writers(folder) as out:
             counts = _write_items(store, cube, out)
             counts["audit_entries"] = _write_audit(store, cube.name, out["audit.jsonl"])
+            if tiers:
+                counts.update(_write_tiers(store, cube, out))
         manifest = {"format": FORMAT, "version": VERSION,
                     "cube": {"name": cube.name, "owner": cube.owner,
                              "created_at": cube.created_at},
@@ -85,7 +96,7 @@ def export(store: Store, cube: CubeRow, dest: Path) -> dict[str, Any]:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         partial = folder / "archive.partial"
         with tarfile.open(partial, "w") as tar:
-            for name in (MANIFEST, *MEMBERS):
+            for name in (MANIFEST, *out.names):
                 tar.add(folder / name, arcname=name)
         os.replace(partial, dest)
     return manifest
@@ -104,6 +115,7 @@ class _Writers:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.names: list[str] = list(MEMBERS)
         self.files: dict[str, IO[bytes]] = {}
         self.hashes = {name: hashlib.sha256() for name in MEMBERS}
 
@@ -116,6 +128,11 @@ class _Writers:
             f.close()
 
     def __getitem__(self, name: str) -> Callable[[bytes], None]:
+        if name not in self.files:  # a member on request (tiers.jsonl)
+            self.names.append(name)
+            self.hashes[name] = hashlib.sha256()
+            self.files[name] = (self.folder / name).open("wb")
+
         def write(data: bytes) -> None:
             self.files[name].write(data)
             self.hashes[name].update(data)
@@ -125,9 +142,22 @@ class _Writers:
         self[name]((json.dumps(value, ensure_ascii=False, sort_keys=True) + "\n")
                    .encode("utf-8"))
 
+    def copy(self, name: str, source: Path) -> None:
+        """A file as the member `name`, hashed as it is copied."""
+        target = self.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with source.open("rb") as f, target.open("wb") as out:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        self.names.append(name)
+        self.hashes[name] = digest
+
     def digests(self) -> dict[str, dict[str, Any]]:
+        """Sizes and hashes of every member (after the files were closed)."""
         return {name: {"bytes": (self.folder / name).stat().st_size,
-                       "sha256": self.hashes[name].hexdigest()} for name in MEMBERS}
+                       "sha256": self.hashes[name].hexdigest()} for name in self.names}
 
 
 def _write_items(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
@@ -177,6 +207,30 @@ def _write_audit(store: Store, cube: str, write: Callable[[bytes], None]) -> int
                 count += 1
         after = entries[-1].seq
     return count
+
+
+def _write_tiers(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
+    """The cube's KV blocks and shards: a row each in tiers.jsonl, then their files."""
+    blocks = store.blocks(cube_id=cube.id)
+    shards = [s for s in store.shards() if s.cube_id == cube.id]
+    out[TIERS]  # the member exists even when the cube has neither
+    for block in blocks:
+        name = f"kv/{block.file}"
+        out.line(TIERS, {"tier": "kv", **_tier_row(block), "files": [name]})
+        out.copy(name, store.kv_dir / block.file)
+    for shard in shards:
+        folder = store.shard_dir / shard.folder
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                       if p.is_file())
+        out.line(TIERS, {"tier": "shard", **_tier_row(shard),
+                         "files": [f"shards/{shard.folder}/{n}" for n in names]})
+        for n in names:
+            out.copy(f"shards/{shard.folder}/{n}", folder / n)
+    return {"kv_blocks": len(blocks), "shards": len(shards)}
+
+
+def _tier_row(row: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(row).items() if k != "cube_id"}
 
 
 # import ---------------------------------------------------------------------------------------
@@ -235,16 +289,28 @@ def _manifest(raw: IO[bytes] | None, path: Path) -> dict[str, Any]:
         raise CorruptArchiveError(f"{path} is a cube archive of format version "
                                 f"{manifest.get('version')}, newer than this memstack reads "
                                 f"({VERSION}): pip install -U memstack")
-    if set(manifest.get("members", {})) != set(MEMBERS):
+    members = set(manifest.get("members", {}))
+    extra = members - set(MEMBERS) - {TIERS}
+    if not set(MEMBERS) <= members or any(not _tier_file(n) for n in extra) or \
+            (extra and TIERS not in members):
         raise CorruptArchiveError(f"{path}: its manifest lists other members than a cube "
                                 "archive has")
     return manifest
+
+
+def _tier_file(name: str) -> bool:
+    """A KV block's or shard's file, named as export names them: under kv/ or shards/, no
+    part that climbs out of the scratch folder."""
+    parts = name.split("/")
+    return name.startswith(_TIER_FILES) and len(parts) >= 2 and \
+        all(p not in ("", ".", "..") and "\\" not in p for p in parts)
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
              want: dict[str, Any], path: Path) -> None:
     digest, size = hashlib.sha256(), 0
     source = tar.extractfile(member)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as out:
         while chunk := source.read(1 << 20):
             digest.update(chunk)
@@ -354,6 +420,8 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
         for rule in archive.manifest.get("retention", []):
             store.set_retention(cube.id, check_kind(rule["kind"]),
                                 *(duration(rule[p], p) for p in _RULE_PARTS), set_by=actor)
+        tiers = _insert_tiers(store, cube.id, archive, ids) if TIERS in \
+            archive.manifest["members"] else {}
         for line in archive.lines("audit.jsonl"):
             entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
             if fresh_ids:  # an uploader's history: kept, but never taken for this store's
@@ -361,7 +429,7 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
             store.audit(entry_actor, action, name, item_ids, detail, at=at)
         store.bump_generation(cube.id)
         report = {"cube": name, "items": len(rowids), "keys": keys, "remapped": len(ids),
-                  "reembedded": not same_model, "file": source,
+                  "reembedded": not same_model, "file": source, **tiers,
                   "audit_entries": archive.manifest["counts"]["audit_entries"]}
         store.audit(actor, "import_cube", name, [], report)
     return {**report, "remapped_ids": ids}
@@ -402,6 +470,57 @@ def _insert_keys(store: Store, archive: Opened, rowids: dict[str, int],
             count += len(texts)
         store.insert_keys(groups)
     return count
+
+
+def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, str]
+                  ) -> dict[str, int]:
+    """The archive's KV blocks and shards into this store: new block and shard ids where
+    theirs are taken, item ids remapped, files copied beside the store (removed again if the
+    import fails)."""
+    from ..store.kvblocks import BlockRow
+    from ..store.shards import ShardRow
+
+    lines = list(archive.lines(TIERS))
+    taken = {line["id"] for line in lines if (store.block(line["id"]) if line["tier"] == "kv"
+                                               else store.shard(line["id"])) is not None}
+    new_ids = {line["id"]: uuid.uuid4().hex[:16] if line["id"] in taken else line["id"]
+               for line in lines}
+    copied: list[Path] = []
+    try:
+        for line in lines:
+            row = {k: v for k, v in line.items() if k not in ("tier", "files")}
+            row.update(id=new_ids[row["id"]], cube_id=cube_id,
+                       item_ids=[ids.get(i, i) for i in row["item_ids"]])
+            if line["tier"] == "kv":
+                old = Path(row["file"])  # <model key>/<block id>.safetensors
+                row["file"] = (old.parent / f"{row['id']}{old.suffix}").as_posix()
+                copied.append(_copy_in(archive, line["files"][0], store.kv_dir / row["file"]))
+                store.insert_block(BlockRow(**row))
+                continue
+            old_folder, row["folder"] = row["folder"], row["id"]
+            row["parent"] = new_ids.get(row["parent"]) if row["parent"] else None
+            row["changed_items"] = [ids.get(i, i) for i in row["changed_items"]]
+            copied.append(store.shard_dir / row["folder"])
+            for name in line["files"]:
+                _copy_in(archive, name, store.shard_dir / row["folder"] /
+                         name[len(f"shards/{old_folder}/"):])
+            store.insert_shard(ShardRow(**row))
+    except BaseException:
+        for path in copied:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else \
+                path.unlink(missing_ok=True)
+        raise
+    return {"kv_blocks": sum(1 for x in lines if x["tier"] == "kv"),
+            "shards": sum(1 for x in lines if x["tier"] == "shard")}
+
+
+def _copy_in(archive: Opened, name: str, target: Path) -> Path:
+    if not _tier_file(name) or name not in archive.manifest["members"]:
+        raise CorruptArchiveError(f"tiers.jsonl names {name!r}, which the manifest does not "
+                                  "list")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(archive.folder / name, target)
+    return target
 
 
 def _sessions(store: Store, cube_id: int) -> dict[str, list[int]]:

@@ -293,15 +293,16 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
 
     @app.get("/v1/cubes/{cube}/archive", responses=ERRORS, tags=["cubes"],
              response_class=FileResponse)
-    def cube_archive(cube: str, who: Principal = Who):
-        """The cube as one archive file (docs/governance.md), for its owner or an admin."""
+    def cube_archive(cube: str, who: Principal = Who, tiers: bool = False):
+        """The cube as one archive file (docs/governance.md), for its owner or an admin;
+        `tiers`: with its KV blocks and LoRA shards."""
         row = cube_row(who, cube, "read")
         if not keys.can_manage(who, row):
             raise ForbiddenError(f"only the owner of cube {cube!r} or an admin exports it")
         folder = tempfile.mkdtemp(prefix="memstack-archive-")
         path = Path(folder) / f"{cube}.memcube"
         try:
-            memory.export_cube(cube, path)
+            memory.export_cube(cube, path, tiers=tiers)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -71,14 +71,17 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     @_reported
     async def add_memory(text: str, ctx: Context, cube: str | None = None,
                          user_id: str | None = None, session_id: str | None = None,
-                         speaker: str | None = None) -> dict:
-        """Remember a message (and, with an LLM, the facts in it)."""
+                         speaker: str | None = None, ttl: str | None = None,
+                         expires_at: str | None = None) -> dict:
+        """Remember a message (and, with an LLM, the facts in it). `ttl` ("30d", "12h",
+        seconds) or `expires_at` (ISO 8601): it leaves search then."""
         who = await caller(ctx)
         message = {"role": "user", "content": text, **({"name": speaker} if speaker else {})}
 
         def add() -> Any:  # one thread: a cube created here widens this context's wall
             row = gate.cube(who, cube, "write", create=True)
-            return memory.add(message, cube=row.name, user_id=user_id, session_id=session_id)
+            return memory.add(message, cube=row.name, user_id=user_id, session_id=session_id,
+                              ttl=ttl, expires_at=expires_at)
 
         return (await run(add)).to_dict()
 

@@ -231,6 +231,8 @@ class CubeImportOut(BaseModel):
     reembedded: bool
     audit_entries: int
     file: str
+    kv_blocks: int | None = None  # an archive with its tiers
+    shards: int | None = None
 
 
 class AuditHeadOut(BaseModel):
