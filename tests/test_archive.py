@@ -257,3 +257,93 @@ def test_a_tier_member_that_would_leave_the_scratch_folder_is_refused(sqlite_mem
             fresh.import_cube(out)
         assert fresh.cubes() == []
     assert not list(tmp_path.rglob("escaped"))
+
+
+def _fake_tiers(mem):
+    """A KV block row and a shard row with files (not made by a model: the archive only moves
+    bytes and rows), over the items of the default cube."""
+    from memstack.store.kvblocks import BlockRow
+    from memstack.store.shards import ShardRow
+
+    cube = mem.store.cube("default")
+    ids = [i.id for i in mem.get_all(user_id="ann")]
+    (mem.store.kv_dir / "m1").mkdir(parents=True, exist_ok=True)
+    (mem.store.kv_dir / "m1" / "kv_a.safetensors").write_bytes(b"block bytes")
+    (mem.store.shard_dir / "shard_a").mkdir(parents=True, exist_ok=True)
+    (mem.store.shard_dir / "shard_a" / "adapter.bin").write_bytes(b"adapter bytes")
+    (mem.store.shard_dir / "shard_a" / "manifest.json").write_text("{}")
+    with mem.store.transaction():
+        mem.store.insert_block(BlockRow("kv_a", cube.id, "m1", "ann", None,
+                                        "m1/kv_a.safetensors", ids[:1], 10, 11, 1.0, None, 0))
+        mem.store.insert_shard(ShardRow("shard_a", cube.id, "m1", "shard_a", ids, None,
+                                        "active", [], 1.0))
+    return ids
+
+
+def _rewrite(path, out, edit):
+    """The archive with tiers.jsonl's lines passed through `edit`, the manifest's hashes
+    made to match (a forger can always do that: the manifest is not signed)."""
+    import hashlib
+
+    members = _members(path)
+    manifest = json.loads(members.pop("manifest.json"))
+    members["tiers.jsonl"] = "".join(json.dumps(edit(line)) + "\n" for line in
+                                     _lines(members["tiers.jsonl"])).encode()
+    for name, data in members.items():
+        manifest["members"][name] = {"bytes": len(data),
+                                     "sha256": hashlib.sha256(data).hexdigest()}
+    with tarfile.open(out, "w") as tar:
+        for name, data in [("manifest.json", json.dumps(manifest).encode()), *members.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_tiers_travel_with_new_ids_inside_the_stores_folders(sqlite_mem, tmp_path, embedder):
+    _fill(sqlite_mem)
+    ids = _fake_tiers(sqlite_mem)
+    manifest = sqlite_mem.export_cube("default", tmp_path / "t.memcube", tiers=True)
+    assert (manifest["counts"]["kv_blocks"], manifest["counts"]["shards"]) == (1, 1)
+    with Memory(tmp_path / "fresh.db", embedder=embedder) as fresh:
+        report = fresh.import_cube(tmp_path / "t.memcube")
+        assert (report["kv_blocks"], report["shards"]) == (1, 1)
+        block, = fresh.store.blocks()
+        shard, = fresh.store.shards()
+        assert block.id != "kv_a" and shard.id != "shard_a"  # always new ids
+        assert (fresh.store.kv_dir / block.file).read_bytes() == b"block bytes"
+        assert (fresh.store.shard_dir / shard.folder / "adapter.bin").read_bytes() == \
+            b"adapter bytes"
+        assert block.item_ids == ids[:1] and sorted(shard.item_ids) == sorted(ids)
+        fresh.delete(ids[0])  # the invalidation rules hold for imported tiers
+        assert fresh.store.blocks() == [] and fresh.store.shards()[0].status == "stale"
+    # a stale shard stays out of an export (its weights may hold what changed)
+    sqlite_mem.delete(ids[0])
+    again = sqlite_mem.export_cube("default", tmp_path / "t2.memcube", tiers=True)
+    assert again["counts"]["shards"] == 0 and again["counts"]["kv_blocks"] == 0
+
+
+@pytest.mark.parametrize("forgery", [
+    {"tier": "kv", "model_key": "../../evil"},
+    {"tier": "shard", "folder": ".."},
+    {"tier": "shard", "files": ["shards/shard_a/../../../evil"]},
+    {"tier": "shard", "item_ids": ["an id of another cube"]},
+    {"tier": "kv", "files": ["kv/m1/kv_a.safetensors", "kv/m1/kv_a.safetensors"]},
+])
+def test_forged_tier_rows_never_place_a_file_outside_the_store(sqlite_mem, tmp_path, embedder,
+                                                               forgery):
+    _fill(sqlite_mem)
+    _fake_tiers(sqlite_mem)
+    sqlite_mem.export_cube("default", tmp_path / "t.memcube", tiers=True)
+    tier = forgery["tier"]
+    forged = _rewrite(tmp_path / "t.memcube", tmp_path / "forged.memcube",
+                      lambda line: {**line, **forgery} if line["tier"] == tier else line)
+    (tmp_path / "victim").mkdir()
+    with Memory(tmp_path / "victim" / "fresh.db", embedder=embedder) as fresh:
+        with pytest.raises(CorruptArchiveError):
+            fresh.import_cube(forged)
+        assert fresh.cubes() == [] and fresh.store.blocks() == []
+        placed = [p for folder in (fresh.store.kv_dir, fresh.store.shard_dir)
+                  if folder.exists() for p in folder.rglob("*") if p.is_file()]
+        assert placed == []  # what was copied before the refusal was removed
+    assert not list(tmp_path.rglob("evil"))

@@ -268,3 +268,37 @@ def test_rest_sets_rules_for_owners_only_and_adds_with_a_ttl(server):
         assert done.status_code == 200 and done.json()["rule"]["archive_unused"] == 1
         rules = http.get("/v1/cubes/ann-cube/retention", headers=owner).json()
         assert [(r["kind"], r["set_by"]) for r in rules] == [("fact", "ann")]
+
+
+def test_an_expired_turn_leaves_its_neighbours_context_keys_at_the_run(mem):
+    for text, ttl in (("hello there, how are you", None), ("my locker code is zebraquartz", 1),
+                      ("thanks, I will remember it", None)):
+        mem.add(text, user_id="ann", session_id="s1", ttl=ttl)
+    before = mem.search("zebraquartz", user_id="ann")
+    assert any("bm25_context" in h.ranks for h in before if "zebraquartz" not in
+               h.item.content)  # the neighbours' context keys hold the code
+    time.sleep(1.1)
+    assert mem.apply_retention().counts()["expired"] == 1
+    after = mem.search("zebraquartz", user_id="ann")
+    assert all("bm25_context" not in h.ranks and "bm25" not in h.ranks for h in after)
+
+
+def test_without_a_model_maintenance_drops_a_shard_that_holds_a_deleted_item(db_path,
+                                                                             embedder):
+    from memstack.store.shards import ShardRow
+
+    with Memory(db_path, embedder=embedder) as m:
+        ids = [m.add(t, user_id="ann", kind="fact").ids[0] for t in ("Ann likes tea",
+                                                                    "Ann plays chess")]
+        folder = m.store.shard_dir / "shard_x"
+        folder.mkdir(parents=True)
+        (folder / "adapter.bin").write_bytes(b"weights that learnt both facts")
+        with m.store.transaction():
+            m.store.insert_shard(ShardRow("shard_x", m.store.cube("default").id, "k", "shard_x",
+                                          ids, None, "active", [], 1.0))
+        m.update(ids[1], "Ann plays go")  # stale, nothing deleted: kept for a retrain
+        assert m.maintenance(model=None).run().shards == []
+        m.delete(ids[0])
+        report = m.maintenance(model=None).run()
+        assert [s["stale"] for s in report.shards] == ["shard_x"]
+        assert m.store.shard("shard_x") is None and not folder.exists()

@@ -161,8 +161,9 @@ class Memory(TiersMixin):
         kept whatever the LLM does).
 
         `expires_at` (a time) or `ttl` (seconds, or a duration such as "30d"): the items leave
-        search then, and `memstack maintain` archives them (and purges them after the cube's
-        grace period, govern/retention.py); `as_of` searches before that time still see them.
+        search then, and `memstack maintain` archives them (and purges them when the cube has
+        a purge_after rule for their kind, govern/retention.py); `as_of` searches before that
+        time still see them.
 
         >>> m.add([{"role": "user", "name": "Ann", "content": "I adopted a cat yesterday"}],
         ...       user_id="ann", session_id="s1", observed_at="2024-05-08").ids
@@ -344,7 +345,9 @@ class Memory(TiersMixin):
         return self._retainer().apply(now=at, cubes=cubes, dry_run=dry_run)
 
     def _retainer(self, actor: str | None = None) -> "retention.Retention":
-        return retention.Retention(self.store, self.writer.purge, actor or self.actor)
+        self._uses.flush()  # reads not yet written keep an item from looking unused
+        return retention.Retention(self.store, self.writer.purge, actor or self.actor,
+                                   self.writer.forget_context)
 
     def reembed(self, cube: str | None = None, *, batch_size: int = 256) -> int:
         """Recompute every search key of a cube with this Memory's embedder, record the model,

@@ -139,7 +139,8 @@ class TiersMixin:
     def maintain(self, *, model: "LocalModel | str | Path", cpu_seconds: float | None = None,
                  budget_bytes: int | None = None) -> "MaintenanceReport":
         """One maintenance run now, under the store's lease (LockHeldError when another
-        process runs one): the KV scheduler, then stale shards retrained without the items
+        process runs one): retention (expiry, archiving and purges under the cubes' rules,
+        govern/retention.py), the KV scheduler, then stale shards retrained without the items
         changed or deleted since (or dropped), until `cpu_seconds` are spent.
 
         >>> [s["retrained"] for s in m.maintain(model="smollm2").shards]
@@ -160,15 +161,16 @@ class TiersMixin:
         background thread, `.loop()` in the foreground (tiers/maintenance.py). The model
         loads at the first run. `last_activity` gives the time of the last request (the
         server's), for the quiet time."""
-        from .tiers.maintenance import Maintenance, MaintenanceSettings
+        from .tiers.maintenance import ACTOR, Maintenance, MaintenanceSettings
 
         settings = (settings or MaintenanceSettings()).check()
         kv = {} if settings.budget_bytes is None else {"budget_bytes": settings.budget_bytes}
         store = self.store  # type: ignore[attr-defined]
         tiers = None if model is None else \
             (lambda: (self.activation(model, **kv), self.parametric(model)))
+        retainer = self._retainer  # type: ignore[attr-defined]
         return Maintenance(store, tiers, settings, last_activity=last_activity or (lambda: None),
-                           retention=lambda: self._retainer().apply())  # type: ignore[attr-defined]
+                           retention=lambda: retainer(ACTOR).apply())
 
     def kv_blocks(self) -> "list[BlockRow]":
         """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""

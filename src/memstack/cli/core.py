@@ -31,7 +31,8 @@ from .govern import receipt_table
 @click.option("--infer/--no-infer", default=True, show_default=True,
               help="Extract facts with the LLM (when one is configured).")
 @click.option("--ttl", help="Expire after this long (seconds, or 90m, 12h, 30d, 2w): it leaves "
-                            "search then, and maintenance archives and later purges it.")
+                            "search then; maintenance archives it, and purges it under the "
+                            "cube's purge_after rule for its kind.")
 @click.option("--expires-at", help="Expire at this time (ISO 8601); instead of --ttl.")
 @click.pass_context
 def add(ctx, text, user_id, agent_id, session_id, role, speaker, observed_at, kind, metadata,

@@ -36,6 +36,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -53,7 +54,7 @@ from ..store.migrate import TABLES, pair_vectors
 from ..store.rows import ITEM_COLUMNS
 from ..store.selection import Selection
 from ..write.drafts import stored_keys
-from .retention import check_kind, duration
+from .retention import Retention, check_kind, duration
 
 FORMAT = "memcube"
 VERSION = 1
@@ -210,23 +211,41 @@ def _write_audit(store: Store, cube: str, write: Callable[[bytes], None]) -> int
 
 
 def _write_tiers(store: Store, cube: CubeRow, out: _Writers) -> dict[str, int]:
-    """The cube's KV blocks and shards: a row each in tiers.jsonl, then their files."""
-    blocks = store.blocks(cube_id=cube.id)
-    shards = [s for s in store.shards() if s.cube_id == cube.id]
+    """The cube's KV blocks and active shards: a row each in tiers.jsonl, then their files.
+    A stale shard stays out (its weights may hold what was since changed or deleted), and so
+    does a block whose file went meanwhile (evicted) or a file that is not a regular file
+    inside the tier's folder."""
+    counts = {"kv_blocks": 0, "shards": 0, "tiers_skipped": 0}
     out[TIERS]  # the member exists even when the cube has neither
-    for block in blocks:
-        name = f"kv/{block.file}"
+    for block in store.blocks(cube_id=cube.id):
+        source = store.kv_dir / block.file
+        if not _regular(source, store.kv_dir):
+            counts["tiers_skipped"] += 1
+            continue
+        name = f"kv/{block.model_key}/{block.id}.safetensors"
+        out.copy(name, source)
         out.line(TIERS, {"tier": "kv", **_tier_row(block), "files": [name]})
-        out.copy(name, store.kv_dir / block.file)
-    for shard in shards:
+        counts["kv_blocks"] += 1
+    for shard in store.shards("active"):
+        if shard.cube_id != cube.id:
+            continue
         folder = store.shard_dir / shard.folder
-        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                       if p.is_file())
-        out.line(TIERS, {"tier": "shard", **_tier_row(shard),
-                         "files": [f"shards/{shard.folder}/{n}" for n in names]})
-        for n in names:
-            out.copy(f"shards/{shard.folder}/{n}", folder / n)
-    return {"kv_blocks": len(blocks), "shards": len(shards)}
+        files = sorted(p for p in folder.rglob("*") if _regular(p, store.shard_dir)) \
+            if _inside(folder, store.shard_dir) else []
+        if not files:
+            counts["tiers_skipped"] += 1
+            continue
+        names = [f"shards/{shard.id}/{p.relative_to(folder).as_posix()}" for p in files]
+        for name, path in zip(names, files):
+            out.copy(name, path)
+        out.line(TIERS, {"tier": "shard", **_tier_row(shard), "folder": shard.id,
+                         "files": names})
+        counts["shards"] += 1
+    return counts
+
+
+def _regular(path: Path, base: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and _inside(path, base)
 
 
 def _tier_row(row: Any) -> dict[str, Any]:
@@ -408,31 +427,55 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
     ids = remap(store, archive, fresh_ids)
     want = archive.manifest["embedding"]
     same_model = (want["model"], want["dim"]) == (embedder.name, embedder.dim)
-    with store.transaction():
-        cube = store.insert_cube(name, owner or archive.manifest["cube"]["owner"],
-                                 embedder.name, embedder.dim)
-        store.widen(cube.id)  # a server request's wall did not know it
-        rowids = _insert_items(store, cube.id, archive, ids)
-        _insert_versions(store, archive, rowids, ids)
-        keys = _insert_keys(store, archive, rowids, None if same_model else embedder)
-        for session_id, turns in _sessions(store, cube.id).items():
-            refresh_context(session_id, turns)
-        for rule in archive.manifest.get("retention", []):
-            store.set_retention(cube.id, check_kind(rule["kind"]),
-                                *(duration(rule[p], p) for p in _RULE_PARTS), set_by=actor)
-        tiers = _insert_tiers(store, cube.id, archive, ids) if TIERS in \
-            archive.manifest["members"] else {}
-        for line in archive.lines("audit.jsonl"):
-            entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
-            if fresh_ids:  # an uploader's history: kept, but never taken for this store's
-                action, detail = f"imported:{action}", {**detail, "imported_by": actor}
-            store.audit(entry_actor, action, name, item_ids, detail, at=at)
-        store.bump_generation(cube.id)
-        report = {"cube": name, "items": len(rowids), "keys": keys, "remapped": len(ids),
-                  "reembedded": not same_model, "file": source, **tiers,
-                  "audit_entries": archive.manifest["counts"]["audit_entries"]}
-        store.audit(actor, "import_cube", name, [], report)
+    copied: list[Path] = []  # tier files put beside the store: removed if the import fails
+    try:
+        with store.transaction():
+            cube = store.insert_cube(name, owner or archive.manifest["cube"]["owner"],
+                                     embedder.name, embedder.dim)
+            store.widen(cube.id)  # a server request's wall did not know it
+            rowids = _insert_items(store, cube.id, archive, ids)
+            _insert_versions(store, archive, rowids, ids)
+            keys = _insert_keys(store, archive, rowids, None if same_model else embedder)
+            for session_id, turns in _sessions(store, cube.id).items():
+                refresh_context(session_id, turns)
+            tiers = _insert_tiers(store, cube.id, archive, ids, set(rowids), copied) \
+                if TIERS in archive.manifest["members"] else {}
+            for line in archive.lines("audit.jsonl"):
+                entry_actor, action, item_ids, detail, at = audit_entry(line, ids)
+                if fresh_ids:  # an uploader's history: kept, never taken for this store's
+                    action, detail = f"imported:{action}", {**detail, "imported_by": actor}
+                store.audit(entry_actor, action, name, item_ids, detail, at=at)
+            rules = _insert_rules(store, cube, archive, actor)
+            store.bump_generation(cube.id)
+            report = {"cube": name, "items": len(rowids), "keys": keys, "remapped": len(ids),
+                      "reembedded": not same_model, "file": source, **tiers, **rules,
+                      "audit_entries": archive.manifest["counts"]["audit_entries"]}
+            store.audit(actor, "import_cube", name, [], report)
+    except BaseException:
+        for path in copied:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else \
+                path.unlink(missing_ok=True)
+        raise
     return {**report, "remapped_ids": ids}
+
+
+def _insert_rules(store: Store, cube: CubeRow, archive: Opened, actor: str
+                  ) -> dict[str, Any]:
+    """The archived cube's retention rules, each audited as retention_set. Rules that would
+    take every item of the imported cube out of search at the next run are not installed
+    (that needs a confirmation: `memstack retention set ... --yes`) and are reported."""
+    rules = [(check_kind(r["kind"]), {p: duration(r[p], p) for p in _RULE_PARTS})
+             for r in archive.manifest.get("retention", [])]
+    for kind, values in rules:
+        store.set_retention(cube.id, kind, set_by=actor, **values)
+    if rules and Retention(store, None, actor).would_remove_everything(cube):
+        for kind, _ in rules:
+            store.set_retention(cube.id, kind, None, None, None, set_by=actor)
+        return {"retention_rules": 0, "retention_not_installed": [k for k, _ in rules]}
+    for kind, values in rules:
+        store.audit(actor, "retention_set", cube.name, [],
+                    {"kind": kind, **values, "imported": True})
+    return {"retention_rules": len(rules)}
 
 
 def _insert_items(store: Store, cube_id: int, archive: Opened, ids: dict[str, str]
@@ -472,55 +515,71 @@ def _insert_keys(store: Store, archive: Opened, rowids: dict[str, int],
     return count
 
 
-def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, str]
-                  ) -> dict[str, int]:
-    """The archive's KV blocks and shards into this store: new block and shard ids where
-    theirs are taken, item ids remapped, files copied beside the store (removed again if the
-    import fails)."""
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, str],
+                  archived: set[str], copied: list[Path]) -> dict[str, int]:
+    """The archive's KV blocks and shards into this store. Nothing in tiers.jsonl names a
+    path here: every block and shard gets a new id, its files go to kv/<model key>/<new
+    id>.safetensors and shards/<new id>/<file> beside the store (new paths, checked to stay
+    inside those folders), and its items must be items of the archive. A KV block whose items
+    got new ids is left out (its file names the old ones, so it could never be used)."""
     from ..store.kvblocks import BlockRow
     from ..store.shards import ShardRow
 
     lines = list(archive.lines(TIERS))
-    taken = {line["id"] for line in lines if (store.block(line["id"]) if line["tier"] == "kv"
-                                               else store.shard(line["id"])) is not None}
-    new_ids = {line["id"]: uuid.uuid4().hex[:16] if line["id"] in taken else line["id"]
+    new_ids = {line["id"]: f"{'kv' if line['tier'] == 'kv' else 'shard'}_{uuid.uuid4().hex[:16]}"
                for line in lines}
-    copied: list[Path] = []
-    try:
-        for line in lines:
-            row = {k: v for k, v in line.items() if k not in ("tier", "files")}
-            row.update(id=new_ids[row["id"]], cube_id=cube_id,
-                       item_ids=[ids.get(i, i) for i in row["item_ids"]])
-            if line["tier"] == "kv":
-                old = Path(row["file"])  # <model key>/<block id>.safetensors
-                row["file"] = (old.parent / f"{row['id']}{old.suffix}").as_posix()
-                copied.append(_copy_in(archive, line["files"][0], store.kv_dir / row["file"]))
-                store.insert_block(BlockRow(**row))
-                continue
-            old_folder, row["folder"] = row["folder"], row["id"]
-            row["parent"] = new_ids.get(row["parent"]) if row["parent"] else None
-            row["changed_items"] = [ids.get(i, i) for i in row["changed_items"]]
-            copied.append(store.shard_dir / row["folder"])
-            for name in line["files"]:
-                _copy_in(archive, name, store.shard_dir / row["folder"] /
-                         name[len(f"shards/{old_folder}/"):])
-            store.insert_shard(ShardRow(**row))
-    except BaseException:
-        for path in copied:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else \
-                path.unlink(missing_ok=True)
-        raise
-    return {"kv_blocks": sum(1 for x in lines if x["tier"] == "kv"),
-            "shards": sum(1 for x in lines if x["tier"] == "shard")}
+    counts = {"kv_blocks": 0, "shards": 0, "kv_blocks_skipped": 0}
+    for line in lines:
+        items = line["item_ids"] + line.get("changed_items", [])
+        if line["tier"] not in ("kv", "shard") or any(i not in archived for i in items):
+            raise CorruptArchiveError("tiers.jsonl has a row of another tier or naming items "
+                                      "the archive does not hold")
+        if line["tier"] == "kv" and any(i in ids for i in line["item_ids"]):
+            counts["kv_blocks_skipped"] += 1
+            continue
+        new = new_ids[line["id"]]
+        row = {k: v for k, v in line.items() if k not in ("tier", "files")}
+        row.update(id=new, cube_id=cube_id, item_ids=[ids.get(i, i) for i in row["item_ids"]])
+        if line["tier"] == "kv":
+            if not _SAFE_ID.match(str(row["model_key"])) or len(line["files"]) != 1:
+                raise CorruptArchiveError("tiers.jsonl: a KV block with a malformed model key")
+            row["file"] = f"{row['model_key']}/{new}.safetensors"
+            _copy_in(archive, line["files"][0], store.kv_dir, row["file"], copied)
+            store.insert_block(BlockRow(**row))
+            counts["kv_blocks"] += 1
+            continue
+        prefix = f"shards/{line['folder']}/"
+        if not _SAFE_ID.match(str(line["folder"])) or not line["files"] or \
+                any(not f.startswith(prefix) for f in line["files"]):
+            raise CorruptArchiveError("tiers.jsonl: a shard's files are not in its folder")
+        row.update(folder=new, parent=new_ids.get(row["parent"]) if row["parent"] else None,
+                   changed_items=[ids.get(i, i) for i in row["changed_items"]])
+        copied.append(store.shard_dir / new)
+        for name in line["files"]:
+            _copy_in(archive, name, store.shard_dir, f"{new}/{name[len(prefix):]}", copied)
+        store.insert_shard(ShardRow(**row))
+        counts["shards"] += 1
+    return counts
 
 
-def _copy_in(archive: Opened, name: str, target: Path) -> Path:
-    if not _tier_file(name) or name not in archive.manifest["members"]:
+def _copy_in(archive: Opened, name: str, base: Path, relative: str, copied: list[Path]
+             ) -> None:
+    """Copy the member `name` to base/relative, a new file that must stay inside `base`."""
+    target = base / relative
+    if not _tier_file(name) or name not in archive.manifest["members"] or \
+            not _inside(target, base) or target.exists():
         raise CorruptArchiveError(f"tiers.jsonl names {name!r}, which the manifest does not "
-                                  "list")
+                                  "list or which cannot be placed")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(archive.folder / name, target)
-    return target
+    copied.append(target)
+
+
+def _inside(path: Path, base: Path) -> bool:
+    return path.resolve().is_relative_to(base.resolve())
 
 
 def _sessions(store: Store, cube_id: int) -> dict[str, list[int]]:

@@ -3,8 +3,8 @@
 An item may carry `expires_at` (add(expires_at=...) or ttl=...): from that moment it leaves
 normal search (the store's active selection excludes it at query time, store/sqlwhere.py),
 while `as_of` searches for earlier times still see it. A cube may have a rule per kind ("*":
-its kinds without a rule of their own; a "*" rule never archives `core` profile blocks and
-never touches `session` items, whose turns are what it holds):
+its kinds without a rule of their own, but never `core` profile blocks, which a rule must
+name; no rule touches `session` items, whose turns are what they hold):
 
 - `expire_after`: an item expires this long after it was recorded;
 - `archive_unused`: an active item nobody read (a get or a search hit; the access statistics
@@ -18,7 +18,12 @@ retention apply`) writes what the rules say: an expired item becomes `archived` 
 validity closed at its expiry (so `as_of` and `history` tell the truth about when it was
 valid; history's reason is "expired"), an unused one `archived` ("unused"), and purges. Each
 action is in the audit log (retention_expire, retention_archive, retention_purge,
-retention_set), with the ids.
+retention_set), with the ids. An item's own expiry is purged only under a `purge_after` rule
+of its cube and kind; without one it stays archived, out of search.
+
+A run reads and writes one page of due items per transaction, so a delete or a read that
+happens meanwhile is seen (an item read since is no longer due); the neighbours' context keys
+of a turn that leaves search are rebuilt without it, as a delete does.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..store.selection import Selection
 if TYPE_CHECKING:
     from ..store.base import CubeRow, Store
 
-    Purge = Callable[[CubeRow, list[str], str, str], int]
+    Purge = Callable[..., int]  # Writer.purge(cube, ids, reason, action, into=)
 
 ANY = "*"
 RULE_KINDS = tuple(k for k in KINDS if k != "session")  # what a rule may name, with "*"
@@ -93,14 +98,13 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def kinds_of(rule: RetentionRule, rules: Sequence[RetentionRule], part: str) -> list[str]:
+def kinds_of(rule: RetentionRule, rules: Sequence[RetentionRule]) -> list[str]:
     """The kinds a rule governs in its cube: its own, or for "*" the kinds no other rule of
-    the cube names (not `core` for archiving: profile blocks are pinned)."""
+    the cube names (never `core`: profile blocks go only under a rule that names them)."""
     if rule.kind != ANY:
         return [rule.kind]
     named = {r.kind for r in rules}
-    return [k for k in RULE_KINDS
-            if k not in named and not (part == "archive_unused" and k == "core")]
+    return [k for k in RULE_KINDS if k not in named and k != "core"]
 
 
 @dataclass
@@ -134,11 +138,16 @@ def report_ids(report: RetentionReport, cube: str) -> list[str]:
 
 
 class Retention:
-    """Rules and their application for one store. `purge(cube, ids, reason, action)` is
-    delete's purge (write/writer.py), passed in so every tier is reached."""
+    """Rules and their application for one store. `purge(cube, ids, reason, action, into=)`
+    is delete's purge and `forget_context(turns)` rebuilds the context keys of archived
+    turns' neighbours (write/writer.py), passed in so every index and tier is reached (None:
+    rules only, no application)."""
 
-    def __init__(self, store: "Store", purge: "Purge", actor: str) -> None:
+    def __init__(self, store: "Store", purge: "Purge | None", actor: str,
+                 forget_context: Callable[[list[tuple[int, Item]]], None] | None = None
+                 ) -> None:
         self.store, self._purge, self.actor = store, purge, actor
+        self._forget_context = forget_context
 
     # rules ----------------------------------------------------------------------------------------
     def rules(self, cube: "CubeRow | None" = None) -> list[RetentionRule]:
@@ -168,6 +177,11 @@ class Retention:
         rule = next((r for r in self.rules(cube) if r.kind == kind), None)
         return {"rule": rule.to_dict() if rule else None, "next_run": preview.to_dict()}
 
+    def would_remove_everything(self, cube: "CubeRow") -> int:
+        """The number of the cube's active items when the next run under its rules would take
+        every one of them out of search, else 0."""
+        return self._everything(cube, self._run(utcnow().timestamp(), [cube], dry_run=True))
+
     def _everything(self, cube: "CubeRow", preview: RetentionReport) -> int:
         """The number of the cube's active items (sessions aside) when the preview takes
         every one of them out of search, else 0."""
@@ -194,31 +208,26 @@ class Retention:
             for rule in rules:
                 if rule.expire_after:
                     self._expire(cube, "recorded", now - rule.expire_after,
-                                 kinds_of(rule, rules, "expire_after"), rule.expire_after,
+                                 kinds_of(rule, rules), rule.expire_after,
                                  report)
             for rule in rules:
                 if rule.archive_unused:
                     self._archive(cube, now - rule.archive_unused,
-                                  kinds_of(rule, rules, "archive_unused"), report)
+                                  kinds_of(rule, rules), report)
             for rule in rules:
                 if rule.purge_after:
                     self._purge_due(cube, now - rule.purge_after,
-                                    kinds_of(rule, rules, "purge_after"), report)
+                                    kinds_of(rule, rules), report)
         return report
 
-    def _due(self, cube: "CubeRow", due: str, cutoff: float, kinds: list[str] | None,
-             dry_run: bool) -> list[list[tuple[int, Item]]]:
-        """Pages of the items a rule reaches. A real run reads each page after the previous
-        one was written (the written ones no longer match); a dry run pages by rowid."""
-        pages, after = [], 0
-        while True:
-            page = self.store.retention_due(cube.id, due, cutoff, kinds, after, _PAGE)
-            if not page:
-                return pages
-            pages.append(page)
+    def _dry(self, cube: "CubeRow", due: str, cutoff: float, kinds: list[str] | None
+             ) -> list[Item]:
+        """Every item a rule reaches now, paged by rowid (a dry run writes nothing)."""
+        out, after = [], 0
+        while page := self.store.retention_due(cube.id, due, cutoff, kinds, after, _PAGE):
+            out += [item for _, item in page]
             after = page[-1][0]
-            if not dry_run:
-                return pages  # the caller writes it, then asks again
+        return out
 
     def _expire(self, cube: "CubeRow", due: str, cutoff: float, kinds: list[str] | None,
                 after: float | None, report: RetentionReport) -> None:
@@ -235,23 +244,24 @@ class Retention:
                      "retention_archive", None)
 
     def _change(self, cube: "CubeRow", due: str, cutoff: float, kinds: list[str] | None,
-                out_report: RetentionReport, out: dict[str, list[str]], reason: str,
+                report: RetentionReport, out: dict[str, list[str]], reason: str,
                 action: str, expiry_of: Callable[[Item], datetime] | None) -> None:
-        dry_run = out_report.dry_run
-        while True:
-            pages = self._due(cube, due, cutoff, kinds, dry_run)
-            if dry_run:  # an item an earlier rule takes out already is listed there only
-                seen = set(report_ids(out_report, cube.name))
-                ids = [i.id for page in pages for _, i in page if i.id not in seen]
-                if ids:
-                    out.setdefault(cube.name, []).extend(ids)
-                return
-            if not pages:
-                return
+        if report.dry_run:  # an item an earlier rule takes out already is listed there only
+            seen = set(report_ids(report, cube.name))
+            ids = [i.id for i in self._dry(cube, due, cutoff, kinds) if i.id not in seen]
+            if ids:
+                out.setdefault(cube.name, []).extend(ids)
+            return
+        while True:  # a page per transaction, read inside it: what changed meanwhile is seen
             with self.store.transaction():
-                done = [self._archive_one(rowid, item, out_report.at, expiry_of)
-                        for rowid, item in pages[0]]
+                page = self.store.retention_due(cube.id, due, cutoff, kinds, 0, _PAGE)
+                if not page:
+                    return
+                done = [self._archive_one(rowid, item, report.at, expiry_of)
+                        for rowid, item in page]
                 self.store.add_versions(done, reason, self.actor)
+                if self._forget_context is not None:
+                    self._forget_context(done)
                 self.store.bump_generation(cube.id)
                 ids = [item.id for _, item in done]
                 self.store.audit(self.actor, action, cube.name, ids, {"count": len(ids)})
@@ -272,15 +282,14 @@ class Retention:
 
     def _purge_due(self, cube: "CubeRow", cutoff: float, kinds: list[str],
                    report: RetentionReport) -> None:
-        while True:
-            pages = self._due(cube, "archived", cutoff, kinds, report.dry_run)
-            ids = [i.id for page in pages for _, i in page]
-            if report.dry_run:
-                # what the preview expires or archives now is purged only after the grace
-                if ids:
-                    report.purged.setdefault(cube.name, []).extend(ids)
-                return
-            if not ids:
-                return
-            self._purge(cube, ids, "retention", "retention_purge")
-            report.purged.setdefault(cube.name, []).extend(ids)
+        if report.dry_run:  # what the preview expires or archives now waits for the grace
+            ids = [i.id for i in self._dry(cube, "archived", cutoff, kinds)]
+            if ids:
+                report.purged.setdefault(cube.name, []).extend(ids)
+            return
+        assert self._purge is not None, "Retention without purge applies no rule"
+        while page := self.store.retention_due(cube.id, "archived", cutoff, kinds, 0, _PAGE):
+            purged: list[str] = []  # with the facts derived from them and sessions' turns
+            self._purge(cube, [i.id for _, i in page], "retention", "retention_purge",
+                        into=purged)
+            report.purged.setdefault(cube.name, []).extend(purged)

@@ -248,10 +248,13 @@ class Maintenance:
     def _work(self, report: MaintenanceReport, budget: CpuBudget, lost: threading.Event
               ) -> None:
         retention = self._retention
-        if retention is not None:
+        if retention is not None:  # needs no model: not under the model's turn
             self._unit(report, "retention",
-                       lambda: setattr(report, "retention", retention().to_dict()))
+                       lambda: setattr(report, "retention", retention().to_dict()),
+                       guarded=False)
         if self._tiers is None:
+            self._unit(report, "dropping shards that hold deleted items",
+                       lambda: self._drop_deleted(report), guarded=False)
             return
         try:
             activation, parametric = self._tiers()
@@ -284,9 +287,10 @@ class Maintenance:
             self._failed(report, "listing stale shards", exc)
             return []
 
-    def _unit(self, report: MaintenanceReport, what: str, work: Callable[[], None]) -> None:
+    def _unit(self, report: MaintenanceReport, what: str, work: Callable[[], None],
+              guarded: bool = True) -> None:
         try:
-            with self.guard:
+            with self.guard if guarded else contextlib.nullcontext():
                 work()
         except Exception as exc:  # never the end of the run, nor of the server
             self._failed(report, what, exc)
@@ -306,6 +310,21 @@ class Maintenance:
             return
         report.shards.append(done)
         self._audit("maintain_shard", done, done["changed_items"])
+
+    def _drop_deleted(self, report: MaintenanceReport) -> None:
+        """Without a model no shard is retrained, but one whose weights hold a deleted item
+        (a delete or a retention purge since it was trained) is dropped now: what was deleted
+        must leave every tier."""
+        for row in self.store.shards("stale"):
+            changed = self.store.items_by_id(row.changed_items)
+            if all(i in changed and changed[i].status != "deleted" for i in row.changed_items):
+                continue
+            with self.store.transaction():
+                self.store.drop_shard(row.id)
+            done = {"stale": row.id, "changed_items": row.changed_items, "retrained": None,
+                    "why": "no model to retrain it; it held deleted items"}
+            report.shards.append(done)
+            self._audit("maintain_shard", done, row.changed_items)
 
     def _between_steps(self, done: int, total: int, loss: float) -> None:
         """After each optimizer step of a retrain: a stop ends it there (so a server that shuts

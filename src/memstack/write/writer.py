@@ -136,10 +136,12 @@ class Writer:
                                 for n, (rowid, text) in enumerate(jobs)])
 
     def neighbours(self, session_item_id: str | None, rowid: int) -> list[int]:
-        """Rowids of the turns whose context window includes this turn (itself included)."""
+        """Rowids of the turns whose context window includes this turn (itself included),
+        counted over every turn not deleted (an archived or expired turn's neighbours may
+        still hold its text)."""
         if not self.context_window or session_item_id is None:
             return []
-        order = [r for r, _ in self.session_turns(session_item_id)]
+        order = [r for r, _ in self.session_turns(session_item_id, status="live")]
         if rowid not in order:
             return []
         n, (before_n, after_n) = order.index(rowid), self.context_window
@@ -186,9 +188,10 @@ class Writer:
 
     # deletion ---------------------------------------------------------------------------------
     def purge(self, cube: CubeRow, ids: list[str], reason: str, action: str,
-              cascade: bool = True) -> int:
+              cascade: bool = True, into: list[str] | None = None) -> int:
         """Delete items (a tombstone stays; their text leaves rows, versions and indexes), their
-        sessions' turns and, with `cascade`, what was derived from them."""
+        sessions' turns and, with `cascade`, what was derived from them. Returns how many;
+        `into` gets every id purged."""
         neighbours: dict[str, set[int]] = {}
         purged: list[str] = []
         with self.store.transaction():
@@ -203,7 +206,20 @@ class Writer:
             self.store.bump_generation(cube.id)
             self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})
         self.store.checkpoint()
+        if into is not None:
+            into.extend(purged)
         return len(purged)
+
+    def forget_context(self, turns: list[tuple[int, Item]]) -> None:
+        """Rebuild the context keys of the neighbours of turns that left search (archived or
+        expired), inside the caller's transaction: their keys held those turns' text."""
+        by_session: dict[str, set[int]] = {}
+        for rowid, turn in turns:
+            if turn.kind == "turn" and turn.parent_id:
+                by_session.setdefault(turn.parent_id, set()).update(
+                    self.neighbours(turn.parent_id, rowid))
+        for session_item_id, rowids in by_session.items():
+            self.refresh_context(session_item_id, rowids)
 
     def _tombstone_all(self, ids: list[str], purged: list[str],
                        neighbours: dict[str, set[int]], reason: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..._errors import CacheMismatchError, InvalidInputError, StaleBlockError
-from ..._models import KINDS, Generation, Hit, Item
+from ..._models import KINDS, Generation, Hit, Item, utcnow
 from ...store.kvblocks import BlockRow
 from ...store.selection import Selection
 from .block import KVBlock, block_ids, block_overhead, build_block, load_block, render_item, save_block
@@ -180,9 +180,11 @@ class ActivationTier:
         return block.id
 
     def _items(self, ids: Sequence[str]) -> dict[str, Item]:
-        """Live (active) items by id."""
+        """Live (active, not expired) items by id: a block holding another is stale."""
+        now = utcnow()
         return {i: item for i, item in self.store.items_by_id(ids).items()
-                if item.status == "active"}
+                if item.status == "active" and (item.expires_at is None or
+                                                item.expires_at > now)}
 
     # blocks ----------------------------------------------------------------------------------
     def load(self, row: BlockRow) -> KVBlock:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..._errors import InvalidInputError, NotFoundError, TierError
-from ..._models import Item
+from ..._models import Item, utcnow
 from ...store.selection import Selection
 from ...store.shards import ShardRow
 from ..activation.model import LocalModel, models_dir
@@ -371,10 +371,12 @@ class ParametricTier:
         """A shard answers a scoped question only if everything in its weights is of that
         scope: a shard trained on a whole cube also holds other users' memories, and one
         trained on chosen ids (or continued from a parent) may hold other cubes' items."""
-        items = self.store.items_by_id(item_ids)
+        items, now = self.store.items_by_id(item_ids), utcnow()
         return len(items) == len(set(item_ids)) and all(
             i.cube in cubes and (user_id is None or i.user_id == user_id) and
-            (agent_id is None or i.agent_id == agent_id) for i in items.values())
+            (agent_id is None or i.agent_id == agent_id) and
+            (i.expires_at is None or i.expires_at > now)  # expired: not until retrained
+            for i in items.values())
 
     def ask(self, question: str, shard_id: str | None, *, max_new_tokens: int = 64) -> str:
         """The shard's model (the base model for None) answers from its weights alone (no
