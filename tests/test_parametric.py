@@ -338,19 +338,20 @@ def test_a_cube_archive_with_its_tiers_carries_blocks_and_shards_into_postgres(
     with Memory(pg_url, embedder=embedder, files=tmp_path / "pg-files") as pg:
         report = pg.import_cube(tmp_path / "full.memcube")
         assert (report["kv_blocks"], report["shards"]) == (1, 1)
-        copied = pg.store.block(block_id)
+        copied, = pg.store.blocks()  # new ids: nothing in the archive names a path here
         assert copied.item_ids == block.item_ids and copied.cube_id == pg.store.cube("default").id
         assert (pg.store.kv_dir / copied.file).read_bytes() == \
             (planted.store.kv_dir / block.file).read_bytes()
-        row = pg.store.shard(shard.id)
+        row, = pg.store.shards()
         assert row.status == "active" and sorted(row.item_ids) == sorted(
             planted.store.shard(shard.id).item_ids)
         for name in ("adapter_model.safetensors", "manifest.json"):
-            assert (pg.store.shard_dir / shard.id / name).read_bytes() == \
+            assert (pg.store.shard_dir / row.folder / name).read_bytes() == \
                 (planted.store.shard_dir / shard.id / name).read_bytes()
         held = pg.get(block.item_ids[0])
-        assert held.kv_blocks == [block_id] and shard.id in held.shards
-        again = pg.audit(shard.id, model="smollm2")  # the adapter loads from the copy
-        assert again["reliability"] == pg.audit(shard.id, model="smollm2")["reliability"]
+        assert held.kv_blocks == [copied.id] and row.id in held.shards
+        out = pg.generate(fact.content, model="smollm2", user_id="ann", max_new_tokens=4)
+        assert copied.id in out.block_ids  # the copied block is used there
+        assert pg.audit(row.id, model="smollm2")["reliability"] is not None  # it loads
         pg.delete(block.item_ids[0])  # the rules hold for imported tiers too
-        assert pg.store.block(block_id) is None and pg.store.shard(shard.id).status == "stale"
+        assert pg.store.blocks() == [] and pg.store.shard(row.id).status == "stale"

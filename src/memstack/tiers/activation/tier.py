@@ -195,7 +195,9 @@ class ActivationTier:
                                       zip(cached.item_ids, cached.item_hashes)):
             self._ram.move_to_end(row.id)
             return cached
-        block = load_block(self.store.kv_dir / row.file, self.lm, current)
+        # the row's id: an imported block (cube archives) got a new one, its file keeps the old
+        block = dataclasses.replace(load_block(self.store.kv_dir / row.file, self.lm, current),
+                                    id=row.id)
         self._ram[row.id] = block
         while sum(b.nbytes for b in self._ram.values()) > self.budget_bytes and self._ram:
             self._ram.popitem(last=False)
