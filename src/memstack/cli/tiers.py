@@ -126,8 +126,9 @@ def _train_progress(description: str) -> Any:
                    "separated by commas.")
 @click.option("--method", type=click.Choice(METHODS), default=TrainSettings.method,
               show_default=True, help="Guard against forgetting.")
-@click.option("--reg-weight", default=TrainSettings.reg_weight, show_default=True, type=float,
-              help="Weight of the KL, L2 or GeRe term.")
+@click.option("--reg-weight", type=float,
+              help="Weight of the KL, L2 or GeRe term [default: 3, or 10 when the schedule adds "
+                   "epochs for a small scope].")
 @click.option("--epochs", type=int,
               help="Default: the schedule (at least 5 epochs and 150 optimizer steps, at most "
                    "60 epochs).")

@@ -436,7 +436,8 @@ class ParametricTier:
 
 def _schedule(settings: TrainSettings) -> dict[str, Any]:
     """What the schedule made of the settings for this shard's samples."""
-    return {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}
+    return {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+            "reg_weight": settings.reg_weight}
 
 
 def _same_gate(folders: Sequence[Any]) -> Any:

@@ -91,7 +91,11 @@ class TrainSettings:
     max_epochs: int = 60
     batch_size: int = 8
     replay_batch: int = 4
-    reg_weight: float = 3.0
+    # the KL term's weight (None: from the schedule): 3 at the scale it was tuned at (200
+    # facts: 5 epochs), `small_reg_weight` when a small scope's schedule adds epochs, so its
+    # few samples are seen many times and the update drifts further from the base model
+    reg_weight: float | None = None
+    small_reg_weight: float = 10.0
     max_tokens: int = 96
     answer_end: bool = True  # teach the end-of-turn token after a memory's answer
     # locality of the adapter itself: the share of general text's input energy, per adapted
@@ -122,7 +126,8 @@ class TrainSettings:
         epochs = 1 if self.epochs is None else self.epochs
         if min(self.rank, self.alpha, epochs, self.batch_size, self.replay_batch,
                self.min_epochs, self.min_steps) < 1 or self.max_epochs < self.min_epochs \
-                or not 0 < self.lr < 1 or self.reg_weight < 0 or self.max_tokens < 16 \
+                or not 0 < self.lr < 1 or (self.reg_weight or 0) < 0 \
+                or self.small_reg_weight < 0 or self.max_tokens < 16 \
                 or not 0 <= self.protect < 1 or not 0 <= self.lines <= 1 \
                 or not 0 <= self.gate <= 1 or (self.gate and not self.protect):
             raise InvalidInputError("rank, alpha, epochs, batch sizes, min_steps >= 1; "
@@ -138,11 +143,14 @@ class TrainSettings:
         """These settings for `samples` training samples: the batch no larger than the data,
         the epochs from the schedule unless given."""
         batch = max(1, min(self.batch_size, samples))
-        if self.epochs is not None:
-            return replace(self, batch_size=batch)
-        per_epoch = -(-samples // batch)
-        epochs = min(self.max_epochs, max(self.min_epochs, -(-self.min_steps // per_epoch)))
-        return replace(self, batch_size=batch, epochs=epochs)
+        epochs = self.epochs
+        if epochs is None:
+            per_epoch = -(-samples // batch)
+            epochs = min(self.max_epochs, max(self.min_epochs, -(-self.min_steps // per_epoch)))
+        weight = self.reg_weight
+        if weight is None:
+            weight = self.small_reg_weight if epochs > self.min_epochs else 3.0
+        return replace(self, batch_size=batch, epochs=epochs, reg_weight=weight)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
