@@ -219,6 +219,8 @@ def test_the_schedule_gives_a_small_scope_enough_updates_and_keeps_what_is_given
     # scope's schedule adds epochs (docs/benchmarks.md: drift at 25 facts +6.9% -> +5.0%)
     assert default.resolve(800).reg_weight == 3.0 and default.resolve(106).reg_weight == 10.0
     assert TrainSettings(reg_weight=1.5).resolve(32).reg_weight == 1.5
+    assert TrainSettings(epochs=20).resolve(800).reg_weight == 3.0  # epochs given: as tuned
+    assert TrainSettings(method="replay_l2").resolve(106).reg_weight == 3.0
     assert TrainSettings(epochs=2).resolve(20).epochs == 2  # what is given is kept
     with pytest.raises(Exception, match="min_epochs <= max_epochs"):
         TrainSettings(min_epochs=9, max_epochs=8).check()

@@ -302,3 +302,18 @@ def test_without_a_model_maintenance_drops_a_shard_that_holds_a_deleted_item(db_
         report = m.maintenance(model=None).run()
         assert [s["stale"] for s in report.shards] == ["shard_x"]
         assert m.store.shard("shard_x") is None and not folder.exists()
+
+
+def test_a_deleted_turn_next_to_an_archived_one_leaves_every_context_key(mem):
+    """Turns A B X1 X2 C D, X1 expired and archived: deleting X2 rebuilds B's key too (X2 was
+    in it, counted among the active turns), and the archived X1 keeps no context key."""
+    texts = ["alpha one", "bravo two", "xray expiring soon", "the zebraquartz code",
+             "charlie three", "delta four"]
+    ids = [mem.add(t, user_id="ann", session_id="s1", ttl=1 if n == 2 else None).ids[0]
+           for n, t in enumerate(texts)]
+    time.sleep(1.1)
+    assert mem.apply_retention().counts()["expired"] == 1
+    assert mem.delete(ids[3], receipt=True)["clean"]
+    hits = mem.search("zebraquartz", user_id="ann") + \
+        mem.search("zebraquartz", user_id="ann", as_of=_now())
+    assert not [h for h in hits if {"bm25", "bm25_context"} & set(h.ranks)]

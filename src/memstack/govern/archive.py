@@ -452,7 +452,7 @@ def _load(store: Store, archive: Opened, name: str, embedder: Any,
                       "audit_entries": archive.manifest["counts"]["audit_entries"]}
             store.audit(actor, "import_cube", name, [], report)
     except BaseException:
-        for path in copied:
+        for path in reversed(copied):  # files, then the folders made for them
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else \
                 path.unlink(missing_ok=True)
         raise
@@ -515,7 +515,7 @@ def _insert_keys(store: Store, archive: Opened, rowids: dict[str, int],
     return count
 
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch
 
 
 def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, str],
@@ -529,6 +529,9 @@ def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, st
     from ..store.shards import ShardRow
 
     lines = list(archive.lines(TIERS))
+    named = [name for line in lines for name in line["files"]]
+    if len({line["id"] for line in lines}) != len(lines) or len(set(named)) != len(named):
+        raise CorruptArchiveError("tiers.jsonl names a block, a shard or a file twice")
     new_ids = {line["id"]: f"{'kv' if line['tier'] == 'kv' else 'shard'}_{uuid.uuid4().hex[:16]}"
                for line in lines}
     counts = {"kv_blocks": 0, "shards": 0, "kv_blocks_skipped": 0}
@@ -544,7 +547,7 @@ def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, st
         row = {k: v for k, v in line.items() if k not in ("tier", "files")}
         row.update(id=new, cube_id=cube_id, item_ids=[ids.get(i, i) for i in row["item_ids"]])
         if line["tier"] == "kv":
-            if not _SAFE_ID.match(str(row["model_key"])) or len(line["files"]) != 1:
+            if not _SAFE_ID.fullmatch(str(row["model_key"])) or len(line["files"]) != 1:
                 raise CorruptArchiveError("tiers.jsonl: a KV block with a malformed model key")
             row["file"] = f"{row['model_key']}/{new}.safetensors"
             _copy_in(archive, line["files"][0], store.kv_dir, row["file"], copied)
@@ -552,12 +555,11 @@ def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, st
             counts["kv_blocks"] += 1
             continue
         prefix = f"shards/{line['folder']}/"
-        if not _SAFE_ID.match(str(line["folder"])) or not line["files"] or \
+        if not _SAFE_ID.fullmatch(str(line["folder"])) or not line["files"] or \
                 any(not f.startswith(prefix) for f in line["files"]):
             raise CorruptArchiveError("tiers.jsonl: a shard's files are not in its folder")
         row.update(folder=new, parent=new_ids.get(row["parent"]) if row["parent"] else None,
                    changed_items=[ids.get(i, i) for i in row["changed_items"]])
-        copied.append(store.shard_dir / new)
         for name in line["files"]:
             _copy_in(archive, name, store.shard_dir, f"{new}/{name[len(prefix):]}", copied)
         store.insert_shard(ShardRow(**row))
@@ -567,15 +569,18 @@ def _insert_tiers(store: Store, cube_id: int, archive: Opened, ids: dict[str, st
 
 def _copy_in(archive: Opened, name: str, base: Path, relative: str, copied: list[Path]
              ) -> None:
-    """Copy the member `name` to base/relative, a new file that must stay inside `base`."""
+    """Copy the member `name` to base/relative, a new file that must stay inside `base`;
+    `copied` gets the folders this makes and the file before it is written (a failed import
+    removes them, a partial copy too)."""
     target = base / relative
     if not _tier_file(name) or name not in archive.manifest["members"] or \
             not _inside(target, base) or target.exists():
         raise CorruptArchiveError(f"tiers.jsonl names {name!r}, which the manifest does not "
                                   "list or which cannot be placed")
+    copied += [p for p in reversed(target.parents) if not p.exists()]  # outermost first
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(archive.folder / name, target)
     copied.append(target)
+    shutil.copyfile(archive.folder / name, target)
 
 
 def _inside(path: Path, base: Path) -> bool:

@@ -118,6 +118,9 @@ class Writer:
             return
         turns = self.session_turns(session_item_id)
         before_n, after_n = self.context_window
+        # a turn that left search (archived, expired, deleted) keeps no context key: it would
+        # hold its neighbours' text, which may change or be deleted after it left
+        self.store.delete_keys(sorted(wanted - {rowid for rowid, _ in turns}), "context")
         pairs = [(t.speaker or "", t.content or "") for _, t in turns]
         jobs = []
         for n, (rowid, turn) in enumerate(turns):
@@ -136,16 +139,24 @@ class Writer:
                                 for n, (rowid, text) in enumerate(jobs)])
 
     def neighbours(self, session_item_id: str | None, rowid: int) -> list[int]:
-        """Rowids of the turns whose context window includes this turn (itself included),
-        counted over every turn not deleted (an archived or expired turn's neighbours may
-        still hold its text)."""
+        """Rowids of the turns whose context keys may hold this turn's text (itself
+        included): its window among the active turns with it counted in (the keys of active
+        turns are built over active turns), and among every turn not deleted (an archived or
+        expired turn's own key may still hold it until rebuilt)."""
         if not self.context_window or session_item_id is None:
             return []
-        order = [r for r, _ in self.session_turns(session_item_id, status="live")]
-        if rowid not in order:
+        live = [r for r, _ in self.session_turns(session_item_id, status="live")]
+        if rowid not in live:
             return []
-        n, (before_n, after_n) = order.index(rowid), self.context_window
-        return order[max(0, n - after_n):n + before_n + 1]
+        active = [r for r, _ in self.session_turns(session_item_id)]
+        if rowid not in active:
+            active = sorted([*active, rowid])  # turns are in rowid order
+        before_n, after_n = self.context_window
+        out: set[int] = set()
+        for order in (live, active):
+            n = order.index(rowid)
+            out.update(order[max(0, n - after_n):n + before_n + 1])
+        return sorted(out)
 
     # changes ----------------------------------------------------------------------------------
     def live(self, memory_id: str) -> Written:

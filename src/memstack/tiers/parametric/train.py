@@ -91,9 +91,10 @@ class TrainSettings:
     max_epochs: int = 60
     batch_size: int = 8
     replay_batch: int = 4
-    # the KL term's weight (None: from the schedule): 3 at the scale it was tuned at (200
-    # facts: 5 epochs), `small_reg_weight` when a small scope's schedule adds epochs, so its
-    # few samples are seen many times and the update drifts further from the base model
+    # the regulariser's weight (None: from the schedule): 3 at the scale it was tuned at (200
+    # facts: 5 epochs); for replay_kl with the schedule's epochs, `small_reg_weight` when a
+    # small scope's schedule adds epochs, so its few samples are seen many times and the
+    # update drifts further from the base model
     reg_weight: float | None = None
     small_reg_weight: float = 10.0
     max_tokens: int = 96
@@ -148,8 +149,10 @@ class TrainSettings:
             per_epoch = -(-samples // batch)
             epochs = min(self.max_epochs, max(self.min_epochs, -(-self.min_steps // per_epoch)))
         weight = self.reg_weight
-        if weight is None:
-            weight = self.small_reg_weight if epochs > self.min_epochs else 3.0
+        if weight is None:  # measured for KL only, on the schedule's own epochs
+            small = self.epochs is None and epochs > self.min_epochs and \
+                self.method == "replay_kl"
+            weight = self.small_reg_weight if small else 3.0
         return replace(self, batch_size=batch, epochs=epochs, reg_weight=weight)
 
     def to_dict(self) -> dict[str, Any]:
