@@ -36,11 +36,11 @@ def test_durations_read_as_seconds_and_bad_ones_are_refused():
 def test_an_expired_item_leaves_search_at_once_and_as_of_still_sees_it(mem):
     keep = mem.add("Ann keeps a green parrot named Kiwi", user_id="ann", kind="fact").ids[0]
     gone = mem.add("Ann has a temporary door code 4711", user_id="ann", kind="fact",
-                   ttl=1).ids[0]
+                   ttl=3).ids[0]
     item = mem.get(gone)
     assert item.expires_at is not None and item.expires_at > item.recorded_at
     assert gone in _ids(mem.search("door code", user_id="ann"))
-    time.sleep(1.2)
+    time.sleep(max(0.0, (item.expires_at - _now()).total_seconds()) + 0.2)
     # no maintenance ran: the query itself leaves it out
     assert gone not in _ids(mem.search("door code", user_id="ann"))
     assert gone not in [i.id for i in mem.get_all(user_id="ann")]
@@ -222,14 +222,14 @@ def test_the_cli_shows_sets_and_applies_rules_and_asks_for_yes(db_path, embedder
     out = runner.invoke(cli, [*base, "add", "a short code", "--kind", "fact", "--user", "ann",
                               "--ttl", "1"])
     assert out.exit_code == 0, out.output
+    time.sleep(1.1)  # the code has expired and the note was not read for a second
     out = runner.invoke(cli, [*base, "retention", "set", "fact", "--archive-unused", "1"])
-    assert out.exit_code == 2 and "--yes" in out.output  # both facts would leave search
+    assert out.exit_code == 2 and "--yes" in out.output  # the note would leave search too
     out = runner.invoke(cli, [*base, "retention", "set", "fact", "--purge-after", "30d"])
     assert out.exit_code == 0 and "rule for 'fact' set" in out.output, out.output
     out = runner.invoke(cli, [*base, "--json", "retention", "show"])
     rules = json.loads(out.output)
     assert [(r["kind"], r["purge_after"]) for r in rules] == [("fact", 30 * DAY)]
-    time.sleep(1.1)
     out = runner.invoke(cli, [*base, "retention", "apply", "--dry-run"])
     assert out.exit_code == 0 and "would expire 1" in out.output, out.output
     out = runner.invoke(cli, [*base, "--json", "retention", "apply"])
