@@ -44,12 +44,13 @@ from .store.uses import UseCounter
 from .write.drafts import Prepared, message_draft, session_draft, stored_keys
 from .write.repair import run_pending
 from .write.writer import Writer
+from ._learn import LearnMixin
 from ._tiers import TiersMixin
 
 __all__ = ["Memory", "MAX_TOP_K"]
 
 
-class Memory(TiersMixin):
+class Memory(TiersMixin, LearnMixin):
     """Memory in one SQLite file (a path) or a PostgreSQL database (a postgresql:// URL),
     searched by BM25 and vectors together.
 

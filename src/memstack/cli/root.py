@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from . import bench, core, govern, tiers
+from . import bench, core, govern, learn, tiers
 from ._common import Group
 
 
