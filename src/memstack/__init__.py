@@ -25,6 +25,7 @@ from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, G
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
 from .ingest.manager import ExtractionSettings
 from .llm import ChatModel, Completion, OpenAIChat, Usage
+from .retrieve.feedback import FeedbackSettings
 from .retrieve.search import SearchSettings
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
     "ChatModel", "OpenAIChat", "Completion", "Usage", "ExtractionSettings",
     "SearchSettings",
+    "FeedbackSettings",
     "MemstackError", "InvalidInputError", "EmptyContentError", "InvalidEncodingError",
     "ContentTooLargeError", "UnknownKindError", "InvalidDateError", "InvalidFilterError",
     "InvalidQueryError", "InvalidLimitError", "CorruptArchiveError", "NotFoundError", "ItemNotFoundError",

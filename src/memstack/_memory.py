@@ -18,7 +18,7 @@ import numpy as np
 
 from ._errors import (InvalidInputError, InvalidLimitError, ItemNotFoundError,
                       UnknownKindError)
-from ._models import (KINDS, AddResult, Answer, AuditEntry, Cube, Extraction, Hit, Item,
+from ._models import (KINDS, UNADDABLE, AddResult, Answer, AuditEntry, Cube, Extraction, Hit, Item,
                       RetentionRule, Version, utcnow)
 from ._time import parse_time
 from ._validate import limit as _limit
@@ -31,6 +31,7 @@ from .llm import ChatModel
 from .ingest.manager import ExtractionSettings, FactManager
 from .ingest.rules import (DERIVED_METADATA, clean_text, derived_metadata, item_keys,
                            normalise_messages)
+from .retrieve.feedback import FeedbackSettings
 from .retrieve.search import SearchSettings
 from .retrieve.searcher import MAX_TOP_K, Searcher, selection
 from .govern import archive, backup, chain, retention
@@ -64,7 +65,8 @@ class Memory(TiersMixin, LearnMixin):
     `context_window=(before, after)` (a turn is also indexed with that many neighbours; None turns
     it off) and `context_vectors` (embed those context keys too: better recall, about 4x slower
     ingest; see docs/benchmarks.md), `search_settings` (SearchSettings: fusion weights and
-    boosts of search). `files`: where a PostgreSQL store keeps the tiers' files (KV blocks,
+    boosts of search), `feedback_settings` (FeedbackSettings: how much feedback moves results,
+    retrieve/feedback.py). `files`: where a PostgreSQL store keeps the tiers' files (KV blocks,
     shards); an SQLite store keeps them beside its file. `read_only` (a PostgreSQL read
     replica's URL): searches, gets and lists work, the schema is checked but never migrated,
     access statistics are not kept, and every write raises ReadOnlyStoreError.
@@ -81,6 +83,7 @@ class Memory(TiersMixin, LearnMixin):
                  context_vectors: bool = False, llm: ChatModel | None = None,
                  extraction: ExtractionSettings | None = None,
                  search_settings: SearchSettings | None = None,
+                 feedback_settings: FeedbackSettings | None = None,
                  files: str | Path | None = None, read_only: bool = False) -> None:
         self.url = path if is_url(path) else None  # with its password: for worker processes
         self.embedder: Embedder = embedder or LocalEmbedder()
@@ -94,7 +97,8 @@ class Memory(TiersMixin, LearnMixin):
         self._cubes = Cubes(self.store, self.embedder.name, self.embedder.dim, self.default_cube)
         self.writer = Writer(self.store, self._cubes, self.embedder, self.actor,
                              context_window=context_window, context_vectors=context_vectors)
-        self.searcher = Searcher(self.store, self._cubes, self.embedder, search_settings)
+        self.searcher = Searcher(self.store, self._cubes, self.embedder, search_settings,
+                                 feedback_settings)
         self.facts = FactManager(self.writer, self.searcher, llm, extraction) if llm else None
         self._uses = UseCounter(self.store)  # access statistics, written once a second
         self._models: dict[str, Any] = {}  # local models and their tiers (_tiers.py)
@@ -236,9 +240,11 @@ class Memory(TiersMixin, LearnMixin):
         """Validate and draft an add (no writes)."""
         scope = _scope(user_id, agent_id, session_id)
         expiry = retention.expiry(expires_at, ttl)
-        if kind not in KINDS or kind == "session":
+        if kind not in KINDS or kind in UNADDABLE:
             raise UnknownKindError(f"kind {kind!r} cannot be added; use one of "
-                                   f"{', '.join(k for k in KINDS if k != 'session')}")
+                                   f"{', '.join(k for k in KINDS if k not in UNADDABLE)}"
+                                   + (" (feedback: Memory.feedback)" if kind == "feedback"
+                                      else ""))
         msgs = normalise_messages(messages)
         metadata = _metadata(metadata)
         when = parse_time(observed_at, field="observed_at") if observed_at is not None else utcnow()
@@ -551,8 +557,9 @@ class Memory(TiersMixin, LearnMixin):
                cube: str | Sequence[str] | None = None, kinds: Sequence[str] | None = None,
                filters: dict[str, Any] | None = None, since: Any = None, until: Any = None,
                as_of: Any = None, top_k: int = 10, limit: int | None = None,
-               threshold: float | None = None) -> list[Hit]:
+               threshold: float | None = None, feedback: bool = True) -> list[Hit]:
         """Hybrid search (BM25 + vectors, fused) within a scope; results never cross it.
+        `feedback=False`: results as if this user had given no feedback (Memory.feedback).
 
         >>> [h.item.content for h in m.search("cat", user_id="ann", top_k=3)]
         ['I adopted a cat yesterday']
@@ -560,7 +567,8 @@ class Memory(TiersMixin, LearnMixin):
         hits = self.searcher.find(query, user_id=user_id, agent_id=agent_id,
                                   session_id=session_id or run_id, cube=cube, kinds=kinds,
                                   filters=filters, since=since, until=until, as_of=as_of,
-                                  top_k=limit if limit is not None else top_k)
+                                  top_k=limit if limit is not None else top_k,
+                                  feedback=feedback)
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
         if self.track_access and hits:
@@ -592,8 +600,10 @@ class Memory(TiersMixin, LearnMixin):
         now = parse_time(as_of, field="as_of") if as_of is not None else utcnow()
         reply = self.llm.complete(_answer.messages(question, context, now), max_tokens=max_tokens,
                                   stop=_answer.STOP)
+        answer_id = self._remember("answer", question, _scope(user_id, agent_id, None), used,
+                                   [c.name for c in self._cubes.for_reading(cube)])
         return Answer(reply.text.strip(), [h.item.id for h in used], tokens, reply.prompt_tokens,
-                      reply.completion_tokens, round(reply.seconds, 3), used)
+                      reply.completion_tokens, round(reply.seconds, 3), used, answer_id)
 
     # export, import and inspection ----------------------------------------------------------------
     def export(self, cube: str | None = None, *, destination: str | None = None

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-Kind = Literal["turn", "session", "fact", "insight", "procedure", "core"]
+Kind = Literal["turn", "session", "fact", "insight", "procedure", "core", "feedback"]
 Status = Literal["active", "archived", "superseded", "deleted"]
-KINDS: tuple[str, ...] = ("turn", "session", "fact", "insight", "procedure", "core")
+KINDS: tuple[str, ...] = ("turn", "session", "fact", "insight", "procedure", "core", "feedback")
+# kinds that are structure or signals, not memories: search finds them only when asked by name
+NOT_MEMORIES: tuple[str, ...] = ("session", "feedback")
+UNADDABLE = NOT_MEMORIES  # sessions are made by add(), feedback by Memory.feedback
 STATUSES: tuple[str, ...] = ("active", "archived", "superseded", "deleted")
 
 
@@ -261,6 +264,7 @@ class Answer:
     completion_tokens: int
     seconds: float
     hits: list[Hit] = field(default_factory=list)
+    id: str = ""  # name it in Memory.feedback (kept 30 days: learn/feedback.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -286,6 +290,24 @@ class Generation:
     ttft_seconds: float
     seconds: float
     finish_reason: str  # "stop" (an end token) or "length" (max_new_tokens)
+    id: str = ""  # name it in Memory.feedback (kept 30 days: learn/feedback.py)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FeedbackResult:
+    """Feedback stored (Memory.feedback): its item's id, the memories it names, the query it
+    moves results for (None: it moves none), and the correction it made, if any (a memory of its
+    own; with an LLM also the fact manager's operations on it)."""
+
+    id: str
+    signal: str
+    item_ids: list[str]
+    query: str | None
+    correction_id: str | None = None
+    operations: list[FactOp] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

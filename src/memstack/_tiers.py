@@ -3,6 +3,7 @@ LoRA shards). A mixin so that the facade in _memory.py stays one readable module
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -207,4 +208,8 @@ class TiersMixin:
         out = tier.generate(query, hits, use_cache=use_cache, max_new_tokens=max_new_tokens,
                             temperature=float(temperature), seed=seed,
                             session_id=session_id or run_id)
+        scope = {"user_id": user_id, "agent_id": agent_id}
+        cubes = [cube] if isinstance(cube, str) else list(cube or [])
+        out.then(lambda g: dataclasses.replace(g, id=self._remember(  # type: ignore[attr-defined]
+            "generation", query, scope, [h for h in hits if h.item.id in g.memory_ids], cubes)))
         return out if stream else out.collect()

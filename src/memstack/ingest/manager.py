@@ -167,7 +167,8 @@ class FactManager:
         for candidate in candidates:
             hits = self.searcher.find(candidate.text, cube=cube.name, kinds=FACT_KINDS,
                                      top_k=self.settings.neighbours,
-                                     exact=("user_id", "agent_id"), **scope)
+                                     exact=("user_id", "agent_id"), feedback=False,
+                                     **scope)
             for rank, hit in enumerate(hits):
                 score = best.get(hit.item.id, (1e9, hit.item))[0]
                 best[hit.item.id] = (min(score, rank), hit.item)

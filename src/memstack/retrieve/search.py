@@ -8,7 +8,7 @@ questions, strong sessions, and (an option) items whose time matches a time cue 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -88,8 +88,10 @@ def candidates_needed(top_k: int) -> int:
 
 
 def hybrid(store: Store, query: Query, qvec: np.ndarray, sel: Selection, top_k: int,
-           settings: SearchSettings = SearchSettings()) -> list[Hit]:
-    """The `top_k` best items of the selection for a query and its embedding `qvec`."""
+           settings: SearchSettings = SearchSettings(),
+           adjust: Callable[[dict[int, float]], dict[int, float]] | None = None) -> list[Hit]:
+    """The `top_k` best items of the selection for a query and its embedding `qvec`;
+    `adjust` changes the fused scores last (feedback, retrieve/feedback.py)."""
     n = candidates_needed(top_k)
     bm25 = store.fts(query.words, sel, n)
     vector = store.vector_candidates(qvec, sel, n)
@@ -101,6 +103,8 @@ def hybrid(store: Store, query: Query, qvec: np.ndarray, sel: Selection, top_k: 
     raw = {name: dict(ranked) for name, ranked in lists.items()}  # similarities: all of them
     fused = rrf(rankings, k=settings.rrf_k, weights=weights)
     fused = _boosted(store, fused, query, settings)
+    if adjust is not None:
+        fused = adjust(fused)
     order = sorted(fused, key=lambda r: (-fused[r], r))[:top_k]
     items = store.items_by_rowid(order)
     ranks = {name: {r: n for n, r in enumerate(ranked, 1)} for name, ranked in rankings.items()}

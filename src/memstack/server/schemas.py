@@ -57,7 +57,8 @@ class ScopedQuery(BaseModel):
 
 
 class SearchRequest(ScopedQuery):
-    kinds: list[Literal["turn", "session", "fact", "insight", "procedure", "core"]] | None = None
+    kinds: list[Literal["turn", "session", "fact", "insight", "procedure", "core",
+                        "feedback"]] | None = None
     filters: dict[str, Any] | None = None
     since: str | None = None
     until: str | None = None

@@ -40,6 +40,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "repairs": ("name", "state", "done_at", "detail"),
     "retention": ("cube_id", "kind", "expire_after", "archive_unused", "purge_after", "set_by",
                   "set_at"),
+    "answers": ("id", "cube_id", "kind", "user_id", "agent_id", "query", "item_ids",
+                "created_at"),
 }
 
 

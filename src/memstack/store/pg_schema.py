@@ -10,7 +10,7 @@ the key's length in tokens, for BM25 (postgres.py). The audit log refuses UPDATE
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -381,9 +381,42 @@ EXCEPTION WHEN undefined_object THEN
 END $$;
 """
 
+# 8: feedback (learn/feedback.py): the kind `feedback`, and the answers and generations feedback
+# can name (which memories of each cube they used), behind the cube wall.
+_V8 = f"""
+ALTER TABLE items DROP CONSTRAINT IF EXISTS items_kind_check;
+ALTER TABLE items ADD CONSTRAINT items_kind_check CHECK
+  (kind IN ('turn','session','fact','insight','procedure','core','feedback'));
+CREATE TABLE IF NOT EXISTS answers (
+  id TEXT NOT NULL,
+  cube_id BIGINT NOT NULL REFERENCES cubes(id),
+  kind TEXT NOT NULL CHECK (kind IN ('answer','generation')),
+  user_id TEXT, agent_id TEXT,
+  query TEXT NOT NULL,
+  item_ids TEXT NOT NULL DEFAULT '[]',
+  created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (id, cube_id)
+);
+CREATE INDEX IF NOT EXISTS answers_time ON answers (created_at);
+ALTER TABLE answers ENABLE ROW LEVEL SECURITY;
+ALTER TABLE answers FORCE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+  CREATE POLICY cube_wall ON answers USING ({_WALL}) WITH CHECK ({_WALL});
+EXCEPTION WHEN duplicate_object THEN
+  NULL;
+END $$;
+DO $$
+BEGIN
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON answers TO memstack_app');
+EXCEPTION WHEN undefined_object THEN
+  NULL;
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
 MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6,
-                              6: _V7}
+                              6: _V7, 7: _V8}
 
 
 def vector_index(dim: int) -> str:

@@ -396,6 +396,33 @@ class ItemRows:
         rows = self.conn.execute(sql + " ORDER BY i.rowid LIMIT ?", (*params, limit))
         return [(row[0], _decode(row)) for row in rows]
 
+    # answers and generations that feedback can name (learn/feedback.py) ------------------------
+    def insert_answer(self, answer_id: str, kind: str, query: str, scope: dict[str, Any],
+                      item_ids_by_cube: dict[int, list[str]]) -> None:
+        """One row per cube whose memories the answer used (a cube wall sees its own)."""
+        now = time.time()
+        for cube_id, ids in item_ids_by_cube.items():
+            self.conn.execute(
+                "INSERT INTO answers (id, cube_id, kind, user_id, agent_id, query, item_ids, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (answer_id, cube_id, kind, scope.get("user_id"), scope.get("agent_id"), query,
+                 json.dumps(ids), now))
+
+    def answer_rows(self, answer_id: str) -> list[dict[str, Any]]:
+        """The rows of an answer or generation by id, one per cube."""
+        rows = self.conn.execute(
+            "SELECT a.cube_id, c.name, a.kind, a.user_id, a.agent_id, a.query, a.item_ids, "
+            "a.created_at FROM answers a JOIN cubes c ON c.id = a.cube_id WHERE a.id = ? "
+            "ORDER BY a.cube_id", (answer_id,)).fetchall()
+        return [{"cube_id": r[0], "cube": r[1], "kind": r[2], "user_id": r[3],
+                 "agent_id": r[4], "query": r[5], "item_ids": json.loads(r[6]),
+                 "created_at": r[7]} for r in rows]
+
+    def prune_answers(self, before: float) -> int:
+        """Forget answers older than `before` (epoch seconds): feedback names recent ones."""
+        return self.conn.execute("DELETE FROM answers WHERE created_at < ?",
+                                 (before,)).rowcount or 0
+
     # whole-store copies (store/migrate.py) ------------------------------------------------------
     def dump_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         """Every row of a table, these columns, in key order (names from migrate.TABLES)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _V1 = """
 CREATE TABLE cubes (
@@ -216,6 +216,28 @@ CREATE TABLE IF NOT EXISTS retention (
 );
 """
 
+# v11: feedback (learn/feedback.py): the kind `feedback`, and the answers and generations that
+# feedback can name (which memories each used). SQLite cannot alter a CHECK constraint; the
+# documented way to widen one that every existing row passes is to edit the table's SQL in
+# sqlite_schema (https://www.sqlite.org/lang_altertable.html, "making other kinds of table
+# schema changes"); _migrate then bumps schema_version so the connection reloads it.
+_V11 = """
+PRAGMA writable_schema = ON;
+UPDATE sqlite_schema SET sql = replace(sql, '''procedure'',''core'')', '''procedure'',''core'',''feedback'')') WHERE type = 'table' AND name = 'items' AND sql NOT LIKE '%''feedback''%';
+PRAGMA writable_schema = OFF;
+CREATE TABLE IF NOT EXISTS answers (
+  id TEXT NOT NULL,
+  cube_id INTEGER NOT NULL REFERENCES cubes(id),
+  kind TEXT NOT NULL CHECK (kind IN ('answer','generation')),
+  user_id TEXT, agent_id TEXT,
+  query TEXT NOT NULL,
+  item_ids TEXT NOT NULL DEFAULT '[]',
+  created_at REAL NOT NULL,
+  PRIMARY KEY (id, cube_id)
+);
+CREATE INDEX IF NOT EXISTS answers_time ON answers (created_at);
+"""
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
 MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6, 6: _V7,
-                              7: _V8, 8: _V9, 9: _V10}
+                              7: _V8, 8: _V9, 9: _V10, 10: _V11}

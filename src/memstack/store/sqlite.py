@@ -122,6 +122,9 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
                 for statement in _split(MIGRATIONS[version]):
                     if not self._column_exists(statement):
                         self.conn.execute(statement)
+                if "writable_schema" in MIGRATIONS[version]:  # this connection reloads it
+                    bumped = self.conn.execute("PRAGMA schema_version").fetchone()[0] + 1
+                    self.conn.execute(f"PRAGMA schema_version = {bumped}")
                 version += 1
                 self.conn.execute(f"PRAGMA user_version = {version}")
 

@@ -64,11 +64,21 @@ class Stream:
 
     def __init__(self, pieces: Iterator[str], finish: Any) -> None:
         self._pieces, self._finish = pieces, finish
+        self._then: list[Callable[[Generation], Generation]] = []
         self.result: Generation | None = None
+
+    def then(self, step: Callable[[Generation], Generation]) -> "Stream":
+        """Run `step` on the Generation once the pieces are exhausted (the facade gives it
+        an id)."""
+        self._then.append(step)
+        return self
 
     def __iter__(self) -> Iterator[str]:
         yield from self._pieces
-        self.result = self._finish()
+        result = self._finish()
+        for step in self._then:
+            result = step(result)
+        self.result = result
 
     def collect(self) -> Generation:
         for _ in self:
@@ -135,7 +145,7 @@ class ActivationTier:
 
     def _candidates(self, cube: str | None, now: float) -> list[Item]:
         cubes = (self.store.cube(cube).id,) if cube is not None else ()
-        used = Selection.of(cube_ids=cubes, kinds=[k for k in KINDS if k not in ("session", "core")],
+        used = Selection.of(cube_ids=cubes, kinds=[k for k in KINDS if k not in ("session", "core", "feedback")],
                             filters={"access_count": {"gt": 0}})
         core = Selection.of(cube_ids=cubes, kinds=["core"])
         items = [i for sel in (core, used) for _, i in self.store.select_items(sel)]

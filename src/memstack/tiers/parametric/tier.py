@@ -354,7 +354,8 @@ class ParametricTier:
         votes: dict[str, float] = {}
         cubes = {c.name for c in self.searcher.cubes.for_reading(cube)}
         for rank, hit in enumerate(self.searcher.find(query, user_id=user_id, agent_id=agent_id,
-                                                     cube=cube, top_k=top_k)):
+                                                     cube=cube, top_k=top_k,
+                                                     feedback=False)):
             if hit.scores.get("vector", 0.0) < min_similarity:
                 continue
             for shard_id in hit.item.shards:
