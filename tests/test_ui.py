@@ -87,3 +87,39 @@ def test_the_page_shows_memory_text_as_text(server):
         expect(page.locator("li.hit").first).to_contain_text("<img src=x")
         assert page.title() == "memstack"
         browser.close()
+
+
+def test_feedback_buttons_and_a_correction(server):
+    """Helpful / not helpful on a search hit, and Correct… on a memory (issue 18)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from memstack import Client
+
+    token = server.key("ann")
+    ann = Client(server.url, token)
+    wrong = ann.add("My sister lives in Porto", user_id="ann").ids[0]
+    ann.add("I keep three hives of bees", user_id="ann")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{server.url}/ui")
+        page.fill("#key", token)
+        page.click("#signin-button")
+        page.fill("#query", "where does my sister live")
+        page.click("#search-button")
+        hit = page.locator("li.hit").first
+        expect(hit).to_contain_text("Porto")
+        hit.locator("button[data-signal=negative]").click()
+        expect(hit.locator("button[data-signal=negative]")).to_have_text("thanks")
+        hit.click()
+        page.once("dialog", lambda dialog: dialog.accept("My sister lives in Lisbon now"))
+        page.click("#correct-button")
+        page.screenshot(path=str(SHOTS / "6-feedback.png"))
+        browser.close()
+    given = ann.get_all(kinds=["feedback"], limit=10)
+    assert {f.metadata["signal"] for f in given} == {"negative"} and len(given) == 2
+    assert any(f.content == "where does my sister live" for f in given)  # the hit's query
+    corrections = [f.metadata["correction_id"] for f in given if f.metadata["correction_id"]]
+    assert ann.get(corrections[0]).metadata["corrects"] == wrong
+    hits = ann.search("where does my sister live", user_id=None)
+    assert hits[0].item.content == "My sister lives in Lisbon now"

@@ -20,8 +20,8 @@ from ._errors import (AuthenticationError, CacheMismatchError, LockHeldError, Mo
                       UnknownKindError)
 from ._async import AsyncMemory
 from ._memory import Memory
-from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, Generation, Hit,
-                      Item, Scope, Version)
+from ._models import (AddResult, Answer, AuditEntry, Cube, Extraction, FactOp, FeedbackResult,
+                      Generation, Hit, Item, Scope, Version)
 from .embed import Embedder, LocalEmbedder, OpenAIEmbedder
 from .ingest.manager import ExtractionSettings
 from .llm import ChatModel, Completion, OpenAIChat, Usage
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Memory", "AsyncMemory", "Client", "AsyncClient",
     "Item", "Hit", "Cube", "Version", "AuditEntry", "AddResult", "Scope",
-    "Extraction", "FactOp", "Answer", "Generation",
+    "Extraction", "FactOp", "Answer", "Generation", "FeedbackResult",
     "Embedder", "LocalEmbedder", "OpenAIEmbedder",
     "ChatModel", "OpenAIChat", "Completion", "Usage", "ExtractionSettings",
     "SearchSettings",

@@ -19,8 +19,8 @@ from urllib.parse import quote
 import httpx
 
 from . import _errors as errors
-from ._models import (AddResult, Answer, Cube, Extraction, FactOp, Generation, Hit, Item,
-                      Version)
+from ._models import (AddResult, Answer, Cube, Extraction, FactOp, FeedbackResult, Generation,
+                      Hit, Item, Version)
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,21 @@ class _Api:
                cube: str | list[str] | None = None, kinds: list[str] | None = None,
                filters: dict[str, Any] | None = None, since: Any = None, until: Any = None,
                as_of: Any = None, top_k: int = 10, limit: int | None = None,
-               threshold: float | None = None) -> _Request:
+               threshold: float | None = None, feedback: bool = True) -> _Request:
         body = _scope(query=query, user_id=user_id, agent_id=agent_id,
                       session_id=session_id or run_id, cube=cube, kinds=kinds, filters=filters,
                       since=_iso(since), until=_iso(until), as_of=_iso(as_of),
                       top_k=limit or top_k, threshold=threshold)
+        if not feedback:
+            body["feedback"] = False
         return _Request("POST", "/v1/search", lambda d: [_hit(h) for h in d["results"]], body)
+
+    def feedback(self, target: str, signal: str, *, query: str | None = None,
+                 correction: str | None = None, user_id: str | None = None,
+                 agent_id: str | None = None) -> _Request:
+        body = _scope(target=target, signal=signal, query=query, correction=correction,
+                      user_id=user_id, agent_id=agent_id)
+        return _Request("POST", "/v1/feedback", _feedback_result, body)
 
     def get(self, memory_id: str) -> _Request:
         return _Request("GET", f"/v1/memories/{_safe(memory_id)}", item)
@@ -272,3 +281,11 @@ class AsyncClient:
 
         call.__name__, call.__doc__ = name, build.__doc__
         return call
+
+
+def _feedback_result(d: dict[str, Any]) -> FeedbackResult:
+    ops = [FactOp(op["event"], op.get("id"), op.get("memory"), op.get("previous_id"),
+                  op.get("previous_memory"), op.get("source_ids", []), op.get("kind", "fact"))
+           for op in d.get("operations", [])]
+    return FeedbackResult(d["id"], d["signal"], d["item_ids"], d["query"], d["correction_id"],
+                          ops)

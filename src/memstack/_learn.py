@@ -10,7 +10,9 @@ from ._errors import InvalidInputError
 from ._models import AddResult, FeedbackResult, Hit
 
 if TYPE_CHECKING:
+    from .learn.dedupe import Dedupe, DedupeReport, DedupeSettings
     from .learn.feedback import Feedback, Target
+    from .learn.reflect import Reflection, ReflectSettings
     from .store.base import CubeRow
 
 
@@ -25,8 +27,9 @@ class LearnMixin:
         default), later searches of the same user for similar queries rank those memories up
         or down, within a bound, fading with time; `correction` (text) becomes a memory of its
         own ranked just ahead of the memory it corrects (with an LLM: said to the fact manager,
-        which may UPDATE the fact). Deleting the feedback (its id) undoes it. `user_id`: who
-        gave it (default: the memory's or the answer's user). `cube_ids`/`check`: the cubes an
+        which may UPDATE the fact). Deleting the feedback (its id) undoes it. `user_id` and
+        `agent_id`: the scope of the searches it moves, as in search() (an answer's own scope
+        by default; else none: searches without a user). `cube_ids`/`check`: the cubes an
         answer may be looked up in and a check of each cube written to (the server's access).
 
         >>> m.feedback(hit.item.id, "negative", query="where does Ann live", user_id="ann").id
@@ -42,9 +45,10 @@ class LearnMixin:
         for t in targets:
             if check is not None:
                 check(t.cube)
-        owner = targets[0]
-        scope = {"user_id": user_id if user_id is not None else owner.user_id,
-                 "agent_id": agent_id if agent_id is not None else owner.agent_id}
+        asked = targets[0] if targets[0].answer_id else None  # the answer's search scope
+        scope = {"user_id": user_id if user_id is not None or asked is None else asked.user_id,
+                 "agent_id": agent_id if agent_id is not None or asked is None
+                 else asked.agent_id}
         return self._feedback().give(targets, signal, query, correction, scope)
 
     def _feedback_targets(self, target: str, cube_ids: Sequence[int] | None) -> "list[Target]":
@@ -82,3 +86,63 @@ class LearnMixin:
         if not by_cube:
             return ""
         return remember_answer(store, kind, query, scope, by_cube)
+
+    # duplicates merged (learn/dedupe.py) ---------------------------------------------------------
+    def dedupe(self, *, cube: str | None = None, user_id: str | None = None,
+               dry_run: bool = False, settings: "DedupeSettings | None" = None
+               ) -> "DedupeReport":
+        """Merge facts, insights and procedures that say the same thing within one scope
+        (maintain does this too): the oldest of each group keeps the union of provenance, the
+        others are superseded by it and leave search. `cube`: one cube (None: every cube);
+        `user_id`: one user's scopes; with `dry_run`, only report the groups.
+
+        >>> [g.merged for g in m.dedupe(user_id="ann").groups]
+        [['9c2e...']]
+        """
+        if user_id is not None and (not isinstance(user_id, str) or not user_id):
+            raise InvalidInputError(f"user_id is a non-empty string, got {user_id!r}")
+        cubes = None if cube is None else \
+            [self._cubes.get(cube, check_model=False)]  # type: ignore[attr-defined]
+        return self._deduper(settings=settings).run(cubes=cubes, user_id=user_id,
+                                                    dry_run=dry_run)
+
+    def _deduper(self, actor: str | None = None, settings: "DedupeSettings | None" = None
+                 ) -> "Dedupe":
+        from .learn.dedupe import Dedupe
+
+        self._uses.flush()  # type: ignore[attr-defined]  # the survivor sums the uses
+        return Dedupe(self.store, self.writer,  # type: ignore[attr-defined]
+                      actor or self.actor, settings)  # type: ignore[attr-defined]
+
+    # insights distilled by the LLM (learn/reflect.py) -------------------------------------------
+    def reflect(self, *, user_id: str | None = None, agent_id: str | None = None,
+                cube: str | None = None, sessions: int = 5, dry_run: bool = False,
+                settings: "ReflectSettings | None" = None) -> "Reflection":
+        """Ask the LLM what the newest `sessions` sessions and the facts of a user (or agent)
+        show about their preferences and what worked, and store it as `insight` and
+        `procedure` items citing their turns and facts (source_ids). Repeats of existing
+        insights are skipped. At most learn.reflect.MAX_CALLS (4) LLM calls, a repair
+        included. An LLM failure comes back in `error`, stored items untouched; `dry_run`
+        asks the LLM but writes nothing. Without an LLM, raises LLMError.
+
+        >>> m.reflect(user_id="ann").insights[0].text
+        'Ann prefers short answers with an example.'
+        """
+        from ._errors import LLMError
+        from ._validate import limit as valid_limit
+        from ._validate import scope as valid_scope
+        from .learn.reflect import Reflection, Reflector
+
+        if self.llm is None:  # type: ignore[attr-defined]
+            raise LLMError("reflect needs an LLM: Memory(..., llm=OpenAIChat(base_url=...)), "
+                           "or on the command line --llm-url URL (or MEMSTACK_LLM_URL)")
+        if user_id is None and agent_id is None:
+            raise InvalidInputError("reflect needs user_id or agent_id: insights are about "
+                                    "someone")
+        scope = valid_scope(user_id, agent_id, None)
+        sessions = valid_limit(sessions, "sessions", maximum=100)
+        rows = self._cubes.for_reading(cube)  # type: ignore[attr-defined]
+        if not rows:  # nothing stored yet
+            return Reflection([], [], 0, 0, 0, dry_run=dry_run)
+        return Reflector(self.writer, self.searcher, self.llm,  # type: ignore[attr-defined]
+                         settings).run(rows[0], scope, sessions, dry_run)

@@ -310,4 +310,4 @@ class FeedbackResult:
     operations: list[FactOp] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "operations": [op.to_dict() for op in self.operations]}

@@ -78,12 +78,16 @@ def _exit_if_extraction_failed(ctx: click.Context, result: AddResult) -> None:
 @click.option("--since")
 @click.option("--until")
 @click.option("--as-of", help="Search the memory as it was at this time.")
+@click.option("--no-feedback", is_flag=True,
+              help="Results as if this user had given no feedback (memstack feedback).")
 @click.pass_context
-def search(ctx, query, user_id, agent_id, session_id, top_k, kinds, where, since, until, as_of):
+def search(ctx, query, user_id, agent_id, session_id, top_k, kinds, where, since, until, as_of,
+           no_feedback):
     """Hybrid search (BM25 + vectors)."""
     hits = open_memory(ctx).search(query, user_id=user_id, agent_id=agent_id,
                                    session_id=session_id, top_k=top_k, kinds=list(kinds) or None,
-                                   filters=json_arg(where), since=since, until=until, as_of=as_of)
+                                   filters=json_arg(where), since=since, until=until, as_of=as_of,
+                                   feedback=not no_feedback)
     rows = [h.to_dict() for h in hits]
     emit(ctx, rows, items_table(rows, f"search: {query}", score=True))
 
@@ -281,7 +285,8 @@ def answer(ctx, question, user_id, agent_id, session_id, max_context_tokens, as_
                                    as_of=as_of)
     data = {k: v for k, v in reply.to_dict().items() if k != "hits"}
     emit(ctx, data, f"{reply.text}\n[dim]from {len(reply.memory_ids)} memories, "
-                    f"{reply.context_tokens} context tokens, {reply.seconds} s[/]")
+                    f"{reply.context_tokens} context tokens, {reply.seconds} s; answer "
+                    f"{reply.id} (memstack feedback {reply.id} positive|negative)[/]")
 
 
 @click.command()

@@ -15,6 +15,7 @@ from typing import Any
 from .._errors import (ContentTooLargeError, EmptyContentError, InvalidEncodingError,
                        InvalidInputError)
 from .._time import find_time_spans, parse_time
+from ..store.base import ANCHOR
 
 MAX_CONTENT_BYTES = 1_000_000
 CHUNK_CHARS = 1200
@@ -174,6 +175,8 @@ def item_keys(kind: str, speaker: str | None, content: str, observed_at: datetim
     fenced code also gets its words without the code (roles "prose:n").
     A pure function of the item, so keys can be rebuilt at any time (re-embedding, repair).
     """
+    if kind == "feedback":  # its query, as a vector only (store/base.py ANCHOR)
+        return [content], [ANCHOR], []
     spans = find_time_spans(content, observed_at) if observed_at and kind != "session" else []
     resolved = [{"text": s.text, "start": s.start.date().isoformat(),
                  "end": s.end.date().isoformat(), "label": s.label()} for s in spans]

@@ -11,7 +11,9 @@ A correction is a memory of its own. Without an LLM it is a fact in the correcte
 whose metadata `corrects` names it, and search puts it just ahead of it; with an LLM it is said
 to the fact manager as the user's turn, which decides ADD / UPDATE (superseding the wrong fact) /
 NOOP as for anything said, and the turn links to the corrected memory the same way.
-Answers and generations are remembered (`answers` table) for ANSWER_DAYS so feedback can name them.
+Answers and generations are remembered (`answers` table: the question and the memory ids, no
+text of the memories) for ANSWER_DAYS so feedback can name them; older ones are forgotten as new
+ones are recorded.
 """
 
 from __future__ import annotations
@@ -122,10 +124,6 @@ class Feedback:
             meta["corrects"] = target.corrected.id
         self.store.update_item(found[0], {"source_ids": [fb_id], "metadata": meta})
 
-    def prune_answers(self) -> int:
-        with self.store.transaction():
-            return self.store.prune_answers(time.time() - ANSWER_DAYS * 86400)
-
 
 def check(signal: Any, query: Any, correction: Any) -> tuple[str, str | None, str | None]:
     """Validated signal, query and correction (nothing is written before this passes)."""
@@ -170,6 +168,7 @@ def remember_answer(store: Store, kind: str, query: str, scope: dict[str, Any],
     """Record an answer or generation and the memories it used; returns its id."""
     answer_id = f"{kind[:3]}_{uuid.uuid4().hex}"
     with store.transaction():
+        store.prune_answers(time.time() - ANSWER_DAYS * 86400)  # indexed: cheap
         store.insert_answer(answer_id, kind, query, scope, item_ids_by_cube)
     return answer_id
 

@@ -122,15 +122,14 @@ def corrections_first(store: Store, sel: Selection, hits: list[Hit], top_k: int)
     if not found:
         return hits
     out: list[Hit] = []
-    placed = {i for items in found.values() for i in (c.id for c in items)}
-    for hit in hits:
+    shown: set[str] = set()
+    for hit in hits:  # a correction found higher up by itself stays there
+        if hit.item.id in shown:
+            continue
         for correction in found.get(hit.item.id, []):
-            out.append(Hit(correction, hit.score, {}, {"corrects": 1.0}))
-        if hit.item.id not in placed:
-            out.append(hit)
-    return _unique(out)[:top_k]
-
-
-def _unique(hits: list[Hit]) -> list[Hit]:
-    seen: set[str] = set()
-    return [h for h in hits if not (h.item.id in seen or seen.add(h.item.id))]  # type: ignore[func-returns-value]
+            if correction.id not in shown:
+                out.append(Hit(correction, hit.score, {}, {"corrects": 1.0}))
+                shown.add(correction.id)
+        out.append(hit)
+        shown.add(hit.item.id)
+    return out[:top_k]

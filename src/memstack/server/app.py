@@ -379,7 +379,7 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
                              agent_id=body.agent_id, session_id=body.session_id,
                              kinds=body.kinds, filters=body.filters, since=body.since,
                              until=body.until, as_of=body.as_of, top_k=body.top_k,
-                             threshold=body.threshold)
+                             threshold=body.threshold, feedback=body.feedback)
         # the hot path: to_dict() is the schema, so skip re-validating it (about 1 ms a hit)
         return JSONResponse({"results": [h.to_dict() for h in hits]})
 
@@ -429,6 +429,21 @@ def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noq
     def history(memory_id: str, who: Principal = Who):
         readable_item(who, memory_id, include_deleted=True)  # a tombstone has a history too
         return [v.to_dict() for v in memory.history(memory_id)]
+
+    @app.post("/v1/feedback", response_model=S.FeedbackOut, status_code=201, responses=ERRORS,
+              tags=["memories"])
+    def feedback(body: S.FeedbackRequest, who: Principal = Who):
+        """Feedback on a memory, or on the memories an answer or generation used: moves this
+        user's later searches for similar queries (bounded, fading); a correction becomes a
+        memory ranked ahead of the one it corrects. Stored as a `feedback` item: delete it to
+        undo. Needs write access to the cube (404 when the caller cannot read the target)."""
+        if memory.store.item_by_id(body.target) is not None:
+            readable_item(who, body.target)  # 404 before 403, as for any item
+        result = memory.feedback(body.target, body.signal, query=body.query,
+                                 correction=body.correction, user_id=body.user_id,
+                                 agent_id=body.agent_id, cube_ids=keys.visible_cubes(who),
+                                 check=lambda row: keys.require(who, row, "write"))
+        return JSONResponse(result.to_dict(), status_code=201)
 
     if memory.llm is not None:
         @app.post("/v1/answer", response_model=S.AnswerOut, responses=ERRORS,

@@ -122,6 +122,29 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
         count = await run(memory.delete, memory_id)
         return {"deleted": memory_id, "items_deleted": count}
 
+    @server.tool()
+    @_reported
+    async def give_feedback(target: str, signal: str, ctx: Context, query: str | None = None,
+                            correction: str | None = None, user_id: str | None = None) -> dict:
+        """Say whether a memory (its id), or the memories of an answer or generation (its id),
+        helped: signal "positive" or "negative", with the query it was a hit for. Later
+        searches of yours for similar queries rank it up or down; `correction` (text) is kept
+        as a memory ranked ahead of the corrected one. Returns the feedback's id (delete it to
+        undo)."""
+        who = await caller(ctx)
+        body = parse(S.FeedbackRequest, target=target, signal=signal, query=query,
+                     correction=correction, user_id=user_id)
+
+        def give() -> Any:
+            if memory.store.item_by_id(body.target) is not None:
+                gate.item(who, body.target)
+            return memory.feedback(body.target, body.signal, query=body.query,
+                                   correction=body.correction, user_id=body.user_id,
+                                   cube_ids=gate.keys.visible_cubes(who),
+                                   check=lambda row: gate.keys.require(who, row, "write"))
+
+        return (await run(give)).to_dict()
+
     if memory.llm is not None:
         @server.tool()
         @_reported
@@ -130,7 +153,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
             """Answer a question from memory with the configured LLM."""
             row = await run(gate.cube, await caller(ctx), cube, "read")
             reply = await run(memory.answer, question, cube=row.name, user_id=user_id)
-            return {"text": reply.text, "memory_ids": reply.memory_ids}
+            return {"id": reply.id, "text": reply.text, "memory_ids": reply.memory_ids}
 
     if served is not None:
         _tier_tools(server, served, caller, run)

@@ -65,6 +65,33 @@ class SearchRequest(ScopedQuery):
     as_of: str | None = None
     top_k: int = Field(default=10, ge=1, le=1000)
     threshold: float | None = None
+    feedback: bool = Field(default=True, description="false: results as if this user had "
+                                                     "given no feedback")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str = Field(min_length=1, max_length=200,
+                        description="a memory id, or the id of an answer or generation")
+    signal: Literal["positive", "negative"]
+    query: str | None = Field(default=None, min_length=1, max_length=4000,
+                              description="the query the memory was a hit for (an answer's "
+                                          "own question by default); without one, rankings "
+                                          "do not move")
+    correction: str | None = Field(default=None, min_length=1, max_length=10_000,
+                                   description="what is right instead: stored as a memory "
+                                               "ranked ahead of the corrected one")
+    user_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+
+
+class FeedbackOut(BaseModel):
+    id: str = Field(description="the feedback item (delete it to undo the feedback)")
+    signal: str
+    item_ids: list[str]
+    query: str | None
+    correction_id: str | None
+    operations: list[dict[str, Any]]
 
 
 class UpdateRequest(BaseModel):
@@ -182,6 +209,7 @@ class AddOut(BaseModel):
 
 
 class AnswerOut(BaseModel):
+    id: str = Field(description="name it in POST /v1/feedback (kept 30 days)")
     text: str
     memory_ids: list[str]
     context_tokens: int
@@ -320,6 +348,7 @@ class GenerationOut(BaseModel):
     ttft_seconds: float
     seconds: float
     finish_reason: Literal["stop", "length"]
+    id: str = Field(default="", description="name it in POST /v1/feedback (kept 30 days)")
 
 
 class AskOut(BaseModel):

@@ -30,6 +30,9 @@ ItemField = Literal["speaker", "role", "observed_at", "directive", "resolved_dat
 Ranked = dict[bool, list[tuple[int, float]]]  # is a context key -> [(item rowid, score)], best first
 # one item's keys: its rowid, the key texts, their roles, their vectors (None: full text only)
 KeyGroup = tuple[int, Sequence[str], Sequence[str], "np.ndarray | None"]
+# a key of this role is a vector only: never in the full-text index nor its statistics
+# (a feedback item's query: learn/feedback.py)
+ANCHOR = "anchor"
 
 
 def content_hash(text: str | None) -> str | None:

@@ -414,6 +414,14 @@ EXCEPTION WHEN undefined_object THEN
 END $$;
 """
 
+# A feedback item's key is an anchor: a vector only (its query), no words, so that it changes
+# nobody's BM25 (tsv is empty, and the statistics count no anchor as a key).
+_V8 += (_V3[_V3.index("CREATE FUNCTION memstack_key_stats()"):_V3.index("END $$;") + 7]
+        .replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
+        .replace("'GROUP BY cube_id ORDER BY cube_id ON CONFLICT (cube_id) DO UPDATE '",
+                 "'WHERE role <> ''anchor'' GROUP BY cube_id ORDER BY cube_id '\n"
+                 "                 'ON CONFLICT (cube_id) DO UPDATE '") + "\n")
+
 # MIGRATIONS[n] takes a database at version n to version n + 1.
 MIGRATIONS: dict[int, str] = {0: _V1 + _V1_RLS, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6,
                               6: _V7, 7: _V8}

@@ -34,7 +34,7 @@ import numpy as np
 from .._errors import (MissingExtraError, ReadOnlyStoreError, SchemaVersionError,
                        StoreCorruptError, StoreError, StoreUnavailableError)
 from .access import AccessRows
-from .base import KeyGroup, Ranked, Rows
+from .base import ANCHOR, KeyGroup, Ranked, Rows
 from .counts import CountRows
 from .kvblocks import KVBlockRows
 from .locks import LockRows
@@ -455,7 +455,7 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, Loc
 
     def insert_keys(self, groups: Sequence[KeyGroup]) -> list[int]:
         """Insert items' keys; a group whose vectors are None is text-only (full text only)."""
-        rows = [(rowid, role, text, len(_TOKEN.findall(text)),
+        rows = [(rowid, role, text, 0 if role == ANCHOR else len(_TOKEN.findall(text)),
                  None if vectors is None else np.asarray(vectors[n], np.float32))
                 for rowid, texts, roles, vectors in groups
                 for n, (text, role) in enumerate(zip(texts, roles))]
@@ -466,7 +466,8 @@ class PostgresStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, Loc
         self.after_commit(functools.partial(self.statistics.grew, len(rows)))
         return [r[0] for r in self.conn.execute(
             "INSERT INTO keys (cube_id, item_rowid, role, tsv, length, vec) "
-            "SELECT i.cube_id, k.item_rowid, k.role, to_tsvector('memstack', k.text), k.length, "
+            "SELECT i.cube_id, k.item_rowid, k.role, CASE WHEN k.role = 'anchor' THEN "
+            "''::tsvector ELSE to_tsvector('memstack', k.text) END, k.length, "
             "k.vec FROM unnest(?::bigint[], ?::text[], ?::text[], ?::integer[], ?::vector[]) "
             "WITH ORDINALITY AS k(item_rowid, role, text, length, vec, n) "
             "JOIN items i ON i.rowid = k.item_rowid ORDER BY k.n RETURNING rowid",

@@ -22,7 +22,7 @@ from .._errors import (MissingExtraError, SchemaVersionError, StoreCorruptError,
 from .access import AccessRows
 from .counts import CountRows
 from .rows import ItemRows
-from .base import KeyGroup, Ranked, Rows
+from .base import ANCHOR, KeyGroup, Ranked, Rows
 from .kvblocks import KVBlockRows
 from .locks import LockRows
 from .shards import ShardRows
@@ -289,8 +289,9 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
             cur = self.conn.execute("INSERT INTO keys (item_rowid, role, vec) VALUES (?, ?, ?)",
                                     (item_rowid, role, blob))
             keys.append(int(cur.lastrowid))
-            self.conn.execute("INSERT INTO keys_fts (rowid, text, scope) VALUES (?, ?, ?)",
-                              (cur.lastrowid, text, scope))
+            if role != ANCHOR:  # an anchor is a vector only: no words in anyone's BM25
+                self.conn.execute("INSERT INTO keys_fts (rowid, text, scope) VALUES (?, ?, ?)",
+                                  (cur.lastrowid, text, scope))
         if vectors is not None and keys:
             self._changes.setdefault(row[0], IndexChanges()).added.append(
                 (np.asarray(keys, dtype=np.int64), np.asarray(vectors[:len(keys)], np.float32)))
