@@ -157,8 +157,9 @@ class TiersMixin:
                     settings: "MaintenanceSettings | None" = None,
                     last_activity: "Callable[[], float | None] | None" = None
                     ) -> "Maintenance":
-        """The maintenance service of this memory: retention, then (with a model) the KV
-        scheduler and the retraining of stale shards; `.run()` once, `.start()` in a
+        """The maintenance service of this memory: retention, duplicates merged
+        (learn/dedupe.py), then (with a model) the KV scheduler and the retraining of stale
+        shards; `.run()` once, `.start()` in a
         background thread, `.loop()` in the foreground (tiers/maintenance.py). The model
         loads at the first run. `last_activity` gives the time of the last request (the
         server's), for the quiet time."""
@@ -170,8 +171,10 @@ class TiersMixin:
         tiers = None if model is None else \
             (lambda: (self.activation(model, **kv), self.parametric(model)))
         retainer = self._retainer  # type: ignore[attr-defined]
+        deduper = self._deduper  # type: ignore[attr-defined]
         return Maintenance(store, tiers, settings, last_activity=last_activity or (lambda: None),
-                           retention=lambda: retainer(ACTOR).apply())
+                           retention=lambda: retainer(ACTOR).apply(),
+                           dedupe=lambda: deduper(ACTOR).run())
 
     def kv_blocks(self) -> "list[BlockRow]":
         """Every KV block of every model: id, model key, scope, item ids, tokens, bytes, uses."""

@@ -30,8 +30,8 @@ from .retrieval import machine, remove_db, require_empty
 KS = (1, 5, 10)
 TOP_K = 10  # hits the user sees when giving feedback, and the deepest recall measured
 MAX_CONTROL_DROP = 0.005
-GRID = [FeedbackSettings(weight=w, similarity=s) for w in (0.5, 1.0, 2.0)
-        for s in (0.6, 0.7, 0.75, 0.8)]
+GRID = [FeedbackSettings(weight=w, similarity=s, negative_similarity=n) for w in (1.0, 2.0)
+        for s in (0.7, 0.75, 0.8) for n in (0.5, 0.6)]
 
 
 def plan(conversations: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:

@@ -402,6 +402,62 @@ def bench_archive(ctx, items, out, workdir, embed_cache):
     emit(ctx, results, table)
 
 
+@bench.command("feedback")
+@click.option("--data", type=click.Path(exists=True),
+              default="../shared/data/locomo/locomo10.json", show_default=True,
+              help="LoCoMo's locomo10.json, or BEAM's folder (with --dataset beam).")
+@click.option("--dataset", type=click.Choice(["locomo", "beam"]), default="locomo",
+              show_default=True)
+@click.option("--conversations", "limit", type=int, help="Only the first N conversations.")
+@bench_options
+@click.pass_context
+def bench_feedback(ctx, data, dataset, limit, out, workdir, embed_cache, context_vectors,
+                   context_window, settings):
+    """Feedback on one question, recall on the next, differently worded one that shares its
+    evidence; controls must not drop. Settings chosen on half A, reported on half B."""
+    from rich.progress import Progress
+
+    from ..bench import datasets, feedback
+
+    options = memory_options(context_vectors, context_window, settings)
+    conversations = datasets.convert_locomo(data).conversations if dataset == "locomo" \
+        else datasets.convert_beam(data, limit)
+    conversations = conversations[:limit] if limit else conversations
+    embedder = _bench_embedder(embed_cache)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"{dataset} feedback", total=None)
+        result = feedback.run(conversations, embedder=embedder, workdir=workdir,
+                              memory_options=options, dataset=dataset,
+                              progress=lambda s: bar.update(task, description=s))
+    if embed_cache:
+        embedder.save()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / f"feedback-{dataset}.json"
+    path.write_text(json.dumps(result, indent=2))
+    emit(ctx, result, _feedback_table(result))
+    if not ctx.obj["json"]:
+        console.print(f"wrote {path}")
+
+
+def _feedback_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"{result['dataset']} feedback: {result['pairs']} pairs, "
+                        f"{result['controls']} controls (A/B halves), before: second "
+                        f"r@5 {result['before']['second']['all']['recall@5']}, control r@5 "
+                        f"{result['before']['control']['all']['recall@5']}")
+    for name in ("weight", "similarity + / -", "second A r@1/5/10", "second B r@1/5/10",
+                 "control A r@5", "control B r@5"):
+        table.add_column(name, justify="right")
+    chosen = (result.get("chosen") or {}).get("settings")
+    for row in result["grid"]:
+        s, g = row["settings"], row["gain"]
+        mark = " *" if s == chosen else ""
+        table.add_row(f"{s['weight']}{mark}", f"{s['similarity']} / {s['negative_similarity']}",
+                      *["/".join(f"{g['second'][h][f'recall@{k}']:+.3f}" for k in (1, 5, 10))
+                        for h in "AB"],
+                      *[f"{g['control'][h]['recall@5']:+.3f}" for h in "AB"])
+    return table
+
+
 @bench.command("server")
 @click.option("--clients", default=16, show_default=True, type=int)
 @click.option("--seconds", default=60.0, show_default=True, type=float)
@@ -620,3 +676,53 @@ def bench_consolidate(ctx, model, facts, methods, epochs, lr, rank, reg_weight, 
                           f"forgetting {r['forgetting']}; matrix {r['matrix']}")
         console.print(f"  questions routed to their own shard: "
                       f"{ind['routing']['routed_to_own_shard']}; {ind['seconds']} s")
+
+
+@bench.command("dedupe")
+@click.option("--users", default=16, show_default=True, type=int,
+              help="Users per half (four facts each, with their wordings and near-misses).")
+@click.option("--seed", default=18, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True, help="Folder for dedupe.json.")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Where the benchmark database goes (default: a temporary folder).")
+@click.option("--embed-cache", type=click.Path(file_okay=False),
+              help="Reuse embeddings between runs (kept by text hash in this folder).")
+@click.pass_context
+def bench_dedupe(ctx, users, seed, out, workdir, embed_cache):
+    """Duplicate merging on a synthetic set with known duplicates and near-misses: pair
+    precision (all pairs, and without the value swaps no rule guards), recall and F1;
+    thresholds tuned on one half (by seed; by template family) and measured on the other."""
+    from ..bench import dedupe
+
+    embedder = _bench_embedder(embed_cache)
+    result = dedupe.run(embedder=embedder, workdir=Path(workdir) if workdir else None,
+                        seed=seed, users=users)
+    if embed_cache:
+        embedder.save()
+    path = dedupe.save(result, Path(out))
+    emit(ctx, result, _dedupe_table(result))
+    if not ctx.obj["json"]:
+        console.print(f"wrote {path}")
+
+
+def _dedupe_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"memstack dedupe ({result['embedder']}, seed {result['seed']})")
+    for name in ("run", "thresholds v/sure/lex", "items", "pairs", "merged", "precision",
+                 "guarded", "recall", "F1", "seconds", "wrong merges"):
+        table.add_column(name, justify="right")
+
+    def row(name: str, s: dict[str, Any], r: dict[str, Any]) -> None:
+        wrong = ", ".join(f"{k} {n}" for k, n in sorted(r["wrong_by_type"].items())) or "-"
+        table.add_row(name, f"{s['vector']}/{s['sure']}/{s['lexical']}",
+                      str(r.get("items", "")), str(r["pairs"]), str(r["merged_pairs"]),
+                      f"{r['precision']:.3f}", f"{r['precision_guarded']:.3f}",
+                      f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                      str(r.get("seconds", "")), wrong)
+
+    for c in result["crossed"]:
+        row(f"tuned on {c['tuned_on']}", c["settings"], c["tuned"])
+        row(f"held out {c['held_out']}", c["settings"], c["held_out_result"])
+    for cube, r in result["merged_with_defaults"].items():
+        row(f"default, {cube}", result["default_settings"], r)
+    return table

@@ -46,7 +46,7 @@ for command in (core.add, core.search, core.get, core.list_, core.history, core.
                 core.migrate, core.scrub, govern.backup, govern.restore, govern.cube, govern.retention,
                 core.demo, core.extract, core.answer, core.chat, core.serve, core.mcp, core.keys,
                 bench.bench, tiers.generate, tiers.kv, tiers.consolidate, tiers.maintain,
-                tiers.merge, tiers.shards, tiers.ask):
+                tiers.merge, tiers.shards, tiers.ask, learn.feedback, learn.reflect, learn.dedupe):
     cli.add_command(command)
 
 

@@ -214,13 +214,14 @@ def merge(ctx, shard_ids, model, combination, replace):
               help="CPU seconds a run may use; then it starts no new work (the rest waits).")
 @click.option("--budget-mb", type=float, help="Budget of this model's KV blocks [default: 512].")
 @click.option("--no-tiers", is_flag=True,
-              help="Retention only: no model is loaded, no KV block or shard is touched.")
+              help="Retention and duplicate merging only: no model is loaded, no KV block or "
+                   "shard is touched.")
 @click.pass_context
 def maintain(ctx, model, watch, every, window, max_runs, cpu_seconds, budget_mb, no_tiers):
-    """Apply retention (expiry, archiving, purges: `memstack retention`), then run the KV
-    scheduler and retrain stale shards without the items changed or deleted since (or drop
-    them), under the store's lock: one process at a time (exit code 7 when another holds
-    it)."""
+    """Apply retention (expiry, archiving, purges: `memstack retention`), merge duplicates
+    (`memstack dedupe`), then run the KV scheduler and retrain stale shards without the items
+    changed or deleted since (or drop them), under the store's lock: one process at a time
+    (exit code 7 when another holds it)."""
     from ..tiers.maintenance import MaintenanceSettings
 
     if not watch and (every is not None or window or max_runs is not None):
@@ -267,6 +268,9 @@ def _run_text(report: Any) -> str:
     kv, kept = report.kv or {}, (report.retention or {}).get("counts")
     lines = [("retention: " + ", ".join(f"{n} {k}" for k, n in kept.items())) if kept
              else "retention: not run"]
+    merged = (report.dedupe or {}).get("counts")
+    lines.append(f"duplicates: merged {merged['merged']} items into {merged['groups']} "
+                 f"(of {merged['scanned']} scanned)" if merged else "duplicates: not run")
     lines += [f"KV blocks: built {len(kv.get('built', []))}, kept {len(kv.get('kept', []))}, "
              f"evicted {len(kv.get('evicted', []))}" if report.kv is not None else "KV: not run"]
     lines += [f"{d['stale']} -> {d['retrained'] or 'dropped'}" for d in report.shards]

@@ -33,12 +33,16 @@ class FeedbackSettings:
     """How feedback moves search results (measured: `memstack bench feedback`).
 
     `weight`: the most all feedback on a memory moves its score, in units of the best
-    candidate's score (0 turns feedback off). `similarity`: feedback given for a query less
-    similar than this (cosine of the query vectors) has no effect. `half_life_days`: feedback
-    loses half its effect in this time. `consulted`: the nearest feedback items read per search."""
+    candidate's score (0 turns feedback off). `similarity`: positive feedback given for a query
+    less similar than this (cosine of the query vectors) has no effect; `negative_similarity`
+    the same for negative feedback. Raising a memory into results can push out what another
+    question needs, lowering one the user called wrong cannot, so negative feedback may reach
+    further. `half_life_days`: feedback loses half its effect in this time. `consulted`: the
+    nearest feedback items read per search."""
 
     weight: float = 0.5
     similarity: float = 0.6
+    negative_similarity: float = 0.6
     half_life_days: float = 90.0
     consulted: int = 50
 
@@ -46,7 +50,7 @@ class FeedbackSettings:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-                    or (f.name == "similarity" and value >= 1) \
+                    or (f.name.endswith("similarity") and value >= 1) \
                     or (f.name in ("half_life_days", "consulted") and value <= 0):
                 raise InvalidInputError(f"feedback setting {f.name}: {value!r} is out of range "
                                         "(weight >= 0, 0 <= similarity < 1, half_life_days > 0, "
@@ -66,7 +70,8 @@ def nudges(store: Store, qvec: np.ndarray, sel: Selection, settings: FeedbackSet
     if not settings.weight:
         return {}
     ranked = store.vector_candidates(qvec, feedback_selection(sel), int(settings.consulted))
-    near = [(r, s) for r, s in ranked[False] if s > settings.similarity]
+    lowest = min(settings.similarity, settings.negative_similarity)
+    near = [(r, s) for r, s in ranked[False] if s > lowest]
     if not near:
         return {}
     items = store.items_by_rowid([r for r, _ in near])
@@ -77,9 +82,13 @@ def nudges(store: Store, qvec: np.ndarray, sel: Selection, settings: FeedbackSet
         if fb is None or fb.metadata.get("signal") not in SIGNALS \
                 or not fb.metadata.get("query"):  # given without a query: moves no ranking
             continue
+        sign = SIGNALS[fb.metadata["signal"]]
+        floor = settings.similarity if sign > 0 else settings.negative_similarity
+        if sim <= floor:
+            continue
         age_days = max(0.0, now - fb.recorded_at.timestamp()) / 86400
-        strength = (sim - settings.similarity) / (1 - settings.similarity) \
-            * math.pow(0.5, age_days / settings.half_life_days) * SIGNALS[fb.metadata["signal"]]
+        strength = sign * (sim - floor) / (1 - floor) \
+            * math.pow(0.5, age_days / settings.half_life_days)
         for item_id in fb.metadata.get("item_ids", []):
             totals[item_id] = totals.get(item_id, 0.0) + strength
     return {i: max(-1.0, min(1.0, t)) for i, t in totals.items() if t}

@@ -420,8 +420,8 @@ class ItemRows:
 
     def prune_answers(self, before: float) -> int:
         """Forget answers older than `before` (epoch seconds): feedback names recent ones."""
-        return self.conn.execute("DELETE FROM answers WHERE created_at < ?",
-                                 (before,)).rowcount or 0
+        return len(self.conn.execute("DELETE FROM answers WHERE created_at < ? RETURNING id",
+                                     (before,)).fetchall())
 
     # whole-store copies (store/migrate.py) ------------------------------------------------------
     def dump_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:

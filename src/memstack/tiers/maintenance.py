@@ -1,5 +1,5 @@
 """Maintenance, on demand or in the background: retention (expiry, archiving, purges:
-govern/retention.py), then the derived tiers (the KV scheduler of the activation tier and the
+govern/retention.py), duplicates merged (learn/dedupe.py), then the derived tiers (the KV scheduler of the activation tier and the
 retraining of stale shards of the parametric tier), within budgets. Without a model a run does
 retention only.
 
@@ -8,13 +8,13 @@ whichever process (server worker, `memstack maintain`) starts it; a heartbeat re
 while the run lasts, and a killed process's lease runs out by itself. A run does its work in
 units, the KV scheduler first and then one stale shard at a time, and starts no new unit once
 its CPU budget is spent, its lease was lost or it is asked to stop; what is left waits for the
-next run. An error in a unit is logged and recorded, and the run goes on with the next one.
+next run. Retention and duplicate merging need no model and run in every run, first. An error in a unit is logged and recorded, and the run goes on with the next one.
 
 In the background (`loop`, `start`) a run starts every `every` seconds, but only inside the
 daily window (UTC) when one is set and only when there was no request for `quiet` seconds
 (`last_activity`, given by the server). Progress and results go to the audit log (actor
 "maintenance": maintain_kv, maintain_shard, maintain_error, and maintain for the run; a run
-that found nothing to do writes nothing; retention writes its own entries) and to `status()`
+that found nothing to do writes nothing; retention and dedupe write their own entries) and to `status()`
 (the server's /v1/health).
 """
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..store.base import Store
     from ..store.shards import ShardRow
     from ..govern.retention import RetentionReport
+    from ..learn.dedupe import DedupeReport
     from .activation.tier import ActivationTier
     from .parametric.tier import ParametricTier
 
@@ -156,6 +157,7 @@ class MaintenanceReport:
     owner: str
     ended_at: float | None = None
     retention: dict[str, Any] | None = None
+    dedupe: dict[str, Any] | None = None
     kv: dict[str, Any] | None = None
     shards: list[dict[str, Any]] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
@@ -166,7 +168,9 @@ class MaintenanceReport:
     @property
     def changed(self) -> bool:
         kv, kept = self.kv or {}, (self.retention or {}).get("counts", {})
-        return bool(kv.get("built") or kv.get("evicted") or self.shards or any(kept.values()))
+        merged = (self.dedupe or {}).get("counts", {}).get("merged")
+        return bool(kv.get("built") or kv.get("evicted") or self.shards or any(kept.values())
+                    or merged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +180,8 @@ class MaintenanceReport:
         kv, kept = self.kv or {}, (self.retention or {}).get("counts", {})
         return {"started_at": _iso(self.started_at), "ended_at": _iso(self.ended_at),
                 "did": {**{f"items_{name}": n for name, n in kept.items()},
+                        "items_deduplicated": (self.dedupe or {}).get("counts", {}).get(
+                            "merged", 0),
                         "kv_built": len(kv.get("built", [])),
                         "kv_evicted": len(kv.get("evicted", [])),
                         "kv_kept": len(kv.get("kept", [])), "kv_bytes": kv.get("bytes", 0),
@@ -199,13 +205,14 @@ class Maintenance:
                  last_activity: Callable[[], float | None] = lambda: None,
                  clock: Callable[[], float] = time.time,
                  cpu: Callable[[], float] = time.process_time,
-                 retention: "Callable[[], RetentionReport] | None" = None) -> None:
+                 retention: "Callable[[], RetentionReport] | None" = None,
+                 dedupe: "Callable[[], DedupeReport] | None" = None) -> None:
         """`tiers` gives the activation and parametric tiers of the model (called at each run,
         so the model loads in the run, not before; None: no model, no tier work).
-        `retention` applies the retention rules (first in each run). `clock` and `cpu` are
-        for tests."""
+        `retention` applies the retention rules (first in each run), `dedupe` merges
+        duplicates (after it). `clock` and `cpu` are for tests."""
         self.store, self._tiers, self.settings = store, tiers, settings.check()
-        self._retention = retention
+        self._retention, self._dedupe = retention, dedupe
         self._last_activity, self._clock, self._cpu = last_activity, clock, cpu
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.last: MaintenanceReport | None = None
@@ -252,6 +259,10 @@ class Maintenance:
             self._unit(report, "retention",
                        lambda: setattr(report, "retention", retention().to_dict()),
                        guarded=False)
+        dedupe = self._dedupe
+        if dedupe is not None:  # after retention: what expired is not merged into
+            self._unit(report, "merging duplicates",
+                       lambda: setattr(report, "dedupe", dedupe().to_dict()), guarded=False)
         if self._tiers is None:
             self._unit(report, "dropping shards that hold deleted items",
                        lambda: self._drop_deleted(report), guarded=False)
