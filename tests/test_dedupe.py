@@ -20,7 +20,7 @@ def _fact(mem, text, user="ann", session="s1", day="2025-01-01", **kw):
 def test_duplicates_merged_with_union_provenance_and_history(mem):
     first = _fact(mem, "Ann likes green tea", session="s1", day="2025-01-01")
     again = _fact(mem, "Ann likes green tea", session="s2", day="2025-02-01")
-    reworded = _fact(mem, "Ann enjoys green tea", session="s3", day="2025-03-01")
+    reworded = _fact(mem, "Ann really likes green tea", session="s3", day="2025-03-01")
     mem.store.update_item(mem.store.item_by_id(again.id)[0], {"source_ids": ["turn-b"]})
     mem.store.update_item(mem.store.item_by_id(reworded.id)[0], {"source_ids": ["turn-c"]})
 
@@ -64,6 +64,20 @@ def test_near_misses_never_merged(mem):
         _fact(mem, a, user=f"u{n}")
         _fact(mem, b, user=f"u{n}")
     assert mem.dedupe().groups == []
+
+
+def test_swapped_value_not_merged_added_word_merged(mem):
+    """One content word swapped for another is another fact; a word only added is not."""
+    assert conflict("Ann is a nurse", "Ann is a pilot") == "substitution: nurs / pilot"
+    assert conflict("Ann likes green tea", "Ann really likes green tea") is None
+    nurse = _fact(mem, "Ann is a nurse")
+    _fact(mem, "Ann is a pilot", session="s2", day="2025-02-01")
+    tea = _fact(mem, "Ann likes green tea", user="bob")
+    really = _fact(mem, "Ann really likes green tea", user="bob", session="s2",
+                   day="2025-02-01")
+    report = mem.dedupe(dry_run=True)
+    assert [(g.kept, g.merged) for g in report.groups] == [(tea.id, [really.id])]
+    assert nurse.id not in report.kept
 
 
 def test_never_across_users_cubes_kinds_or_turns(mem):

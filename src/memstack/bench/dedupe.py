@@ -6,12 +6,12 @@ homes, pets, schedules, procedures, answer styles; allergies, jobs, birthdays, d
 tone, hobbies) states a fact of a user in several wordings (synonyms, reordered clauses, the
 same text again in another session on another day) and its near-misses: negation ("does not
 like"), opposites ("dislikes", "after" for "before"), other numbers, times or dates, another
-name, and another value ("coffee" for "tea", which no text rule guards: only the thresholds
-do). Some texts are repeated under another user (never to be merged). Four cubes: two halves
+name, and another value ("coffee" for "tea", guarded only by the substitution rule of
+learn/near.py and the thresholds). Some texts are repeated under another user (never to be merged). Four cubes: two halves
 of every family made with different seeds (users and values differ), and two halves of six
 families each (the stress test: templates never seen). Thresholds are chosen on one half (the
 highest recall with precision >= 0.99 on the guarded near-misses, every type but value swaps,
-which no rule guards) and measured on the other, each way; precision over every pair, value
+which only a generic substitution rule guards) and measured on the other, each way; precision over every pair, value
 swaps included, is reported beside it.
 
 Items are written through `Memory.add` with the real embedding model, so the vectors compared
@@ -238,8 +238,8 @@ def score(groups: list[list[str]], gold: dict[str, Record]) -> dict[str, Any]:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"pairs": pairs, "merged_pairs": len(predicted), "right_pairs": right,
             "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-            # without the swaps of one value for another ("tea" / "coffee"), which no rule
-            # guards: how well the rules and thresholds keep the guarded near-misses apart
+            # without the swaps of one value for another ("tea" / "coffee"), which only the
+            # generic substitution rule guards: how well the rules and thresholds keep the guarded near-misses apart
             "precision_guarded": round(right / guarded, 4) if guarded else 1.0,
             "wrong_by_type": wrong}
 

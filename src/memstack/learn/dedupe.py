@@ -5,9 +5,9 @@ Within one cube, one kind and one exact scope (user_id and agent_id; items with 
 kept per session) a pair is a duplicate when the stored vectors of the two are close
 (cosine >= `vector`), their words overlap enough (Jaccard of stems >= `lexical`, unless the
 vectors alone are sure, >= `sure`), and no rule of near.py sees a difference of meaning that
-vectors blur (negation, opposites, numbers, dates, names). Groups are built by complete
-linkage: an item joins a group only if it is a duplicate of every member, so no chain of
-near pairs merges two items that differ.
+vectors blur (negation, opposites, numbers, dates, names, one or two content words swapped
+for others). Groups are built by complete linkage: an item joins a group only if it is a
+duplicate of every member, so no chain of near pairs merges two items that differ.
 
 The survivor of a group is its oldest item (valid from earliest, then first written). It keeps
 its text and gains the union of the group's provenance (source ids), tags and uses (access
@@ -113,8 +113,10 @@ def duplicate(a: str, b: str, cosine: float, settings: DedupeSettings) -> bool:
     """Whether two texts of one scope whose vectors have this cosine are duplicates.
 
     >>> s = DedupeSettings()
-    >>> duplicate("Ann likes tea", "Ann enjoys tea", 0.955, s)
+    >>> duplicate("Ann likes tea", "Ann really likes tea", 0.955, s)
     True
+    >>> duplicate("Ann is a nurse", "Ann is a pilot", 0.97, s)  # a swapped value
+    False
     >>> duplicate("Ann likes tea", "Ann dislikes tea", 0.97, s)
     False
     """
