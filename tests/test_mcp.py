@@ -95,3 +95,32 @@ def test_mcp_over_stdio(db_path, embedder):
 
     hits = asyncio.run(steps())
     assert hits[0]["content"] == "My bike is blue"
+
+
+def test_mcp_feedback_is_walled(server):
+    """give_feedback (issue 18): on your own memory it is stored and moves your searches; on
+    another user's memory it is 'no memory', as get_memory is."""
+    ann, bob = server.key("ann"), server.key("bob")
+
+    async def as_ann(session):
+        added = payload(await session.call_tool("add_memory", {
+            "text": "My sister lives in Porto", "user_id": "ann"}))
+        memory_id = added["results"][0]["id"]
+        given = payload(await session.call_tool("give_feedback", {
+            "target": memory_id, "signal": "negative", "query": "where does my sister live",
+            "user_id": "ann"}))
+        bad = await session.call_tool("give_feedback", {"target": memory_id, "signal": "meh"})
+        return memory_id, given, bad
+
+    memory_id, given, bad = asyncio.run(http_session(server.url, ann, as_ann))
+    assert given["item_ids"] == [memory_id] and given["query"] == "where does my sister live"
+    assert bad.is_error
+    assert server.memory.get(given["id"]).kind == "feedback"
+
+    async def as_bob(session):
+        return await session.call_tool("give_feedback", {"target": memory_id,
+                                                         "signal": "positive"})
+
+    refused = asyncio.run(http_session(server.url, bob, as_bob))
+    assert refused.is_error and "no memory" in refused.content[0].text
+    assert len(server.memory.get_all(kinds=["feedback"], cube="~ann")) == 1

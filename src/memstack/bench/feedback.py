@@ -30,8 +30,9 @@ from .retrieval import machine, remove_db, require_empty
 KS = (1, 5, 10)
 TOP_K = 10  # hits the user sees when giving feedback, and the deepest recall measured
 MAX_CONTROL_DROP = 0.005
-GRID = [FeedbackSettings(weight=w, similarity=s, negative_similarity=n) for w in (1.0, 2.0)
-        for s in (0.7, 0.75, 0.8) for n in (0.5, 0.6)]
+GRID = [FeedbackSettings(weight=1.0, similarity=0.7, negative_similarity=0.6)] + [
+    FeedbackSettings(weight=w, similarity=s, negative_similarity=0.6, inject=False)
+    for w in (1.0, 2.0) for s in (0.6, 0.7)]
 
 
 def plan(conversations: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:

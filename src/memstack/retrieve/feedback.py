@@ -38,16 +38,24 @@ class FeedbackSettings:
     the same for negative feedback. Raising a memory into results can push out what another
     question needs, lowering one the user called wrong cannot, so negative feedback may reach
     further. `half_life_days`: feedback loses half its effect in this time. `consulted`: the
-    nearest feedback items read per search."""
+    nearest feedback items read per search. `inject`: a memory with positive feedback joins the
+    results even when the search did not find it among its candidates (else only candidates
+    move)."""
 
     weight: float = 0.5
     similarity: float = 0.6
     negative_similarity: float = 0.6
     half_life_days: float = 90.0
     consulted: int = 50
+    inject: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.inject, bool):
+            raise InvalidInputError(f"feedback setting inject is true or false, got "
+                                    f"{self.inject!r}")
         for f in fields(self):
+            if f.name == "inject":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                     or (f.name.endswith("similarity") and value >= 1) \
@@ -95,9 +103,9 @@ def nudges(store: Store, qvec: np.ndarray, sel: Selection, settings: FeedbackSet
 
 
 def nudged(store: Store, fused: dict[int, float], sel: Selection, totals: dict[str, float],
-           weight: float) -> dict[int, float]:
-    """The fused scores after feedback; memories with positive feedback that the search did
-    not find join when they pass its selection."""
+           weight: float, inject: bool = True) -> dict[int, float]:
+    """The fused scores after feedback; with `inject`, memories with positive feedback that
+    the search did not find join when they pass its selection."""
     if not totals or not weight:
         return fused
     unit = max(fused.values(), default=1.0) or 1.0
@@ -105,7 +113,7 @@ def nudged(store: Store, fused: dict[int, float], sel: Selection, totals: dict[s
     out = dict(fused)
     for item_id, total in totals.items():
         rowid = rowids.get(item_id)
-        if rowid is None or (rowid not in out and total <= 0):
+        if rowid is None or (rowid not in out and (total <= 0 or not inject)):
             continue
         out[rowid] = max(0.0, out.get(rowid, 0.0) + weight * total * unit)
     return out

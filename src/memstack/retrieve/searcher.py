@@ -57,7 +57,8 @@ class Searcher:
             totals = fb.nudges(self.store, qvec, sel, self.feedback)
             hits = hybrid(self.store, query_obj, qvec, sel, top_k, settings=self.settings,
                           adjust=lambda fused: fb.nudged(self.store, fused, sel, totals,
-                                                         self.feedback.weight))
+                                                         self.feedback.weight,
+                                                         self.feedback.inject))
             return fb.corrections_first(self.store, sel, hits, top_k)
 
 
