@@ -30,9 +30,11 @@ from .retrieval import machine, remove_db, require_empty
 KS = (1, 5, 10)
 TOP_K = 10  # hits the user sees when giving feedback, and the deepest recall measured
 MAX_CONTROL_DROP = 0.005
-GRID = [FeedbackSettings(weight=1.0, similarity=0.7, negative_similarity=0.6)] + [
-    FeedbackSettings(weight=w, similarity=s, negative_similarity=0.6, inject=False)
-    for w in (1.0, 2.0) for s in (0.6, 0.7)]
+GRID = [FeedbackSettings(),  # the defaults: weight 1, similarity 0.6 / 0.6, relative
+        FeedbackSettings(weight=2.0),
+        FeedbackSettings(similarity=0.7),
+        FeedbackSettings(relative=False, similarity=0.7),
+        FeedbackSettings(relative=False, weight=0.5)]
 
 
 def plan(conversations: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
@@ -179,12 +181,14 @@ def _gains(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The setting with the best recall@5 gain on half A's second questions among those whose
-    half-A controls lose at most MAX_CONTROL_DROP at recall@5; with its half-B figures."""
+    """The setting with the best recall@5 gain on half A's second questions (ties: recall@1,
+    then the controls) among those whose half-A controls lose at most MAX_CONTROL_DROP at
+    recall@5; with its half-B figures."""
     ok = [r for r in rows if r["gain"]["control"]["A"]["recall@5"] >= -MAX_CONTROL_DROP]
     if not ok:
         return None
     best = max(ok, key=lambda r: (r["gain"]["second"]["A"]["recall@5"],
+                                  r["gain"]["second"]["A"]["recall@1"],
                                   r["gain"]["control"]["A"]["recall@5"]))
     return {"settings": best["settings"], "on_A": {g: best["gain"][g]["A"] for g in best["gain"]},
             "on_B": {g: best["gain"][g]["B"] for g in best["gain"]}}

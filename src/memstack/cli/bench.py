@@ -451,7 +451,8 @@ def _feedback_table(result: dict[str, Any]) -> Table:
     for row in result["grid"]:
         s, g = row["settings"], row["gain"]
         mark = " *" if s == chosen else ""
-        table.add_row(f"{s['weight']}{'' if s.get('inject', True) else ' no inject'}{mark}",
+        table.add_row(f"{s['weight']}{'' if s.get('inject', True) else ' no inject'}"
+                      f"{' relative' if s.get('relative') else ''}{mark}",
                       f"{s['similarity']} / {s['negative_similarity']}",
                       *["/".join(f"{g['second'][h][f'recall@{k}']:+.3f}" for k in (1, 5, 10))
                         for h in "AB"],

@@ -40,23 +40,25 @@ class FeedbackSettings:
     further. `half_life_days`: feedback loses half its effect in this time. `consulted`: the
     nearest feedback items read per search. `inject`: a memory with positive feedback joins the
     results even when the search did not find it among its candidates (else only candidates
-    move)."""
+    move). `relative`: a memory's score moves in units of its own score (x (1 + weight x total))
+    instead of the best candidate's: a memory far down the list moves less."""
 
-    weight: float = 0.5
+    weight: float = 1.0
     similarity: float = 0.6
     negative_similarity: float = 0.6
     half_life_days: float = 90.0
     consulted: int = 50
     inject: bool = True
+    relative: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.inject, bool):
-            raise InvalidInputError(f"feedback setting inject is true or false, got "
-                                    f"{self.inject!r}")
         for f in fields(self):
-            if f.name == "inject":
-                continue
             value = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise InvalidInputError(f"feedback setting {f.name} is true or false, got "
+                                            f"{value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                     or (f.name.endswith("similarity") and value >= 1) \
                     or (f.name in ("half_life_days", "consulted") and value <= 0):
@@ -103,7 +105,7 @@ def nudges(store: Store, qvec: np.ndarray, sel: Selection, settings: FeedbackSet
 
 
 def nudged(store: Store, fused: dict[int, float], sel: Selection, totals: dict[str, float],
-           weight: float, inject: bool = True) -> dict[int, float]:
+           weight: float, inject: bool = True, relative: bool = False) -> dict[int, float]:
     """The fused scores after feedback; with `inject`, memories with positive feedback that
     the search did not find join when they pass its selection."""
     if not totals or not weight:
@@ -115,7 +117,8 @@ def nudged(store: Store, fused: dict[int, float], sel: Selection, totals: dict[s
         rowid = rowids.get(item_id)
         if rowid is None or (rowid not in out and (total <= 0 or not inject)):
             continue
-        out[rowid] = max(0.0, out.get(rowid, 0.0) + weight * total * unit)
+        base = out.get(rowid, 0.0)
+        out[rowid] = max(0.0, base + weight * total * (base if relative else unit))
     return out
 
 

@@ -58,7 +58,8 @@ class Searcher:
             hits = hybrid(self.store, query_obj, qvec, sel, top_k, settings=self.settings,
                           adjust=lambda fused: fb.nudged(self.store, fused, sel, totals,
                                                          self.feedback.weight,
-                                                         self.feedback.inject))
+                                                         self.feedback.inject,
+                                                         self.feedback.relative))
             return fb.corrections_first(self.store, sel, hits, top_k)
 
 
