@@ -104,6 +104,16 @@ def test_errors_have_status_and_code(server):
     r = call("POST", "/v1/memories", content=b"x" * 3_000_000,
              h={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    def chunks():  # no Content-Length: the body arrives chunked, 2.6 MB against 2 MB
+        for _ in range(26):
+            yield b"x" * 100_000
+
+    r = call("POST", "/v1/memories", content=chunks(), h={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    r = call("POST", "/v1/search", content=iter([b'{"query": ', b'"small", "top_k": 1}']),
+             h={"Content-Type": "application/json"})
+    assert r.status_code == 200  # a small chunked body is read as it is
     r = call("POST", "/v1/search", json={"query": "x", "cube": "no-such-cube"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = call("POST", "/v1/memories", json={"messages": "   "})
