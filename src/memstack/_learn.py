@@ -35,9 +35,11 @@ class LearnMixin:
         >>> m.feedback(hit.item.id, "negative", query="where does Ann live", user_id="ann").id
         '5c1f...'
         """
+        from ._validate import scope as valid_scope
         from .learn import feedback as fb
 
         fb.check(signal, query, correction)  # nothing is read or written before this passes
+        valid_scope(user_id, agent_id, None)
         if not isinstance(target, str) or not target:
             raise InvalidInputError(f"feedback names a memory, answer or generation id, got "
                                     f"{target!r}")
@@ -50,6 +52,18 @@ class LearnMixin:
                  "agent_id": agent_id if agent_id is not None or asked is None
                  else asked.agent_id}
         return self._feedback().give(targets, signal, query, correction, scope)
+
+    def _undo_feedback(self, cube: str, feedback: Any, purged: Sequence[str]) -> None:
+        """A feedback item was deleted: what its correction superseded is current again."""
+        from .learn.feedback import restore_superseded
+
+        store = self.store  # type: ignore[attr-defined]
+        with store.transaction():
+            restored = restore_superseded(store, self.actor, feedback,  # type: ignore[attr-defined]
+                                          purged)
+            if restored:
+                store.audit(self.actor, "feedback_undone", cube, restored,  # type: ignore[attr-defined]
+                            {"feedback_id": feedback.id})
 
     def _feedback_targets(self, target: str, cube_ids: Sequence[int] | None) -> "list[Target]":
         from .learn import feedback as fb

@@ -289,7 +289,10 @@ class Memory(TiersMixin, LearnMixin):
         _, item = self._live(memory_id)
         cube = self._cubes.get(item.cube, check_model=False)
         before = receipts.capture(self.store, cube.id, [memory_id], cascade) if receipt else None
-        count = self.writer.purge(cube, [memory_id], reason, "delete", cascade)
+        purged: list[str] = []
+        count = self.writer.purge(cube, [memory_id], reason, "delete", cascade, into=purged)
+        if item.kind == "feedback":
+            self._undo_feedback(cube.name, item, purged)
         if before is None:
             return count
         out = receipts.check(self.store, cube.name, before)
@@ -311,6 +314,8 @@ class Memory(TiersMixin, LearnMixin):
         cube_row = self._cubes.get(cube, check_model=False)
         sel = Selection.of(cube_ids=[cube_row.id], scope=scope)
         ids = [item.id for _, item in self.store.select_items(sel)]
+        with self.store.transaction():  # the scope's questions, recorded for feedback
+            self.store.drop_answers(cube_row.id, scope)
         return self.writer.purge(cube_row, ids, "delete_all", "delete_all", cascade) if ids else 0
 
     def reset(self) -> None:
@@ -318,6 +323,8 @@ class Memory(TiersMixin, LearnMixin):
         for cube in self.cubes():
             row = self._cubes.get(cube.name, check_model=False)
             ids = [i.id for _, i in self.store.select_items(_everything(row))]
+            with self.store.transaction():
+                self.store.drop_answers(row.id, {})
             if ids:
                 self.writer.purge(row, ids, "reset", "reset")
 

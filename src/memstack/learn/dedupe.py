@@ -249,7 +249,7 @@ class Dedupe:
             after = page[-1][0]
             report.scanned += len(page)
             for rowid, item in page:
-                if item.expires_at is None and item.content:
+                if item.expires_at is None and item.content and not _from_feedback(item):
                     scopes.setdefault(scope_key(item), []).append((rowid, item))
         return scopes
 
@@ -330,3 +330,9 @@ def _union(lists: Any) -> list[str]:
     for values in lists:
         out.update(dict.fromkeys(values))
     return list(out)
+
+
+def _from_feedback(item: Item) -> bool:
+    """A correction is feedback's own memory: deleting the feedback deletes it, so it must not
+    be merged into (or absorb) another item."""
+    return "feedback_id" in item.metadata or "corrects" in item.metadata

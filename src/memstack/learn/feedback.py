@@ -76,10 +76,14 @@ class Feedback:
     def _one(self, target: Target, signal: str, query: str | None, correction: str | None,
              scope: dict[str, Any]) -> FeedbackResult:
         fb_id = uuid.uuid4().hex
-        said = self._said(correction, target, fb_id) if correction and self.add_turn else None
+        said = self._said(correction, scope, target, fb_id) \
+            if correction and self.add_turn else None
+        ops = said.extraction.operations if said and said.extraction else []
         meta = {"signal": signal, "item_ids": target.item_ids, "query": query,
                 "answer_id": target.answer_id,
-                "correction_id": said.items[0].id if said else None}
+                "correction_id": said.items[0].id if said else None,
+                "superseded": [op.previous_id for op in ops  # restored if it is deleted
+                               if op.event in ("UPDATE", "DELETE") and op.previous_id]}
         draft = _draft(fb_id, query or correction or f"{signal} feedback", scope, meta)
         vectors = np.stack([embed_query(self.embedder, t) for t in draft.key_texts]) \
             if query else self.writer.embed([draft])
@@ -87,7 +91,7 @@ class Feedback:
             cube = self.writer.cubes.get(target.cube.name)
             ids = [fb_id]
             if correction and said is None:
-                fact = _correction_draft(correction, target, fb_id)
+                fact = _correction_draft(correction, scope, target, fb_id)
                 meta["correction_id"] = fact.fields["id"]
                 ids.append(fact.fields["id"])
                 self.writer.insert(cube, [draft, fact],
@@ -99,18 +103,18 @@ class Feedback:
             self.store.audit(self.actor, "feedback", cube.name, ids, {
                 "signal": signal, "item_ids": target.item_ids, "answer_id": target.answer_id,
                 "correction_id": meta["correction_id"]})
-        return FeedbackResult(fb_id, signal, target.item_ids, query, meta["correction_id"],
-                              said.extraction.operations if said and said.extraction else [])
+        return FeedbackResult(fb_id, signal, target.item_ids, query, meta["correction_id"], ops)
 
-    def _said(self, correction: str, target: Target, fb_id: str) -> AddResult:
-        """The correction said to the fact manager as the user's turn (its own transaction,
-        kept whatever the LLM does, as add() keeps turns)."""
-        owner = target.corrected
-        scope = {"user_id": owner.user_id if owner else None,
-                 "agent_id": owner.agent_id if owner else None,
-                 "session_id": f"feedback-{fb_id[:12]}"}
+    def _said(self, correction: str, scope: dict[str, Any], target: Target, fb_id: str
+              ) -> AddResult:
+        """The correction said to the fact manager as the giver's turn (its own transaction,
+        kept whatever the LLM does, as add() keeps turns), in the feedback's scope: one user's
+        correction never enters another user's memories."""
         assert self.add_turn is not None
-        return self.add_turn(correction, scope, target.cube.name)
+        return self.add_turn(correction, {"user_id": scope.get("user_id"),
+                                          "agent_id": scope.get("agent_id"),
+                                          "session_id": f"feedback-{fb_id[:12]}"},
+                             target.cube.name)
 
     def _link(self, said: AddResult, fb_id: str, target: Target) -> None:
         """The correction's turn names its feedback as source (deleting the feedback deletes
@@ -154,12 +158,12 @@ def answer_targets(store: Store, answer_id: str, cube_ids: Sequence[int] | None
     """The targets of an answer or generation, one per cube among `cube_ids` (None: any)."""
     out = []
     for row in store.answer_rows(answer_id):
-        if cube_ids is None or row["cube_id"] in cube_ids:
+        if row["item_ids"] and (cube_ids is None or row["cube_id"] in cube_ids):
             out.append(Target(store.cube(row["cube"]), row["item_ids"], row["query"],
                               answer_id, None, row["user_id"], row["agent_id"]))
     if not out:
         raise ItemNotFoundError(f"no memory, answer or generation with id {answer_id!r} (answers "
-                                f"are kept {ANSWER_DAYS} days)")
+                                f"are kept {ANSWER_DAYS} days, while a memory they used is)")
     return out
 
 
@@ -183,7 +187,9 @@ def _draft(fb_id: str, content: str, scope: dict[str, Any], meta: dict[str, Any]
     return Draft(fields, texts, roles)
 
 
-def _correction_draft(text: str, target: Target, fb_id: str) -> Draft:
+def _correction_draft(text: str, scope: dict[str, Any], target: Target, fb_id: str) -> Draft:
+    """A correction without an LLM: a fact in the feedback's scope (the giver's, never the
+    corrected memory's owner's), linked to what it corrects."""
     owner = target.corrected
     now = utcnow()
     texts, roles, _ = item_keys("fact", None, text, now)
@@ -192,8 +198,8 @@ def _correction_draft(text: str, target: Target, fb_id: str) -> Draft:
         meta["corrects"] = owner.id
     fields = {"id": uuid.uuid4().hex, "kind": "fact", "content": text,
               "content_hash": content_hash(text), "role": "user", "speaker": None,
-              "user_id": owner.user_id if owner else None,
-              "agent_id": owner.agent_id if owner else None, "session_id": None,
+              "user_id": scope.get("user_id"), "agent_id": scope.get("agent_id"),
+              "session_id": None,
               "metadata": meta, "observed_at": now, "valid_from": now, "source_ids": [fb_id],
               "producer": PRODUCER, "status": "active"}
     return Draft(fields, texts, roles)
@@ -201,3 +207,21 @@ def _correction_draft(text: str, target: Target, fb_id: str) -> Draft:
 
 def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b]) if len(b) else a
+
+
+def restore_superseded(store: Store, actor: str, feedback: Item, purged: Sequence[str]) -> list[str]:
+    """After a feedback item was deleted: the facts its correction superseded (through the
+    fact manager) become current again when what superseded them went with it. Inside the
+    caller's transaction; returns their ids."""
+    gone, out = set(purged), []
+    for item_id in feedback.metadata.get("superseded", []):
+        found = store.item_by_id(item_id)
+        if found is None or found[1].status != "superseded" or found[1].superseded_by not in gone:
+            continue
+        store.update_item(found[0], {"status": "active", "valid_to": None,
+                                     "superseded_by": None, "updated_at": utcnow(),
+                                     "version": found[1].version + 1})
+        store.add_version(found[0], store.items_by_rowid([found[0]])[found[0]],
+                          "restored: the feedback that corrected it was deleted", actor)
+        out.append(item_id)
+    return out

@@ -68,16 +68,16 @@ class FeedbackSettings:
 
 
 def feedback_selection(sel: Selection) -> Selection:
-    """The feedback a search may use: its own user's (None: feedback given without a user), in
-    its cubes, active now."""
-    return Selection(cube_ids=sel.cube_ids, user_id=sel.user_id, exact=frozenset({"user_id"}),
-                     kinds=("feedback",))
+    """The feedback a search may use: its own user's and agent's (None: feedback given without
+    one), in its cubes, active now."""
+    return Selection(cube_ids=sel.cube_ids, user_id=sel.user_id, agent_id=sel.agent_id,
+                     exact=frozenset({"user_id", "agent_id"}), kinds=("feedback",))
 
 
 def nudges(store: Store, qvec: np.ndarray, sel: Selection, settings: FeedbackSettings,
            now: float | None = None) -> dict[str, float]:
     """Each memory's feedback total for this query, in [-1, 1] (memory id -> total)."""
-    if not settings.weight:
+    if not settings.weight or sel.as_of is not None:  # the past is not moved by later votes
         return {}
     ranked = store.vector_candidates(qvec, feedback_selection(sel), int(settings.consulted))
     lowest = min(settings.similarity, settings.negative_similarity)
@@ -129,8 +129,9 @@ def _rowids_in(store: Store, sel: Selection, ids: list[str]) -> dict[str, int]:
 
 
 def corrections_first(store: Store, sel: Selection, hits: list[Hit], top_k: int) -> list[Hit]:
-    """Each hit that a correction (an item whose metadata `corrects` names it) corrects gets the
-    correction just ahead of it, when the correction passes the search's selection."""
+    """Each hit that a correction (an item whose metadata `corrects` names it) corrects gets its
+    newest correction just ahead of it, when the correction passes the search's selection (its
+    scope: a correction is in the scope of the feedback that made it)."""
     if not hits:
         return hits
     ids = [h.item.id for h in hits]
@@ -138,7 +139,8 @@ def corrections_first(store: Store, sel: Selection, hits: list[Hit], top_k: int)
         {"metadata.corrects": {"in": ids}}))
     found: dict[str, list[Any]] = {}
     for _, item in store.select_items(narrowed, order="rowid_desc", limit=4 * len(ids)):
-        found.setdefault(item.metadata["corrects"], []).append(item)
+        if item.metadata["corrects"] not in found:  # the newest one only: a bound, as votes
+            found[item.metadata["corrects"]] = [item]
     if not found:
         return hits
     out: list[Hit] = []

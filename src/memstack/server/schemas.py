@@ -81,8 +81,8 @@ class FeedbackRequest(BaseModel):
     correction: str | None = Field(default=None, min_length=1, max_length=10_000,
                                    description="what is right instead: stored as a memory "
                                                "ranked ahead of the corrected one")
-    user_id: str | None = Field(default=None, max_length=200)
-    agent_id: str | None = Field(default=None, max_length=200)
+    user_id: str | None = Field(default=None, min_length=1, max_length=200)
+    agent_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class FeedbackOut(BaseModel):

@@ -418,6 +418,34 @@ class ItemRows:
                  "agent_id": r[4], "query": r[5], "item_ids": json.loads(r[6]),
                  "created_at": r[7]} for r in rows]
 
+    def forget_answer_items(self, cube_id: int, item_ids: Sequence[str]) -> None:
+        """Deleted memories leave the answers that used them; an answer left with none goes
+        (its question with it)."""
+        gone = set(item_ids)
+        if not gone:
+            return
+        rows = self.conn.execute("SELECT id, item_ids FROM answers WHERE cube_id = ?",
+                                 (cube_id,)).fetchall()  # kept 30 days: one pass
+        for answer_id, raw in rows:
+            used = json.loads(raw)
+            left = [i for i in used if i not in gone]
+            if len(left) < len(used):
+                if left:
+                    self.conn.execute("UPDATE answers SET item_ids = ? WHERE id = ? AND "
+                                      "cube_id = ?", (json.dumps(left), answer_id, cube_id))
+                else:
+                    self.conn.execute("DELETE FROM answers WHERE id = ? AND cube_id = ?",
+                                      (answer_id, cube_id))
+
+    def drop_answers(self, cube_id: int, scope: dict[str, Any]) -> None:
+        """Forget the answers of a cube asked in a scope (user, agent; {}: all of them)."""
+        sql, params = "DELETE FROM answers WHERE cube_id = ?", [cube_id]
+        for name in ("user_id", "agent_id"):
+            if scope.get(name) is not None:
+                sql += f" AND {name} = ?"
+                params.append(scope[name])
+        self.conn.execute(sql, params)
+
     def prune_answers(self, before: float) -> int:
         """Forget answers older than `before` (epoch seconds): feedback names recent ones."""
         return len(self.conn.execute("DELETE FROM answers WHERE created_at < ? RETURNING id",

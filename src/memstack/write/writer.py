@@ -213,6 +213,7 @@ class Writer:
                 pending = self.store.derived_from(cube.id, purged[start:]) if cascade else []
             for session_item_id, rowids in neighbours.items():  # their context keys held the text
                 self.refresh_context(session_item_id, rowids)
+            self.store.forget_answer_items(cube.id, purged)
             self.store.compact_indexes()
             self.store.bump_generation(cube.id)
             self.store.audit(self.actor, action, cube.name, purged, {"reason": reason})
