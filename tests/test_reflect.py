@@ -125,7 +125,9 @@ def test_repeats_of_existing_insights_are_skipped(mem, fake):
     fake.script(reply(insight(SHORT, [1, 3])))
     [first] = mem.reflect(**ANN).written_ids
     fake.script(reply(insight(SHORT.upper().rstrip(".") + "!", [1]),  # the same words
-                      insight("Ann prefers brief answers that give the command.", [1]),
+                      # a repeat in more words (a swapped word would be a new claim:
+                      # learn/near.py's substitution rule, as dedupe)
+                      insight("Ann really prefers short answers that give the command.", [1]),
                       insight(RECIPE, [4, 6], "procedure"),
                       insight(RECIPE, [4, 7], "procedure")))  # twice in one reply: one item
     report = mem.reflect(**ANN)
