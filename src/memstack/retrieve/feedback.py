@@ -2,13 +2,16 @@
 corrections ranked just ahead of what they correct.
 
 Feedback is stored as items of kind `feedback` (learn/feedback.py) whose search key is the query
-it was given for. A search reads the feedback its own user gave in its own cubes for the most
-similar queries: each one's signal (+1 positive, -1 negative), weighted by how much more similar
-its query is than `similarity` and halved every `half_life_days`, adds up per memory it names and
-is clipped to [-1, 1] (so a thousand votes move an item no further than a few). The memory's fused
-score then moves by `weight` times that, in units of the best candidate's score: a negative item
-sinks, a positive one rises and, when the search did not find it, enters the pool, but only if
-it passes the search's own selection (scope, kinds, filters, time).
+it was given for (an anchor key: a vector only, in nobody's BM25). A search reads the feedback
+its own user and agent gave in its own cubes for the most similar queries: each one's signal
+(+1 positive, -1 negative), weighted by how much more similar its query is than the floor
+(`similarity`, `negative_similarity`) and halved every `half_life_days`, adds up per memory it
+names and is clipped to [-1, 1] (so a thousand votes move a memory no further than one close
+vote). The memory's fused score then moves by `weight` times that, in units of its own score
+(`relative`, the default) or of the best candidate's: a negative memory sinks, a positive one
+rises (and with `inject` and absolute units, one the search did not find joins), always within
+the search's own selection (scope, kinds, filters, time). Measured: `memstack bench feedback`,
+docs/learning.md.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class FeedbackSettings:
     nearest feedback items read per search. `inject`: a memory with positive feedback joins the
     results even when the search did not find it among its candidates (else only candidates
     move). `relative`: a memory's score moves in units of its own score (x (1 + weight x total))
-    instead of the best candidate's: a memory far down the list moves less."""
+    instead of the best candidate's: a memory far down the list moves less, and one the search
+    did not find is not brought in."""
 
     weight: float = 1.0
     similarity: float = 0.6
@@ -115,8 +119,8 @@ def nudged(store: Store, fused: dict[int, float], sel: Selection, totals: dict[s
     out = dict(fused)
     for item_id, total in totals.items():
         rowid = rowids.get(item_id)
-        if rowid is None or (rowid not in out and (total <= 0 or not inject)):
-            continue
+        if rowid is None or (rowid not in out and (total <= 0 or not inject or relative)):
+            continue  # relative to its own score, a memory the search did not find stays out
         base = out.get(rowid, 0.0)
         out[rowid] = max(0.0, base + weight * total * (base if relative else unit))
     return out
