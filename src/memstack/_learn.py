@@ -92,6 +92,8 @@ class LearnMixin:
         from .learn.feedback import remember_answer
 
         store = self.store  # type: ignore[attr-defined]
+        if getattr(store, "read_only", False):  # a read replica records nothing: no id
+            return ""
         by_cube: dict[int, list[str]] = {}
         for hit in hits:
             by_cube.setdefault(store.cube(hit.item.cube).id, []).append(hit.item.id)
