@@ -87,9 +87,11 @@ def test_generate_streams_events_whose_last_is_the_whole_generation(served):
     assert name == "generation" and "".join(d["text"] for _, d in got[:-1]) == final["text"]
     whole = post(served, "/v1/generate", served.ann, stream=False, **question)
     assert whole.status_code == 200 and whole.headers["content-type"] == "application/json"
-    timings = ("ttft_seconds", "seconds")
+    timings = ("ttft_seconds", "seconds", "id")  # each generation has its own id
     assert {k: v for k, v in whole.json().items() if k not in timings} == \
         {k: v for k, v in final.items() if k not in timings}  # greedy: the same generation
+    assert final["id"].startswith("gen_") and whole.json()["id"].startswith("gen_") and \
+        final["id"] != whole.json()["id"]  # feedback can name either
     assert final["block_ids"] == served.blocks and final["cached_tokens"] > 0
     assert set(served.ann_ids) <= set(final["memory_ids"]) and final["finish_reason"] == "length"
 
