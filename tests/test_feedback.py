@@ -5,6 +5,8 @@ fact manager (scripted)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import pytest
 from click.testing import CliRunner
@@ -23,6 +25,15 @@ NOTES = ["My sister lives in Paris with her two cats",
          "Our football club won the regional cup"]
 QUERY = "where does ann live"
 SIMILAR = "in which city does ann live"
+
+
+@contextlib.contextmanager
+def llm_memory(db_path, embedder):
+    """A Memory whose LLM is the scripted server (tests/fake_llm.py), and that server."""
+    with ScriptedLLM() as fake:
+        llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01, timeout=5.0)
+        with Memory(db_path, embedder=embedder, llm=llm) as mem:
+            yield mem, fake
 
 
 def fill(mem: Memory, user: dict = ANN) -> dict[str, str]:
@@ -154,49 +165,45 @@ def test_bad_feedback_is_refused_and_writes_nothing(mem):
 
 
 def test_answers_get_ids_and_feedback_names_their_memories(db_path, embedder):
-    with ScriptedLLM() as fake:
-        llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01, timeout=5.0)
-        with Memory(db_path, embedder=embedder, llm=llm) as mem:
-            for text in NOTES:
-                mem.add(text, infer=False, **ANN)
-            fake.script(Reply("Berlin"))
-            answer = mem.answer("Where does Ann live?", **ANN)
-            assert answer.id.startswith("ans_") and answer.memory_ids
-            result = mem.feedback(answer.id, "negative")
-            assert sorted(result.item_ids) == sorted(answer.memory_ids)
-            stored = mem.get(result.id)
-            assert stored.metadata["answer_id"] == answer.id and stored.user_id == "ann"
-            assert result.query == "Where does Ann live?"  # the answer's own question
-            with pytest.raises(ItemNotFoundError):
-                mem.feedback("ans_unknown", "negative")
+    with llm_memory(db_path, embedder) as (mem, fake):
+        for text in NOTES:
+            mem.add(text, infer=False, **ANN)
+        fake.script(Reply("Berlin"))
+        answer = mem.answer("Where does Ann live?", **ANN)
+        assert answer.id.startswith("ans_") and answer.memory_ids
+        result = mem.feedback(answer.id, "negative")
+        assert sorted(result.item_ids) == sorted(answer.memory_ids)
+        stored = mem.get(result.id)
+        assert stored.metadata["answer_id"] == answer.id and stored.user_id == "ann"
+        assert result.query == "Where does Ann live?"  # the answer's own question
+        with pytest.raises(ItemNotFoundError):
+            mem.feedback("ans_unknown", "negative")
 
 
 def test_a_correction_goes_through_the_fact_managers_update(db_path, embedder):
-    with ScriptedLLM() as fake:
-        llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01, timeout=5.0)
-        with Memory(db_path, embedder=embedder, llm=llm) as mem:
-            fake.script(facts("Ann lives in Berlin."))
-            said = mem.add([{"role": "user", "name": "Ann", "content": "I live in Berlin."}],
-                           **ANN)
-            fact = said.facts[0].id
-            fake.script(facts("Ann lives in Munich."),
-                        decisions(update(1, 1, "Ann lives in Munich.")))
-            result = mem.feedback(fact, "negative", correction="I live in Munich, not Berlin",
-                                  **ANN)
-            [op] = result.operations
-            assert op.event == "UPDATE" and op.previous_id == fact
-            assert mem.get(fact).status == "superseded"
-            turn = mem.get(result.correction_id)
-            assert turn.kind == "turn" and turn.metadata["corrects"] == fact
-            assert turn.source_ids == [result.id]
-            mem.delete(result.id)  # the correction's turn and the fact drawn from it go too
-            with pytest.raises(ItemNotFoundError):
-                mem.get(op.id)
-            restored = mem.get(fact)  # and what it superseded is current again
-            assert restored.status == "active" and restored.valid_to is None
-            assert [i.content for i in mem.get_all(kinds=["fact"], **ANN)] == \
-                ["Ann lives in Berlin."]
-            assert mem.history(fact)[-1].reason.startswith("restored")
+    with llm_memory(db_path, embedder) as (mem, fake):
+        fake.script(facts("Ann lives in Berlin."))
+        said = mem.add([{"role": "user", "name": "Ann", "content": "I live in Berlin."}],
+                       **ANN)
+        fact = said.facts[0].id
+        fake.script(facts("Ann lives in Munich."),
+                    decisions(update(1, 1, "Ann lives in Munich.")))
+        result = mem.feedback(fact, "negative", correction="I live in Munich, not Berlin",
+                              **ANN)
+        [op] = result.operations
+        assert op.event == "UPDATE" and op.previous_id == fact
+        assert mem.get(fact).status == "superseded"
+        turn = mem.get(result.correction_id)
+        assert turn.kind == "turn" and turn.metadata["corrects"] == fact
+        assert turn.source_ids == [result.id]
+        mem.delete(result.id)  # the correction's turn and the fact drawn from it go too
+        with pytest.raises(ItemNotFoundError):
+            mem.get(op.id)
+        restored = mem.get(fact)  # and what it superseded is current again
+        assert restored.status == "active" and restored.valid_to is None
+        assert [i.content for i in mem.get_all(kinds=["fact"], **ANN)] == \
+            ["Ann lives in Berlin."]
+        assert mem.history(fact)[-1].reason.startswith("restored")
 
 
 def test_rest_feedback_is_walled_like_any_item(server):
@@ -212,7 +219,8 @@ def test_rest_feedback_is_walled_like_any_item(server):
     assert result.item_ids == [ids[0]]
     plain = alice.search(SIMILAR, cube="team", user_id="alice", feedback=False)
     moved = alice.search(SIMILAR, cube="team", user_id="alice")
-    assert [h.item.id for h in plain] != [h.item.id for h in moved] or len(plain) == 1
+    plain_ids, moved_ids = [h.item.id for h in plain], [h.item.id for h in moved]
+    assert ids[0] not in moved_ids[:plain_ids.index(ids[0]) + 1]  # lower, or out of the list
     reply = httpx.post(f"{server.url}/v1/feedback", json={"target": ids[0], "signal": "meh"},
                        headers={"Authorization": f"Bearer {server.key('alice')}"})
     assert reply.status_code == 422 or reply.status_code == 400
@@ -254,25 +262,23 @@ def test_one_users_corrections_stay_in_their_scope_and_one_shows_per_memory(mem)
 
 
 def test_forgetting_a_user_forgets_the_answers_they_asked(db_path, embedder):
-    with ScriptedLLM() as fake:
-        llm = OpenAIChat(base_url=fake.url, model="fake", backoff=0.01, timeout=5.0)
-        with Memory(db_path, embedder=embedder, llm=llm) as mem:
-            for text in NOTES:
-                mem.add(text, infer=False, **ANN)
-            fake.script(Reply("Berlin"))
-            answer = mem.answer("Is my HIV test from clinic Zeta positive?", **ANN)
-            assert mem.store.answer_rows(answer.id)
-            mem.delete_all(**ANN)
-            assert mem.store.answer_rows(answer.id) == []
-            with pytest.raises(ItemNotFoundError):
-                mem.feedback(answer.id, "negative")
-            fake.script(Reply("Berlin"))
-            mem.add("I moved to Berlin", infer=False, **ANN)
-            again = mem.answer("Where does Ann live?", **ANN)
-            for memory_id in again.memory_ids:
-                mem.delete(memory_id)
-            with pytest.raises(ItemNotFoundError):  # every memory it used is gone: so is it
-                mem.feedback(again.id, "negative")
+    with llm_memory(db_path, embedder) as (mem, fake):
+        for text in NOTES:
+            mem.add(text, infer=False, **ANN)
+        fake.script(Reply("Berlin"))
+        answer = mem.answer("Is my HIV test from clinic Zeta positive?", **ANN)
+        assert mem.store.answer_rows(answer.id)
+        mem.delete_all(**ANN)
+        assert mem.store.answer_rows(answer.id) == []
+        with pytest.raises(ItemNotFoundError):
+            mem.feedback(answer.id, "negative")
+        fake.script(Reply("Berlin"))
+        mem.add("I moved to Berlin", infer=False, **ANN)
+        again = mem.answer("Where does Ann live?", **ANN)
+        for memory_id in again.memory_ids:
+            mem.delete(memory_id)
+        with pytest.raises(ItemNotFoundError):  # every memory it used is gone: so is it
+            mem.feedback(again.id, "negative")
 
 
 def test_feedback_scope_is_validated(mem):
