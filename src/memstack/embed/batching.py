@@ -6,6 +6,8 @@ about 8 ms, eight in one pass about 16 ms, so a loaded server embeds 3-4x more p
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,8 @@ class BatchingEmbedder:
         self.inner, self.max_batch = inner, max_batch
         self.name = inner.name
         self._queue: list[_Pending] = []
+        # called after each forward pass with (texts in it, seconds it took): metrics
+        self.observer: Callable[[int, float], None] | None = None
         self._ready = threading.Condition()
         self._worker = threading.Thread(target=self._run, name="memstack-embed", daemon=True)
         self._worker.start()
@@ -35,6 +39,12 @@ class BatchingEmbedder:
     @property
     def dim(self) -> int:
         return self.inner.dim
+
+    @property
+    def depth(self) -> int:
+        """Texts waiting for a forward pass (not counting the one running)."""
+        with self._ready:
+            return sum(len(p.texts) for p in self._queue)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts or len(texts) >= self.max_batch:  # big batches are batched already
@@ -61,13 +71,17 @@ class BatchingEmbedder:
             self._embed(batch)
 
     def _embed(self, batch: list[_Pending]) -> None:
+        texts = [t for p in batch for t in p.texts]
+        started = time.perf_counter()
         try:
-            vectors = self.inner.embed([t for p in batch for t in p.texts])
+            vectors = self.inner.embed(texts)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of this pass
             for p in batch:
                 p.error = exc
                 p.done.set()
             return
+        if self.observer is not None:
+            self.observer(len(texts), time.perf_counter() - started)
         offset = 0
         for p in batch:
             p.vectors = vectors[offset:offset + len(p.texts)]
