@@ -127,6 +127,14 @@ class Memory(TiersMixin, LearnMixin):
         self._uses.flush()
         self.store.close()
 
+    def use_embedder(self, embedder: Embedder) -> None:
+        """Swap in a wrapper of this Memory's embedder (a server's batching or query cache):
+        it must be the same model, name and dimension, since the stored vectors are its."""
+        if (embedder.name, embedder.dim) != (self.embedder.name, self.embedder.dim):
+            raise InvalidInputError(f"the embedder {embedder.name} ({embedder.dim}) is not "
+                                    f"{self.embedder.name} ({self.embedder.dim})")
+        self.embedder = self.writer.embedder = self.searcher.embedder = embedder
+
     def flush(self) -> None:
         """Save vector indexes and access statistics now (otherwise at close, after deletes,
         and when writes pause, at most every two minutes; access statistics every second)."""

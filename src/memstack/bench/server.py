@@ -5,6 +5,10 @@ the empty PostgreSQL database given as `db`) preloaded with synthetic memories
 (bench.speed's corpus); each client has its own API key and cube, and loops for the given time:
 an add (one user message) with probability `add_share`, else a search of its cube. Afterwards every
 acknowledged add is fetched back by id: a write the server acknowledged and lost is counted.
+
+The searches draw from a pool of a few hundred questions, so a server's query cache answers
+most of them after the first minute; `unique_queries` makes every search's text new (a number
+appended) to measure the encoder's full cost.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from .speed import _turn, corpus, queries
 
 def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         preload: int = 5000, workdir: str | Path | None = None, seed: int = 0,
-        workers: int = 2, threads: int = 16, db: str | None = None) -> dict[str, Any]:
+        workers: int = 2, threads: int = 16, db: str | None = None,
+        query_cache: int = 4096, unique_queries: bool = False) -> dict[str, Any]:
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-server-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     if db is None:
@@ -39,17 +44,20 @@ def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
     target = db or str(folder / "server.db")
     tokens = _prepare(target, clients, preload, folder)
     port = free_port()
-    process = start(target, port, workers=workers, threads=threads, files=folder)
+    process = start(target, port, workers=workers, threads=threads, files=folder,
+                    query_cache=query_cache)
     try:
         url = f"http://127.0.0.1:{port}"
-        stats, acknowledged = asyncio.run(_load(url, tokens, seconds, add_share, seed, preload))
+        stats, acknowledged = asyncio.run(_load(url, tokens, seconds, add_share, seed, preload,
+                                                unique_queries))
         lost = asyncio.run(_verify(url, tokens, acknowledged))
     finally:
         process.terminate()
         process.wait(timeout=30)
     return _report(stats, acknowledged, lost, clients=clients, seconds=seconds,
                    add_share=add_share, preload=preload, server_workers=workers,
-                   server_threads=threads, store="postgres" if db else "sqlite")
+                   server_threads=threads, store="postgres" if db else "sqlite",
+                   query_cache=query_cache, unique_queries=unique_queries)
 
 
 def _prepare(db: str, clients: int, preload: int, folder: Path) -> list[str]:
@@ -74,14 +82,14 @@ def free_port() -> int:
 
 
 def start(db: str, port: int, *, workers: int = 1, threads: int = 16, rate_limit: float = 0,
-          files: Path | None = None) -> subprocess.Popen:
+          files: Path | None = None, query_cache: int = 4096) -> subprocess.Popen:
     """`memstack serve` on `db` (a file or URL) as a process of its own; returns once
     /v1/health answers (a RuntimeError with the server's last words if it does not). Its
     stderr goes to the file `process.log` (a pipe nobody reads would stall it once full)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "memstack", "--db", db, "serve", "--port", str(port),
                "--rate-limit", str(rate_limit), "--workers", str(workers),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--query-cache", str(query_cache)]
     if files is not None:
         command[5:5] = ["--files", str(files)]
     log = Path(files) / f"serve-{port}.log" if files is not None else \
@@ -103,7 +111,8 @@ def start(db: str, port: int, *, workers: int = 1, threads: int = 16, rate_limit
 
 
 async def _load(url: str, tokens: list[str], seconds: float, add_share: float, seed: int,
-                preload: int) -> tuple[dict[str, list], list[tuple[int, str]]]:
+                preload: int, unique: bool = False
+                ) -> tuple[dict[str, list], list[tuple[int, str]]]:
     stats: dict[str, list] = defaultdict(list)  # op -> [(latency_ms, status)]
     acknowledged: list[tuple[int, str]] = []
     questions = [q for _, q in queries(2000, preload, seed=seed + 1)]
@@ -113,15 +122,18 @@ async def _load(url: str, tokens: list[str], seconds: float, add_share: float, s
             await http.post("/v1/search", json={"query": "warm up"}, headers=_auth(tokens[n]))
         end = time.monotonic() + seconds
         await asyncio.gather(*(_client(http, n, token, end, add_share, questions, stats,
-                                       acknowledged, random.Random(seed + n))
+                                       acknowledged, random.Random(seed + n), unique)
                                for n, token in enumerate(tokens)))
     return stats, acknowledged
 
 
 async def _client(http: httpx.AsyncClient, n: int, token: str, end: float, add_share: float,
                   questions: list[str], stats: dict[str, list],
-                  acknowledged: list[tuple[int, str]], rng: random.Random) -> None:
+                  acknowledged: list[tuple[int, str]], rng: random.Random,
+                  unique: bool = False) -> None:
+    sent = 0
     while time.monotonic() < end:
+        sent += 1
         adding = rng.random() < add_share
         started = time.perf_counter()
         try:
@@ -130,8 +142,9 @@ async def _client(http: httpx.AsyncClient, n: int, token: str, end: float, add_s
                 response = await http.post("/v1/memories", headers=_auth(token), json={
                     "messages": [message], "user_id": f"client{n}", "session_id": f"load-{n}"})
             else:
+                query = rng.choice(questions) + (f" ({n}-{sent})" if unique else "")
                 response = await http.post("/v1/search", headers=_auth(token), json={
-                    "query": rng.choice(questions), "top_k": 10})
+                    "query": query, "top_k": 10})
             status = response.status_code
         except httpx.HTTPError:
             status = 0

@@ -146,6 +146,14 @@ class ItemRows:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return [(row[0], _decode(row)) for row in self.conn.execute(sql, params)]
 
+    def select_rowids(self, sel: Selection) -> list[int]:
+        """The rowids of the selection in rowid order: no row decoded (a long session's
+        window of turns is found from these, then only its few turns are read)."""
+        where, params = self.where(sel)
+        sql = f"SELECT i.rowid FROM items i JOIN cubes c ON c.id = i.cube_id WHERE {where} " \
+              "ORDER BY i.rowid"
+        return [row[0] for row in self.conn.execute(sql, params)]
+
     def session_item(self, cube_id: int, scope: dict[str, str | None]) -> tuple[int, Item] | None:
         """The session item of a whole scope: cube, user, agent and session id (two users who
         pick the same session id have two sessions; a missing user or agent matches a missing one)."""

@@ -106,8 +106,14 @@ class Writer:
 
     # context keys -----------------------------------------------------------------------------
     def session_turns(self, session_item_id: str, status: str = "active") -> list[Written]:
-        return self.store.select_items(Selection(status=status, kinds=("turn",),  # type: ignore
-                                                 parent_id=session_item_id))
+        return self.store.select_items(self._turns(session_item_id, status))
+
+    def _turn_rowids(self, session_item_id: str, status: str = "active") -> list[int]:
+        return self.store.select_rowids(self._turns(session_item_id, status))
+
+    @staticmethod
+    def _turns(session_item_id: str, status: str) -> Selection:
+        return Selection(status=status, kinds=("turn",), parent_id=session_item_id)  # type: ignore
 
     def refresh_context(self, session_item_id: str | None, rowids: Iterable[int]) -> None:
         """Rebuild the context keys (a turn with its neighbours) of some turns of a session, from
@@ -116,19 +122,25 @@ class Writer:
         wanted = set(rowids)
         if not self.context_window or session_item_id is None or not wanted:
             return
-        turns = self.session_turns(session_item_id)
+        order = self._turn_rowids(session_item_id)
         before_n, after_n = self.context_window
         # a turn that left search (archived, expired, deleted) keeps no context key: it would
         # hold its neighbours' text, which may change or be deleted after it left
-        self.store.delete_keys(sorted(wanted - {rowid for rowid, _ in turns}), "context")
-        pairs = [(t.speaker or "", t.content or "") for _, t in turns]
+        self.store.delete_keys(sorted(wanted - set(order)), "context")
+        # only the wanted turns' windows are read: an add to a long session reads a few turns
+        spans = [(n, max(0, n - before_n), n + 1 + after_n)
+                 for n, rowid in enumerate(order) if rowid in wanted]
+        turns = self.store.items_by_rowid(sorted({order[k] for _, start, end in spans
+                                                  for k in range(start, min(end, len(order)))}))
+        pairs = {rowid: (t.speaker or "", t.content or "") for rowid, t in turns.items()}
         jobs = []
-        for n, (rowid, turn) in enumerate(turns):
-            if rowid in wanted:
-                before, after = pairs[max(0, n - before_n):n], pairs[n + 1:n + 1 + after_n]
-                text = context_key(before, pairs[n], after, turn.observed_at) \
-                    if before or after else None
-                jobs.append((rowid, text))
+        for n, start, end in spans:
+            rowid = order[n]
+            before = [pairs[r] for r in order[start:n]]
+            after = [pairs[r] for r in order[n + 1:end]]
+            text = context_key(before, pairs[rowid], after, turns[rowid].observed_at) \
+                if before or after else None
+            jobs.append((rowid, text))
         self.store.delete_keys([rowid for rowid, _ in jobs], "context")
         jobs = [(rowid, text) for rowid, text in jobs if text]
         # text-only keys by default: BM25 sees the neighbours, no embedding
@@ -145,10 +157,10 @@ class Writer:
         expired turn's own key may still hold it until rebuilt)."""
         if not self.context_window or session_item_id is None:
             return []
-        live = [r for r, _ in self.session_turns(session_item_id, status="live")]
+        live = self._turn_rowids(session_item_id, status="live")
         if rowid not in live:
             return []
-        active = [r for r, _ in self.session_turns(session_item_id)]
+        active = self._turn_rowids(session_item_id)
         if rowid not in active:
             active = sorted([*active, rowid])  # turns are in rowid order
         before_n, after_n = self.context_window
