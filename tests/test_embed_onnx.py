@@ -59,3 +59,25 @@ def test_vectors_that_disagree_keep_pytorch_with_a_warning(monkeypatch, torch_on
 def test_bad_runtime_is_refused():
     with pytest.raises(ValueError):
         LocalEmbedder(small_batches="tpu")
+
+
+def test_int8_queries_are_close_to_fp32_and_stored_texts_stay_fp32(torch_only):
+    int8 = LocalEmbedder(queries="int8")
+    queries = int8.embed_query(TEXTS[:2])
+    assert int8._int8 is not None and int8.queries == "int8"
+    cosine = (queries * torch_only.embed(TEXTS[:2])).sum(axis=1)
+    assert np.all(cosine > local.MIN_AGREEMENT_INT8) and np.all(cosine < 0.99999)  # not fp32
+    stored = int8.embed(TEXTS[:2])
+    assert np.all((stored * torch_only.embed(TEXTS[:2])).sum(axis=1) > 0.9999)
+    assert np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_queries_that_disagree_fall_back_to_fp32_with_a_warning(monkeypatch, torch_only):
+    monkeypatch.setattr(local, "MIN_AGREEMENT_INT8", 1.5)
+    int8 = LocalEmbedder(queries="int8")
+    with pytest.warns(RuntimeWarning, match="int8 query model"):
+        vector = int8.embed_query(TEXTS[:1])
+    assert int8.queries == "fp32" and int8._int8 is None
+    assert float((vector * torch_only.embed(TEXTS[:1])).sum()) > 0.9999
+    with pytest.raises(ValueError):
+        LocalEmbedder(queries="int4")

@@ -18,6 +18,7 @@ from .base import Embedder
 @dataclass
 class _Pending:
     texts: list[str]
+    query: bool = False  # through the inner embedder's embed_query
     done: threading.Event = field(default_factory=threading.Event)
     vectors: np.ndarray | None = None
     error: BaseException | None = None
@@ -47,9 +48,15 @@ class BatchingEmbedder:
             return sum(len(p.texts) for p in self._queue)
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        return self._wait(texts, False)
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        return self._wait(texts, callable(getattr(self.inner, "embed_query", None)))
+
+    def _wait(self, texts: list[str], query: bool) -> np.ndarray:
         if not texts or len(texts) >= self.max_batch:  # big batches are batched already
-            return self.inner.embed(texts)
-        pending = _Pending(list(texts))
+            return self.inner.embed_query(texts) if query else self.inner.embed(texts)
+        pending = _Pending(list(texts), query)
         with self._ready:
             self._queue.append(pending)
             self._ready.notify()
@@ -68,13 +75,16 @@ class BatchingEmbedder:
                                        size + len(self._queue[0].texts) <= self.max_batch):
                     batch.append(self._queue.pop(0))
                     size += len(batch[-1].texts)
-            self._embed(batch)
+            for query in (False, True):  # queries may have their own encoding
+                part = [p for p in batch if p.query == query]
+                if part:
+                    self._embed(part, query)
 
-    def _embed(self, batch: list[_Pending]) -> None:
+    def _embed(self, batch: list[_Pending], query: bool = False) -> None:
         texts = [t for p in batch for t in p.texts]
         started = time.perf_counter()
         try:
-            vectors = self.inner.embed(texts)
+            vectors = self.inner.embed_query(texts) if query else self.inner.embed(texts)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of this pass
             for p in batch:
                 p.error = exc

@@ -69,7 +69,8 @@ class LocalEmbedder:
 
     def __init__(self, model_path: str | None = None, *, name: str | None = None,
                  batch_size: int = 64, device: str = "cpu", dim: int | None = None,
-                 precision: str = "auto", small_batches: str = "auto") -> None:
+                 precision: str = "auto", small_batches: str = "auto",
+                 queries: str = "fp32") -> None:
         self._path = model_path
         self.name = name or ("sentence-transformers/all-MiniLM-L6-v2" if model_path is None
                              else os.path.basename(os.path.normpath(model_path)))
@@ -89,6 +90,12 @@ class LocalEmbedder:
             raise ValueError("small_batches is 'auto', 'torch' or 'onnx'")
         self.small_batches = small_batches
         self._onnx = None
+        # "int8": search queries (not stored texts) through an int8-quantised copy of the
+        # model in ONNX Runtime, 2.3x cheaper (embed/onnx.py); the stored vectors stay fp32
+        if queries not in ("fp32", "int8"):
+            raise ValueError("queries is 'fp32' or 'int8'")
+        self.queries = queries
+        self._int8 = None
 
     def _model(self):
         with _lock:
@@ -118,6 +125,22 @@ class LocalEmbedder:
             raise EmbeddingError(f"embedding {len(texts)} texts failed: {exc}") from exc
         return normalise(vectors)
 
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        """Search queries' vectors: as `embed`, or with queries="int8" through the int8 model
+        (falling back to `embed`, with a warning, where it cannot be built)."""
+        if self.queries != "int8" or not texts or len(texts) >= SMALL_BATCH:
+            return self.embed(texts)
+        if self._int8 is None:
+            with _lock:
+                if self._int8 is None and self.queries == "int8":
+                    self._int8 = self._build_onnx(int8=True)
+        if self._int8 is None:
+            return self.embed(texts)
+        try:
+            return normalise(self._int8.embed(texts).astype(np.float32))
+        except Exception as exc:  # noqa: BLE001
+            raise EmbeddingError(f"embedding {len(texts)} queries failed: {exc}") from exc
+
     def _small(self, texts: list[str]) -> np.ndarray:
         if self._onnx is None:
             with _lock:
@@ -130,23 +153,27 @@ class LocalEmbedder:
         except Exception as exc:  # noqa: BLE001
             raise EmbeddingError(f"embedding {len(texts)} texts failed: {exc}") from exc
 
-    def _build_onnx(self):
+    def _build_onnx(self, int8: bool = False):
         import torch
 
         from .onnx import OnnxEncoder, available
 
-        if self.small_batches == "auto" and not available():
+        if not int8 and self.small_batches == "auto" and not available():
             self.small_batches = "torch"  # the packages are an extra: PyTorch, silently
             return None
         try:
-            encoder = OnnxEncoder(self._model(), threads=torch.get_num_threads())
+            encoder = OnnxEncoder(self._model(), threads=torch.get_num_threads(), int8=int8)
             agreement = self._agreement(encoder)
-            if agreement < MIN_AGREEMENT:
+            if agreement < (MIN_AGREEMENT_INT8 if int8 else MIN_AGREEMENT):
                 raise EmbeddingError(f"its vectors differ from PyTorch's (cosine {agreement:.6f})")
         except Exception as exc:  # noqa: BLE001 - a missing package or an export failure
-            warnings.warn(f"ONNX Runtime path unavailable, using PyTorch for queries: {exc}",
-                          RuntimeWarning, stacklevel=3)
-            self.small_batches = "torch"
+            what = "the int8 query model" if int8 else "ONNX Runtime path"
+            warnings.warn(f"{what} unavailable, using {'fp32' if int8 else 'PyTorch'} for "
+                          f"queries: {exc}", RuntimeWarning, stacklevel=3)
+            if int8:
+                self.queries = "fp32"
+            else:
+                self.small_batches = "torch"
             return None
         return encoder
 
@@ -164,3 +191,4 @@ class LocalEmbedder:
 PROBES = ("hello", "Where did Ann say she would move after the wedding in June?",
           "I always take my coffee black, never with sugar.")
 MIN_AGREEMENT = 0.9999  # measured 0.9999999 for all-MiniLM-L6-v2 (embed/onnx.py)
+MIN_AGREEMENT_INT8 = 0.97  # int8 queries: lowest 0.985 over 200 questions (embed/onnx.py)

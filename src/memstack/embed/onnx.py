@@ -10,6 +10,7 @@ or downloaded). Needs the packages `onnxruntime` and `onnx` (`memstack[server]`)
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import warnings
 
@@ -30,7 +31,7 @@ def available() -> bool:
 class OnnxEncoder:
     """Mean-pooled, normalised sentence embeddings of a BERT-style SentenceTransformer."""
 
-    def __init__(self, model, threads: int = 1) -> None:
+    def __init__(self, model, threads: int = 1, *, int8: bool = False) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -47,7 +48,8 @@ class OnnxEncoder:
         # idle pool threads sleep instead of spinning: on 2 cores with 2 threads, spinning
         # burnt a second core per query (a server's add: 37.8 ms of CPU against 14.9 ms)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(_export(transformer.auto_model), options,
+        exported = _export(transformer.auto_model)
+        self.session = ort.InferenceSession(_quantize(exported) if int8 else exported, options,
                                             providers=["CPUExecutionProvider"])
         self._names = {i.name for i in self.session.get_inputs()}
         self._lock = threading.Lock()
@@ -85,3 +87,28 @@ def _export(model) -> bytes:
                           output_names=["hidden"], dynamic_axes=axes, opset_version=17,
                           dynamo=False)
     return buffer.getvalue()
+
+
+def _quantize(exported: bytes) -> bytes:
+    """The model with int8 weights, per output channel, activations quantised on the fly
+    (ONNX Runtime's dynamic quantisation): 2.3x faster for one query on this machine's AVX2
+    cores, vectors within cosine 0.985 of fp32 (mean 0.992), recall measured in
+    docs/server.md ("Throughput")."""
+    import os
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="memstack-onnx-") as folder:
+        out = os.path.join(folder, "int8.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
+            try:
+                quantize_dynamic(onnx.load_from_string(exported), out, per_channel=True,
+                                 weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+        with open(out, "rb") as fh:
+            return fh.read()
