@@ -36,7 +36,8 @@ from .speed import _turn, corpus, queries
 def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
         preload: int = 5000, workdir: str | Path | None = None, seed: int = 0,
         workers: int = 2, threads: int = 16, db: str | None = None,
-        query_cache: int = 4096, unique_queries: bool = False) -> dict[str, Any]:
+        query_cache: int = 4096, unique_queries: bool = False,
+        queries: str = "int8") -> dict[str, Any]:
     folder = Path(workdir or tempfile.mkdtemp(prefix="memstack-server-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     if db is None:
@@ -45,7 +46,7 @@ def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
     tokens = _prepare(target, clients, preload, folder)
     port = free_port()
     process = start(target, port, workers=workers, threads=threads, files=folder,
-                    query_cache=query_cache)
+                    query_cache=query_cache, queries=queries)
     try:
         url = f"http://127.0.0.1:{port}"
         stats, acknowledged = asyncio.run(_load(url, tokens, seconds, add_share, seed, preload,
@@ -57,7 +58,7 @@ def run(*, clients: int = 16, seconds: float = 60.0, add_share: float = 0.2,
     return _report(stats, acknowledged, lost, clients=clients, seconds=seconds,
                    add_share=add_share, preload=preload, server_workers=workers,
                    server_threads=threads, store="postgres" if db else "sqlite",
-                   query_cache=query_cache, unique_queries=unique_queries)
+                   query_cache=query_cache, unique_queries=unique_queries, queries=queries)
 
 
 def _prepare(db: str, clients: int, preload: int, folder: Path) -> list[str]:
@@ -82,14 +83,16 @@ def free_port() -> int:
 
 
 def start(db: str, port: int, *, workers: int = 1, threads: int = 16, rate_limit: float = 0,
-          files: Path | None = None, query_cache: int = 4096) -> subprocess.Popen:
+          files: Path | None = None, query_cache: int = 4096, queries: str = "int8"
+          ) -> subprocess.Popen:
     """`memstack serve` on `db` (a file or URL) as a process of its own; returns once
     /v1/health answers (a RuntimeError with the server's last words if it does not). Its
     stderr goes to the file `process.log` (a pipe nobody reads would stall it once full)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "memstack", "--db", db, "serve", "--port", str(port),
                "--rate-limit", str(rate_limit), "--workers", str(workers),
-               "--threads", str(threads), "--query-cache", str(query_cache)]
+               "--threads", str(threads), "--query-cache", str(query_cache),
+               "--queries", queries]
     if files is not None:
         command[5:5] = ["--files", str(files)]
     log = Path(files) / f"serve-{port}.log" if files is not None else \

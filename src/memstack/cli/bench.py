@@ -467,12 +467,15 @@ def _feedback_table(result: dict[str, Any]) -> Table:
               help="Share of requests that are adds (the rest search).")
 @click.option("--preload", default=5000, show_default=True, type=int,
               help="Synthetic memories stored before the load starts.")
-@click.option("--workers", default=2, show_default=True, type=int,
-              help="Server worker processes (memstack serve --workers).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Server worker processes (memstack serve --workers; default as serve's: "
+                   "one per core, up to 4).")
 @click.option("--threads", default=16, show_default=True, type=int,
               help="Request threads per worker (memstack serve --threads).")
 @click.option("--query-cache", default=4096, show_default=True, type=int,
               help="Query vectors the server keeps (memstack serve --query-cache); 0: none.")
+@click.option("--queries", type=click.Choice(["int8", "fp32"]), default="int8",
+              show_default=True, help="memstack serve --queries.")
 @click.option("--unique-queries", is_flag=True,
               help="Make every search's text new, so no query cache can answer it.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results",
@@ -480,21 +483,24 @@ def _feedback_table(result: dict[str, Any]) -> Table:
 @click.option("--workdir", type=click.Path(file_okay=False))
 @click.pass_context
 def bench_server(ctx, clients, seconds, add_share, preload, workers, threads, query_cache,
-                 unique_queries, out, workdir):
+                 queries, unique_queries, out, workdir):
     """Mixed add/search load on `memstack serve` over loopback; every acknowledged add is
     checked afterwards."""
     from ..bench import server
+    from ..server.run import default_workers
 
+    workers = workers or default_workers()
     with console.status(f"{clients} clients for {seconds:g} s..."):
         data = server.run(clients=clients, seconds=seconds, add_share=add_share,
                           preload=preload, workdir=workdir, workers=workers, threads=threads,
                           db=_bench_db(ctx), query_cache=query_cache,
-                          unique_queries=unique_queries)
+                          unique_queries=unique_queries, queries=queries)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "server.json").write_text(json.dumps(data, indent=2))
     table = Table(title=f"memstack server on {data['store']}: {clients} clients, {seconds:g} s, "
                         f"{preload:,} memories preloaded, {workers} worker(s), query cache "
-                        f"{query_cache}{', unique queries' if unique_queries else ''}")
+                        f"{query_cache}, {queries} queries"
+                        f"{', unique queries' if unique_queries else ''}")
     for name in ("op", "per second", "p50 ms", "p95 ms", "p99 ms", "errors"):
         table.add_column(name, justify="right")
     for op in ("search", "add"):
