@@ -142,7 +142,8 @@ def test_ask_routes_within_the_callers_cubes_and_hides_other_shards(served, shar
     unknown = post(served, "/v1/ask", served.bob, question="Where does Ann live?",
                    shard="shard_nope", max_new_tokens=8)
     assert unknown.status_code == 404 and unknown.json() == {**unknown.json(), "error": {
-        **stolen.json()["error"], "message": "no shard 'shard_nope'"}}  # alike but for the id
+        **stolen.json()["error"], "message": "no shard 'shard_nope'",
+        "request_id": unknown.json()["error"]["request_id"]}}  # alike but for the shard's id
     auto = post(served, "/v1/ask", served.bob, question="What is the name of Ann's dog?",
                 max_new_tokens=8)  # bob's cubes hold no shard: the base model answers
     assert auto.status_code == 200 and auto.json()["shard"] is None

@@ -100,7 +100,7 @@ def start(db: str, port: int, *, workers: int = 1, threads: int = 16, rate_limit
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)
     process.log = log  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # each worker loads the model and builds its ONNX copies
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
