@@ -100,6 +100,8 @@ def test_errors_have_status_and_code(server):
         return httpx.request(method, server.url + path, headers={**headers, **kw.pop("h", {})},
                              **kw)
     r = call("POST", "/v1/memories", content=b"{not json", h={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = call("POST", "/v1/memories", json={"messages": "hi", "colour": "blue"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
     r = call("POST", "/v1/memories", content=b"x" * 3_000_000,
              h={"Content-Type": "application/json"})

@@ -355,11 +355,28 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
 @click.option("--rate-limit", default=100.0, show_default=True, type=float,
               help="Requests per second per key (bursts of twice that); 0 turns it off.")
 @click.option("--max-body-bytes", default=2_000_000, show_default=True, type=int)
+@click.option("--body-timeout", default=30.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client may take to send a request body (each piece within 10 s "
+                   "of the last); a slower one is answered 408 and disconnected.")
 @click.option("--threads", default=16, show_default=True, type=int,
               help="Threads running requests in each worker.")
-@click.option("--workers", default=1, show_default=True, type=int,
-              help="Worker processes (2 uses both cores of a 2-core machine). On SQLite each "
-                   "worker keeps its own rate limits; on PostgreSQL every process shares them.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="On SIGTERM or Ctrl-C: seconds the requests in flight get to finish (new "
+                   "connections are refused meanwhile); then the indexes are saved and the "
+                   "server exits.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes [default: one per core, up to 4; 1 with --model]. On "
+                   "SQLite each worker keeps its own rate limits; on PostgreSQL every process "
+                   "shares them.")
+@click.option("--query-cache", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="Query vectors kept per worker, so a repeated search is not encoded "
+                   "again; 0 turns it off.")
+@click.option("--queries", type=click.Choice(["int8", "fp32"]), default="int8",
+              show_default=True,
+              help="How the local model encodes search queries: int8 is 2.3x cheaper "
+                   "(recall within 0.005 on LoCoMo); stored texts are always fp32.")
 @click.option("--model", envvar="MEMSTACK_MODEL",
               help="Serve /v1/generate and /v1/ask with this local model: 'smollm2' or a "
                    "transformers model folder, loaded once per worker (env MEMSTACK_MODEL).")
@@ -373,30 +390,51 @@ def _chat_turn(memory: Memory, line: str, user_id: str, agent_id: str | None,
                                         "HH:MM-HH:MM in UTC (e.g. 01:00-05:00).")
 @click.option("--maintain-cpu", type=float,
               help="CPU seconds a run may use; then it starts no new work.")
+@click.option("--log-json", is_flag=True,
+              help="One JSON line per request on stderr (request id, route, status, duration, "
+                   "key id), and errors as JSON lines with their traceback.")
+@click.option("--public-metrics", is_flag=True,
+              help="Serve /metrics without a key (by default it needs an admin key once keys "
+                   "exist): for a scraper on a private network.")
 @click.pass_context
-def serve(ctx, host, port, rate_limit, max_body_bytes, threads, workers, model, maintain_every,
-          maintain_quiet, maintain_window, maintain_cpu):
+def serve(ctx, host, port, rate_limit, max_body_bytes, body_timeout, threads,
+          shutdown_timeout, workers,
+          query_cache, queries, model, maintain_every, maintain_quiet, maintain_window, maintain_cpu,
+          log_json, public_metrics):
     """Serve the REST API (/docs, /openapi.json), MCP (/mcp) and the web page (/ui).
 
     Requests need an API key (memstack keys create). With no key at all the server runs open
     as a local admin, which is allowed only on a loopback address."""
+    from ..server.guards import raise_open_files
+    from ..server.run import default_workers
     from ..server.run import serve as run_server
 
     if ctx.obj.get("read_only"):
         raise click.UsageError("serve writes (keys' use, rate limits, adds): point it at the "
                                "primary; read replicas serve the library and read commands")
     memory = open_memory(ctx)
-    err.print(f"memstack serving {memory.location} on http://{host}:{port} (/docs, /mcp, /ui)",
-              markup=False)
+    workers = workers or default_workers(model)
+    banner = f"memstack serving {memory.location} on http://{host}:{port} (/docs, /mcp, /ui)"
+    if log_json:  # every line on stderr is JSON
+        from ..server.observe import json_line
+
+        click.echo(json_line(banner, "memstack.cli"), err=True)
+    else:
+        err.print(banner, markup=False)
     if workers > 1 and ctx.obj["llm"]["url"]:  # the workers read the LLM from the environment
         for name, value in (("URL", ctx.obj["llm"]["url"]), ("MODEL", ctx.obj["llm"]["model"]),
                             ("API_KEY", ctx.obj["llm"]["key"])):
             if value:
                 os.environ[f"MEMSTACK_LLM_{name}"] = value
+    raise_open_files()  # each connection, even an idle one, holds a file descriptor
     run_server(memory, host=host, port=port, rate_limit=rate_limit,
-               max_body_bytes=max_body_bytes, threads=threads, workers=workers, model=model,
+               max_body_bytes=max_body_bytes, body_timeout=body_timeout, threads=threads,
+               shutdown_timeout=shutdown_timeout,
+               workers=workers, model=model, query_cache=query_cache,
+               queries=queries,
                maintenance={"every": maintain_every, "quiet": maintain_quiet,
-                            "window": maintain_window, "cpu_seconds": maintain_cpu})
+                            "window": maintain_window, "cpu_seconds": maintain_cpu},
+               log_json=log_json, public_metrics=public_metrics)
 
 
 @click.command()

@@ -7,11 +7,14 @@ overwritten with a constant vector, then marked deleted, so the saved file holds
 
 The header records the store generation the file matches. At open the index is reconciled with the
 store: a missing or damaged file is rebuilt from the vectors in SQLite, a stale one gets the keys it
-lacks and loses the keys the store no longer has.
+lacks and loses the keys the store no longer has. Several processes (a server's workers) save the
+same files, each its own view, often at the same moment (all stop at once): a lock on the folder
+makes each save and each load whole, so a header never lists the keys of another save's graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -73,12 +76,13 @@ class HnswIndex:
         if not (self.path.exists() and header.exists()):
             return False
         try:
-            meta = json.loads(header.read_text())
-            if meta["dim"] != self.dim:
-                raise ValueError(f"dimension {meta['dim']} != {self.dim}")
-            index = hnswlib.Index(space="ip", dim=self.dim)
-            index.load_index(str(self.path), max_elements=meta["capacity"],
-                             allow_replace_deleted=True)
+            with _folder_lock(self.path.parent, exclusive=False):  # both files of one save
+                meta = json.loads(header.read_text())
+                if meta["dim"] != self.dim:
+                    raise ValueError(f"dimension {meta['dim']} != {self.dim}")
+                index = hnswlib.Index(space="ip", dim=self.dim)
+                index.load_index(str(self.path), max_elements=meta["capacity"],
+                                 allow_replace_deleted=True)
             live = set(meta["live"])
             if index.get_current_count() < len(live):
                 raise ValueError("fewer vectors than the header lists")
@@ -94,18 +98,20 @@ class HnswIndex:
         if self._index is None or not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".hnsw.tmp")
-        self._index.save_index(str(tmp))
-        _fsync(tmp)
-        header = {"dim": self.dim, "capacity": self._index.get_max_elements(),
-                  "generation": self.generation, "live": sorted(self._live)}
-        # header first with the new generation would lie if we crashed before the rename, so
-        # the header is written after the index file is in place; a mismatch is repaired at open.
-        os.replace(tmp, self.path)
-        tmp_header = self.path.with_suffix(".json.tmp")
-        tmp_header.write_text(json.dumps(header))
-        _fsync(tmp_header)
-        os.replace(tmp_header, self.path.with_suffix(".json"))
+        with _folder_lock(self.path.parent, exclusive=True):
+            tmp = self.path.with_suffix(".hnsw.tmp")
+            self._index.save_index(str(tmp))
+            _fsync(tmp)
+            header = {"dim": self.dim, "capacity": self._index.get_max_elements(),
+                      "generation": self.generation, "live": sorted(self._live)}
+            # header first with the new generation would lie if we crashed before the rename,
+            # so the header is written after the index file is in place; a mismatch is
+            # repaired at open.
+            os.replace(tmp, self.path)
+            tmp_header = self.path.with_suffix(".json.tmp")
+            tmp_header.write_text(json.dumps(header))
+            _fsync(tmp_header)
+            os.replace(tmp_header, self.path.with_suffix(".json"))
         self._dirty = False
 
     # writes ----------------------------------------------------------------------------------
@@ -154,6 +160,23 @@ class HnswIndex:
         labels, dist = self._index.knn_query(query.reshape(1, -1), k=k,
                                              filter=None if allowed is None else pool.__contains__)
         return [(int(key), 1.0 - float(d)) for key, d in zip(labels[0], dist[0])]
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, *, exclusive: bool) -> Iterator[None]:
+    """The index folder's lock, against the other processes on this store, for one save
+    (exclusive) or load (shared). Released if the process dies. Without fcntl (Windows), none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def _fsync(path: Path) -> None:

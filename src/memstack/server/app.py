@@ -1,12 +1,22 @@
 """The REST API: FastAPI over one shared Memory. Every route authenticates, checks the grant on
 the cube it touches, calls one library method and returns JSON. Errors map to HTTP in one place
-(`_status`), with a stable `code`:
+(`_status`, `_install_errors`), with a stable `code`, and every one is JSON:
 
-    400 invalid_input   401 unauthenticated   403 forbidden   404 not_found (also
-    llm_not_configured: /v1/answer on a server without an LLM; model_not_loaded: /v1/generate
-    and /v1/ask on a server without --model)   413 too_large
-    422 validation_error   429 rate_limited   502 llm_error   503 store_unavailable
-    500 store_error / internal_error
+    400 invalid_input (the library refused an argument), confirmation_required, invalid_json
+        (a body that does not parse: the message gives line, column and character)
+    401 unauthenticated   403 forbidden
+    404 not_found (also an unknown path; llm_not_configured: /v1/answer on a server without
+        an LLM; model_not_loaded: /v1/generate and /v1/ask on a server without --model)
+    405 method_not_allowed (with an Allow header)
+    408 timeout (the body did not arrive within the body timeout; the connection is closed)
+    413 too_large (Content-Length or a chunked body over max_body_bytes)
+    415 unsupported_media_type (a body that is not application/json, or application/*+json,
+        on a route that takes JSON)
+    422 validation_error (JSON with wrong or missing fields)   429 rate_limited
+    502 llm_error   503 store_unavailable / model_busy   500 store_error / internal_error
+
+Each 4xx has a cause in the request; what goes wrong in the server is a 5xx. The body is read
+(and the 408 and 413 answered) by server/guards.py before the app parses it.
 
 An item in a cube the caller cannot read answers 404, as if it did not exist (ids are not
 probed); a cube by name answers 403. With no API key in the database and `allow_open`, requests
@@ -30,6 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import _errors as errors
 from .._memory import Memory
@@ -40,6 +51,10 @@ from .background import install as install_maintenance
 from .background import status as maintenance_status
 from .generation import ServedModel
 from .generation import install as install_generation
+from .guards import BodyGuard, BodyTimeout, JSONRoute, UnsupportedMediaType
+from .observe import install as install_observe
+from .observe import note_caller, request_id
+from .spec import install as install_spec
 
 log = logging.getLogger("memstack.server")
 ERRORS = {400: {"model": S.ErrorBody}, 401: {"model": S.ErrorBody}, 403: {"model": S.ErrorBody},
@@ -50,10 +65,6 @@ ERRORS = {400: {"model": S.ErrorBody}, 401: {"model": S.ErrorBody}, 403: {"model
 class RateLimited(Exception):
     def __init__(self, retry_after: float) -> None:
         self.retry_after = retry_after
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class RateLimiter:
@@ -101,31 +112,35 @@ def _status(exc: Exception) -> tuple[int, str]:
 
 def _error(status: int, code: str, message: str, kind: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "type": kind}},
-                        status_code=status, headers=headers)
+    body = {"code": code, "message": message, "type": kind, "request_id": request_id()}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 100.0,
                burst: float = 200.0, max_body_bytes: int = 2_000_000, model: Any = None,
-               maintenance: Any = None) -> FastAPI:
+               maintenance: Any = None, log_json: bool = False,
+               public_metrics: bool = False,
+               body_timeout: float | BodyTimeout = BodyTimeout()) -> FastAPI:
     """The ASGI app. `memory` is shared by all requests (it is thread-safe). `model` ("smollm2",
     a model folder, a LocalModel or a ServedModel) is loaded now and serves /v1/generate and
     /v1/ask (server/generation.py); with it, background maintenance runs by `maintenance` (a
     MaintenanceSettings or its fields; None: hourly after 60 s without requests;
-    server/background.py)."""
+    server/background.py). /v1/ready, /metrics (`public_metrics`: without a key), request ids
+    and `log_json` (JSON lines on stderr): server/observe.py. `body_timeout` (seconds for
+    a whole request body, or a BodyTimeout): a slower client is answered 408."""
     app = FastAPI(title="memstack", version="0.1.0",
                   description="Memory for LLM applications and agents: add, search, answer.")
     keys, limiter = Keys(memory.store), RateLimiter(rate_limit, burst, memory.store)
     app.state.memory, app.state.keys = memory, keys
     _install_errors(app)
-    _install_body_limit(app, max_body_bytes)
+    _install_guards(app, max_body_bytes, BodyTimeout.of(body_timeout))
 
     def principal(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
         if token is None and allow_open and not keys.any_key():
-            return LOCAL_ADMIN
-        who = keys.verify(token)
+            return note_caller(LOCAL_ADMIN)
+        who = note_caller(keys.verify(token))  # for the request's log line
         limiter.take(who.key_id or who.user)
         return who
 
@@ -143,6 +158,9 @@ def create_app(memory: Memory, *, allow_open: bool = False, rate_limit: float = 
     from .ui import mount_ui
 
     mount_ui(app)
+    install_observe(app, memory, keys, allow_open=allow_open, log_json=log_json,
+                    public_metrics=public_metrics)
+    install_spec(app)  # links and refusals in /openapi.json
     return app
 
 
@@ -168,82 +186,67 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        broken = next((e for e in exc.errors() if e["type"] == "json_invalid"), None)
+        if broken is not None:
+            return _error(400, "invalid_json", _json_problem(broken, exc.body))
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                              for e in exc.errors()[:5])
         return _error(422, "validation_error", problems or "invalid request")
 
+    @app.exception_handler(UnsupportedMediaType)
+    async def unsupported(request: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        return _error(415, "unsupported_media_type", str(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's body parser
+            return _unparsed(request, exc.__cause__)
+        if exc.status_code == 404:
+            return _error(404, "not_found", f"no such path: {request.url.path} (the API is "
+                                            "at /v1/..., described at /docs)")
+        if exc.status_code == 405:
+            allow = _allowed(request)
+            return _error(405, "method_not_allowed", f"{request.method} is not allowed on "
+                          f"{request.url.path}; it takes {allow}", headers={"Allow": allow})
+        return _error(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
 
 
-def _install_body_limit(app: FastAPI, limit: int) -> None:
-    app.add_middleware(BodyLimit, limit=limit)
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return _error(413, "too_large", f"the request body is over {limit:,} bytes")
-
-
-class BodyLimit:
-    """413 before a large body is read: by Content-Length, and a body without one (chunked) is
-    read here first, up to the limit, and answered 413 as soon as it passes it (plain ASGI: the
-    per-request cost of BaseHTTPMiddleware showed in profiles). An error raised inside the
-    app's own body read would reach FastAPI's parser, which answers 400."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._too_large(scope, receive, send)
-        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            read = await self._read_chunked(receive)
-            if read is None:
-                return await self._too_large(scope, receive, send)
-            return await self.app(scope, _replay(read, receive), send)
-        received = 0
-
-        async def counted() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge()
-            return message
-
-        await self.app(scope, counted, send)
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        response = _error(413, "too_large", f"the request body is over {self.limit:,} bytes")
-        await response(scope, receive, send)
-
-    async def _read_chunked(self, receive: Any) -> list[dict] | None:
-        """The messages of a body without Content-Length, or None once it passes the limit."""
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                return None
-            if not message.get("more_body"):
-                return messages
+def _allowed(request: Request) -> str:
+    """Every method of the routes on this path (Starlette names the first route's only)."""
+    methods = {m for route in request.app.router.routes
+               if route.matches(request.scope)[0] is not Match.NONE
+               for m in getattr(route, "methods", None) or ()}
+    return ", ".join(sorted(methods))
 
 
-def _replay(messages: list[dict], receive: Any) -> Any:
-    pending = list(messages)
+def _json_problem(error: dict, body: Any) -> str:
+    """Where a body stops being JSON: "... at line 1, column 12 (character 11)"."""
+    position = error["loc"][-1] if isinstance(error["loc"][-1], int) else None
+    reason = error.get("ctx", {}).get("error", "not JSON")
+    if position is None or not isinstance(body, str):
+        return f"the request body is not valid JSON: {reason}"
+    line = body.count("\n", 0, position) + 1
+    column = position - (body.rfind("\n", 0, position) + 1) + 1
+    return (f"the request body is not valid JSON: {reason} at line {line}, column {column} "
+            f"(character {position})")
 
-    async def replayed() -> dict:
-        return pending.pop(0) if pending else await receive()
 
-    return replayed
+def _unparsed(request: Request, cause: BaseException) -> JSONResponse:
+    """FastAPI answers 400 to any error while it reads and decodes a body. A body that is not
+    UTF-8 (or UTF-16/32) is the client's; anything else is the server's (500)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return _error(400, "invalid_json", f"the request body is not valid JSON: it is not "
+                      f"{cause.encoding} text (byte {cause.start}: {cause.reason})")
+    log.error("%s %s: reading the body failed", request.method, request.url.path,
+              exc_info=cause)
+    return _error(500, "internal_error", f"internal error ({type(cause).__name__}) reading "
+                  "the request body; the server's log has the details")
+
+
+def _install_guards(app: FastAPI, limit: int, timeout: BodyTimeout) -> None:
+    """413 and 408 before the app reads a body; 415 on a JSON route (server/guards.py)."""
+    app.add_middleware(BodyGuard, limit=limit, timeout=timeout, refuse=_error)
+    app.router.route_class = JSONRoute  # the routes defined from here on
 
 
 def _routes(app: FastAPI, memory: Memory, keys: Keys, principal) -> None:  # noqa: C901

@@ -1,11 +1,11 @@
 """Background maintenance in the server (the service is tiers/maintenance.py): a thread started
 in the app's lifespan applies retention and, with a model served, runs the KV scheduler and
-retrains stale shards every `every` seconds (the first run one interval after start), when no request but
-/v1/health came for `quiet` seconds and inside the daily window. With several workers each
-process has the thread, and the store's lease lets one run at a time. Each unit of a run holds
-the served model's turn; a shard's retrain hands it to a waiting generate or ask request
-between two optimizer steps (a few seconds), so requests do not wait for a whole retrain.
-Shutting down stops a retrain at its next step and releases the lease.
+retrains stale shards every `every` seconds (the first run one interval after start), when no
+request but the probes (/v1/health, /v1/ready, /metrics) came for `quiet` seconds and inside the
+daily window. With several workers each process has the thread, and the store's lease lets one
+run at a time. Each unit of a run holds the served model's turn; a shard's retrain hands it to a
+waiting generate or ask request between two optimizer steps (a few seconds), so requests do not
+wait for a whole retrain. Shutting down stops a retrain at its next step and releases the lease.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._memory import Memory
 from ..tiers.maintenance import Maintenance, MaintenanceSettings
+from .observe import PROBES
 
 SERVER_DEFAULTS = MaintenanceSettings(every=3600.0, quiet=60.0)
 
@@ -34,13 +35,14 @@ class LastRequest:
 
 
 class NoteRequests:
-    """ASGI middleware: every request but /v1/health counts as activity."""
+    """ASGI middleware: every request but the probes (/v1/health, /v1/ready, /metrics)
+    counts as activity."""
 
     def __init__(self, app: Any, seen: LastRequest) -> None:
         self.app, self.seen = app, seen
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != "/v1/health":
+        if scope["type"] == "http" and scope.get("path") not in PROBES:
             self.seen.at = time.time()
         await self.app(scope, receive, send)
 

@@ -15,6 +15,7 @@ from . import schemas as S
 from .access import Gate
 from .auth import LOCAL_ADMIN, Keys, Principal
 from .generation import ServedModel, parse
+from .observe import note_caller
 
 try:  # the tools' annotations name Context, so it must be a module global
     from mcp.server.mcpserver import Context, MCPServer
@@ -48,7 +49,7 @@ def build_mcp(memory: Memory, *, stdio_key: str | None = None, allow_open: bool 
     async def caller(ctx: Context) -> Principal:
         """The caller, with the database told which cubes this call may see (PostgreSQL's
         row-level security, the second wall, as for REST requests)."""
-        who = await run(verify, ctx)
+        who = note_caller(await run(verify, ctx))  # for the request's log line
         memory.store.wall(await run(keys.visible_cubes, who))
         return who
 

@@ -13,6 +13,7 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. not_found, forbidden")
     message: str
     type: str | None = None
+    request_id: str | None = Field(default=None, description="the response's X-Request-ID")
 
 
 class ErrorBody(BaseModel):

@@ -136,9 +136,11 @@ class SQLiteStore(ItemRows, AccessRows, CountRows, KVBlockRows, ShardRows, LockR
             f"PRAGMA table_info({found[1]})"))
 
     def close(self) -> None:
-        """Save the vector indexes, checkpoint the WAL and close."""
-        self.indexes.close()
+        """Save the vector indexes, checkpoint the WAL and close. A write that another thread
+        has begun (a request past a server's shutdown timeout) commits first."""
+        self.indexes.saver.stop()  # before the lock: the saver's thread takes it
         with self.lock:
+            self.indexes.close()
             with contextlib.suppress(self.db.Error):
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.conn.close()
