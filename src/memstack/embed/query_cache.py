@@ -51,7 +51,8 @@ class QueryCache:
                 self.hits += 1
                 return vector
             self.misses += 1
-        vector = embed_query(self.inner, text)
+        # a copy: the inner embedder's row may be a view that keeps its whole batch alive
+        vector = np.array(embed_query(self.inner, text), dtype=np.float32)
         vector.setflags(write=False)  # shared by every search that asks the same
         with self._lock:
             self._vectors[key] = vector

@@ -27,6 +27,8 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
+from .._errors import InvalidInputError
+
 __all__ = ["BodyGuard", "BodyTimeout", "JSONRoute", "UnsupportedMediaType", "raise_open_files"]
 
 Refuse = Callable[..., Response]  # (status, code, message, headers=...) -> a JSON error
@@ -40,6 +42,11 @@ class BodyTimeout:
 
     total: float = 30.0
     gap: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not (self.total > 0 and self.gap > 0):
+            raise InvalidInputError(f"a body timeout is over 0 seconds; got total {self.total}, "
+                                    f"gap {self.gap}")
 
     @classmethod
     def of(cls, value: "float | BodyTimeout") -> "BodyTimeout":

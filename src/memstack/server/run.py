@@ -51,13 +51,14 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
           max_body_bytes: int = 2_000_000, threads: int = 16, model: Any = None,
           maintenance: dict[str, Any] | None = None, log_json: bool = False,
           public_metrics: bool = False, query_cache: int = 4096, queries: str = "int8",
-          body_timeout: Any = 30.0) -> Any:
+          body_timeout: Any = 30.0, warm: bool = True) -> Any:
     """The full ASGI app: REST + /mcp (streamable HTTP) + /ui. Refuses to run open (without
     any API key) on a non-loopback address. `model` ("smollm2" or a folder) is loaded once,
     for /v1/generate, /v1/ask and their MCP tools. `query_cache`: how many query vectors
     are kept (0: none); `queries`: "int8" encodes search queries with the int8 copy of the
     local model (2.3x cheaper, recall within 0.005 on LoCoMo: docs/server.md), "fp32" as
-    stored texts. `body_timeout`: seconds a client may take to send a request body
+    stored texts (the memory's own LocalEmbedder is set so). `warm=False` (a supervisor
+    checking the options before its workers start) loads no model. `body_timeout`: seconds a client may take to send a request body
     (or a guards.BodyTimeout): 408 after it."""
     try:
         import anyio.to_thread
@@ -72,7 +73,7 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     from .generation import ServedModel
     from .mcp import build_mcp
 
-    if not isinstance(memory.embedder, (QueryCache, BatchingEmbedder)):
+    if warm and not isinstance(memory.embedder, (QueryCache, BatchingEmbedder)):
         # load the model (and build its ONNX twin) now: ready means ready, and the first
         # request does not wait seconds for it; then concurrent requests share forward passes
         # and repeated queries are not encoded again (docs/server.md, "Throughput")
@@ -134,9 +135,10 @@ def serve(memory: Memory, *, host: str, port: int, workers: int = 1,
         uvicorn.run(closing(app, memory), host=host, port=port, log_level="warning",
                     access_log=False, timeout_graceful_shutdown=shutdown_timeout)
         return
-    # checked before forking (each worker loads the model itself)
-    refuse_open(memory, host)
+    # the options, extras and key rule checked before forking: a worker that fails to build
+    # is restarted by uvicorn for ever; each worker loads the model itself
     check_options(**options)
+    build(memory, host=host, warm=False, **{**options, "model": None})
     memory.close()
     from .observe import share_metrics_across_workers
 
