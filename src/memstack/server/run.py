@@ -108,10 +108,18 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     return app
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers(model: Any = None) -> int:
     """One worker process per core, up to 4 (measured on 2 cores: docs/server.md,
     "Throughput"); one with a local model, which every worker would load."""
-    return 1 if model is not None else max(1, min(os.cpu_count() or 1, 4))
+    return 1 if model is not None else min(cores(), 4)
 
 
 def serve(memory: Memory, *, host: str, port: int, workers: int = 1,
@@ -163,7 +171,7 @@ def worker_app() -> Any:
 
     # share the cores instead of each worker's model using all of them: measured on 2 cores,
     # 2 workers x 2 torch threads served 27 requests/s, 2 x 1 thread 110 (docs/server.md)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.pop("workers")))
+    torch.set_num_threads(max(1, cores() // config.pop("workers")))
     llm = from_options(os.environ.get("MEMSTACK_LLM_URL"), os.environ.get("MEMSTACK_LLM_MODEL"),
                        os.environ.get("MEMSTACK_LLM_API_KEY"))
     memory = Memory(config.pop("db"), cube=config.pop("cube"), llm=llm, files=config.pop("files"))
