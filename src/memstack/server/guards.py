@@ -188,11 +188,7 @@ def _media_message(content_type: str | None) -> str:
 def raise_open_files(want: int = 65_536) -> tuple[int, int] | None:
     """Raise this process's soft limit on open files toward the hard limit (at most `want`),
     for a server holding many connections; its worker processes inherit it. Returns (before,
-    after), or None where there is no such limit (Windows).
-
-    >>> raise_open_files()
-    (1024, 65536)
-    """
+    after), e.g. (1024, 65536), or None where there is no such limit (Windows)."""
     try:
         import resource
     except ImportError:
