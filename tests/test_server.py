@@ -201,3 +201,18 @@ def test_answer_with_an_llm(db_path, embedder):
                 assert reply.text == "Lisbon" and reply.memory_ids
             finally:
                 running.stop()
+
+
+def test_the_server_encodes_queries_in_int8_without_changing_the_callers_embedder(db_path):
+    from memstack import LocalEmbedder
+    from memstack.embed.query_cache import QueryCache
+
+    mine = LocalEmbedder()
+    with Memory(db_path, embedder=mine) as memory:
+        build(memory)  # queries="int8" by default
+        served = memory.embedder
+        assert isinstance(served, QueryCache) and mine.queries == "fp32" and mine._int8 is None
+        inner = served.inner.inner  # the query cache around the batcher around the copy
+        assert inner is not mine and inner.queries == "int8" and inner._int8 is not None
+        query = memory.searcher.embedder.embed_query(["where does Ann live?"])[0]
+        assert 0.97 < float(query @ mine.embed(["where does Ann live?"])[0]) < 0.99999

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
 import json
 import os
@@ -57,7 +58,7 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
     for /v1/generate, /v1/ask and their MCP tools. `query_cache`: how many query vectors
     are kept (0: none); `queries`: "int8" encodes search queries with the int8 copy of the
     local model (2.3x cheaper, recall within 0.005 on LoCoMo: docs/server.md), "fp32" as
-    stored texts (the memory's own LocalEmbedder is set so). `warm=False` (a supervisor
+    stored texts (through a copy of the memory's LocalEmbedder). `warm=False` (a supervisor
     checking the options before its workers start) loads no model. `body_timeout`: seconds a client may take to send a request body
     (or a guards.BodyTimeout): 408 after it."""
     try:
@@ -77,11 +78,15 @@ def build(memory: Memory, *, host: str = "127.0.0.1", rate_limit: float = 100.0,
         # load the model (and build its ONNX twin) now: ready means ready, and the first
         # request does not wait seconds for it; then concurrent requests share forward passes
         # and repeated queries are not encoded again (docs/server.md, "Throughput")
-        if isinstance(memory.embedder, LocalEmbedder):
-            memory.embedder.queries = queries
-            memory.embedder.embed_query(["warm up"])
-        memory.embedder.embed(["warm up"])
-        batching = BatchingEmbedder(memory.embedder)
+        embedder = memory.embedder
+        if isinstance(embedder, LocalEmbedder) and embedder.queries != queries:
+            # a copy (the same loaded model and ONNX copy): the caller's embedder, maybe
+            # shared with other Memory objects, keeps its own query encoding
+            embedder = copy.copy(embedder)
+            embedder.queries, embedder._int8 = queries, None
+            embedder.embed_query(["warm up"])
+        embedder.embed(["warm up"])
+        batching = BatchingEmbedder(embedder)
         memory.use_embedder(QueryCache(batching, size=query_cache) if query_cache else batching)
 
     loopback = refuse_open(memory, host)
