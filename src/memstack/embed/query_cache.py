@@ -1,7 +1,8 @@
 """A cache of search queries' vectors, for a server: people and agents repeat their questions
 (a dashboard's saved searches, an agent asking the same thing each turn), and the query encoder
-is most of a search's CPU time (docs/server.md, "Throughput"). Keyed by the model's name and the
-query with its whitespace collapsed; least recently used out first. Texts that are stored (adds)
+is a large part of a search's CPU time (docs/server.md, "Throughput"). One cache per wrapped
+embedder (so per model), keyed by the query with its whitespace collapsed; least recently used
+out first. Texts that are stored (adds)
 are never cached: they are new by nature."""
 
 from __future__ import annotations
